@@ -1,0 +1,32 @@
+# Each target builds .venv itself. Where no NVIDIA GPU is present the CPU build of torch is
+# installed first, so the torch>=2.4 requirement is already met and no CUDA build is pulled in.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q "torch==2.13.0" || \
+		$(PY) -m pip install -q "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e ".[all,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sparsecode compare --encoders fista,omp,mp,ista,sklearn-omp,spams-omp,spams-lasso \
+		--n-samples 2048 --d 64 --n-atoms 256 --k 8
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+bench: $(STAMP)
+	$(VENV)/bin/sparsecode bench speed
+
+clean:
+	rm -rf $(VENV) .pytest_cache

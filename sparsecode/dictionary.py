@@ -1,0 +1,162 @@
+"""The shared dictionary: atoms as rows, decoding `x_hat = z @ atoms + bias`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import _io
+from ._validation import as_tensor
+
+FORMAT = "sparsecode.dictionary"
+
+
+class Dictionary:
+    """A dictionary of `n_atoms` atoms in `R^d`, stored as rows.
+
+    Parameters
+    ----------
+    atoms : tensor or ndarray of shape (n_atoms, d)
+        The atoms. Unit L2 norm is the convention; other norms are kept and recorded in `norms`
+        (the encoders take them into account), unless `normalize=True`.
+    bias : tensor or ndarray of shape (d,), optional
+        Decoder bias added to every reconstruction (SAE decoders have one).
+    normalize : bool
+        Scale every atom to unit norm.
+    metadata : dict, optional
+        Free-form JSON-serialisable information kept with the file.
+    """
+
+    def __init__(self, atoms, bias=None, *, normalize: bool = False, metadata: dict | None = None):
+        atoms = as_tensor(atoms, "atoms")
+        norms = atoms.norm(dim=1)
+        if bool((norms == 0).any()):
+            raise ValueError(f"atoms has zero rows (first: atom {int((norms == 0).nonzero()[0, 0])}); "
+                             "every atom needs a non-zero norm")
+        if normalize:
+            atoms = atoms / norms[:, None]
+        self.atoms = atoms
+        self.bias = None if bias is None else as_tensor(bias, "bias", ndim=1, dtype=atoms.dtype, device=atoms.device)
+        if self.bias is not None and self.bias.shape[0] != self.d:
+            raise ValueError(f"bias has {self.bias.shape[0]} entries but atoms have d={self.d}")
+        self.metadata = dict(metadata or {})
+        self._cache: dict = {}
+
+    # --- shape and norms -------------------------------------------------------------------
+    @property
+    def n_atoms(self) -> int:
+        return self.atoms.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.atoms.shape[1]
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self._cached("norms", None, None, lambda: self.atoms.norm(dim=1))
+
+    @property
+    def unit_norm(self) -> bool:
+        tol = 1e-3 if self.atoms.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        return bool(((self.norms - 1).abs() <= tol).all())
+
+    def normalized(self) -> "Dictionary":
+        return Dictionary(self.atoms, self.bias, normalize=True, metadata=self.metadata)
+
+    def __repr__(self) -> str:
+        return (f"Dictionary(n_atoms={self.n_atoms}, d={self.d}, dtype={self.atoms.dtype}, "
+                f"unit_norm={self.unit_norm}, bias={'yes' if self.bias is not None else 'no'})")
+
+    # --- cached views for the solvers -----------------------------------------------------
+    def _cached(self, key, dtype, device, make):
+        slot = (key, dtype, None if device is None else str(torch.device(device)))
+        if slot not in self._cache:
+            self._cache[slot] = make()
+        return self._cache[slot]
+
+    def atoms_as(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """The atoms on `device` in `dtype`, converted once and kept."""
+        return self._cached("atoms", dtype, device, lambda: self.atoms.to(device=device, dtype=dtype).contiguous())
+
+    def gram(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """`atoms @ atoms.T`, shape (n_atoms, n_atoms), computed once per dtype and device."""
+        dtype = dtype or self.atoms.dtype
+        device = device or self.atoms.device
+
+        def make():
+            a = self.atoms_as(dtype, device)
+            return a @ a.T
+        return self._cached("gram", dtype, device, make)
+
+    @property
+    def lipschitz(self) -> float:
+        """`||D||_2^2`, the largest eigenvalue of the Gram matrix: the lasso gradient's Lipschitz constant."""
+        def make():
+            a = self.atoms.detach().to(device="cpu", dtype=torch.float64)
+            small = a.T @ a if self.d <= self.n_atoms else a @ a.T
+            return float(torch.linalg.eigvalsh(small)[-1])
+        return self._cached("lipschitz", None, None, make)
+
+    # --- use --------------------------------------------------------------------------------
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruct signals from codes of shape (n, n_atoms); returns (n, d)."""
+        atoms = self.atoms_as(codes.dtype, codes.device)
+        x_hat = codes @ atoms
+        if self.bias is not None:
+            x_hat = x_hat + self.bias.to(device=codes.device, dtype=codes.dtype)
+        return x_hat
+
+    def to(self, device=None, dtype=None) -> "Dictionary":
+        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        return Dictionary(self.atoms.to(device=device, dtype=dtype), bias, metadata=self.metadata)
+
+    # --- files -----------------------------------------------------------------------------
+    @staticmethod
+    def _paths(path) -> tuple[Path, Path]:
+        path = Path(path)
+        if path.suffix in (".safetensors", ".json"):
+            path = path.with_suffix("")
+        return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+    def save(self, path) -> Path:
+        """Write `PATH.safetensors` (atoms, bias) and `PATH.json` (metadata) atomically."""
+        tensors_path, meta_path = self._paths(path)
+        tensors = {"atoms": self.atoms}
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        _io.write_tensors(tensors_path, tensors)
+        _io.write_json(meta_path, {"format": FORMAT, "version": 1, "n_atoms": self.n_atoms, "d": self.d,
+                                   "dtype": str(self.atoms.dtype).removeprefix("torch."),
+                                   "unit_norm": self.unit_norm, "metadata": self.metadata})
+        return tensors_path
+
+    @classmethod
+    def load(cls, path) -> "Dictionary":
+        """Read a dictionary written by `save` (either file name, or the stem, may be given)."""
+        tensors_path, meta_path = cls._paths(path)
+        tensors = _io.read_tensors(tensors_path, "dictionary")
+        if "atoms" not in tensors or tensors["atoms"].ndim != 2:
+            found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) or "nothing"
+            raise ValueError(f"{tensors_path} is not a dictionary: expected a 2-D tensor 'atoms' "
+                             f"(n_atoms, d), found {found}")
+        metadata = {}
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{meta_path} is not a sparsecode dictionary description "
+                                 f"(format={meta.get('format')!r})")
+            metadata = meta.get("metadata", {})
+        return cls(tensors["atoms"], tensors.get("bias"), metadata=metadata)
+
+
+def as_dictionary(value) -> Dictionary:
+    """Accept a Dictionary, an atoms array, or a path to a saved dictionary."""
+    if isinstance(value, Dictionary):
+        return value
+    if isinstance(value, (str, Path)):
+        return Dictionary.load(value)
+    return Dictionary(value)

@@ -1,0 +1,178 @@
+"""The encoder contract: a typed config, `fit(dictionary, x=None)`, `encode(x) -> codes`."""
+from __future__ import annotations
+
+import abc
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ._validation import as_tensor, check_int_range, check_positive
+from .dictionary import Dictionary, as_dictionary
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Base of every encoder's config. Field docstrings become CLI help (see `field_docs`)."""
+
+    def validate(self) -> None:
+        """Reject values no encoder could use; fields with these names share one meaning everywhere."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "k" and value is not None:
+                check_int_range("k", value, 1)
+            elif f.name in ("lam", "tol") and value is not None:
+                check_positive(f.name, value)
+            elif f.name == "max_iter":
+                check_int_range("max_iter", value, 1)
+
+
+def field_docs(config_cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field, read from the source (base classes too)."""
+    return dict(_field_docs(config_cls))
+
+
+@lru_cache(maxsize=None)
+def _field_docs(config_cls: type) -> tuple:
+    docs: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return tuple(docs.items())
+
+
+def coerce_field(config_cls: type, name: str, text: str):
+    """Parse `text` as the type of field `name` (used for `--set encoder.field=value`)."""
+    hints = typing.get_type_hints(config_cls)
+    kind = hints[name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if args:
+        kind = args[0]
+        if text.lower() in ("none", "null"):
+            return None
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} takes true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{name} takes a {kind.__name__}, got {text!r}") from None
+
+
+def suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class Encoder(abc.ABC):
+    """Infers sparse codes for a fixed dictionary.
+
+    Subclasses set `name`, `family`, `Config` (a frozen dataclass), optionally `requires`
+    (import name -> pip name) and `knob` (the config field that sets sparsity: "k" or "lam"),
+    and implement `_encode(x)` on a validated tensor with the decoder bias already removed.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    Config: ClassVar[type[EncoderConfig]]
+    requires: ClassVar[dict[str, str]] = {}
+    knob: ClassVar[str | None] = None
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, config: EncoderConfig | None = None, **fields):
+        config = config if config is not None else self.Config()
+        names = {f.name for f in dataclasses.fields(self.Config)}
+        for key in fields:
+            if key not in names:
+                raise TypeError(f"encoder {self.name!r} has no option {key!r}.{suggest(key, names)} "
+                                f"Options: {', '.join(sorted(names))}")
+        self.config = dataclasses.replace(config, **fields)
+        self.config.validate()
+        self.dictionary: Dictionary | None = None
+        self.n_iter_: float | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    @classmethod
+    def missing_requirements(cls) -> list[str]:
+        """pip names of the packages this encoder needs that are not installed."""
+        return [pip for module, pip in cls.requires.items() if importlib.util.find_spec(module) is None]
+
+    def fit(self, dictionary, x=None) -> "Encoder":
+        """Bind to `dictionary` (a Dictionary, atoms array or saved path) and precompute what encoding needs.
+
+        Trainable encoders also learn from `x` of shape (n, d), with the dictionary frozen.
+        """
+        self.dictionary = as_dictionary(dictionary)
+        self._check_dictionary(self.dictionary)
+        if x is not None:
+            x = self._check_x(x)
+        self._fit(x)
+        return self
+
+    def encode(self, x) -> torch.Tensor:
+        """Codes of shape (n, n_atoms) for signals `x` of shape (n, d), on x's device and in x's dtype."""
+        if self.dictionary is None:
+            raise RuntimeError(f"encoder {self.name!r} is not fitted: call .fit(dictionary) first")
+        x = self._check_x(x)
+        out_dtype = x.dtype
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if self.dictionary.bias is not None:
+            work = work - self.dictionary.bias.to(device=work.device, dtype=work.dtype)
+        with torch.no_grad():
+            codes = self._encode(work)
+        return codes.to(out_dtype)
+
+    def flops_per_signal(self) -> float:
+        """Analytic floating-point operations to encode one signal (after the last `encode`).
+
+        NaN where the method has no closed-form count (interior-point solvers).
+        """
+        return float("nan")
+
+    # --- for subclasses -----------------------------------------------------------------------
+    def _check_dictionary(self, dictionary: Dictionary) -> None:
+        k = getattr(self.config, "k", None)
+        if k is not None and k > dictionary.n_atoms:
+            raise ValueError(f"k={k} is larger than the dictionary's n_atoms={dictionary.n_atoms}")
+
+    def _check_x(self, x) -> torch.Tensor:
+        x = as_tensor(x, "x")
+        if x.shape[1] != self.dictionary.d:
+            raise ValueError(f"x has d={x.shape[1]} features per signal but the dictionary's atoms have "
+                             f"d={self.dictionary.d}")
+        return x
+
+    def _fit(self, x: torch.Tensor | None) -> None:
+        """Precompute (iterative solvers) or train (learned encoders); `self.dictionary` is set."""
+
+    @abc.abstractmethod
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (n, n_atoms) for validated signals `x` (n, d) in float32/float64, bias removed."""
+
+
+def to_numpy64(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(device="cpu", dtype=torch.float64).numpy()

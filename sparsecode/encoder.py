@@ -126,6 +126,9 @@ class Encoder(abc.ABC):
 
         Trainable encoders also learn from `x` of shape (n, d), with the dictionary frozen.
         """
+        missing = self.missing_requirements()
+        if missing:
+            raise ImportError(f"encoder {self.name!r} needs {', '.join(missing)}: pip install {' '.join(missing)}")
         self.dictionary = as_dictionary(dictionary)
         self._check_dictionary(self.dictionary)
         if x is not None:

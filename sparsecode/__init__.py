@@ -1,0 +1,14 @@
+"""sparsecode: compare sparse-coding inference methods on a shared dictionary."""
+import logging
+
+from . import metrics, synthetic
+from .compare import Comparison, calibrate, compare
+from .dictionary import Dictionary
+from .encoder import Encoder, EncoderConfig
+from .registry import available_encoders, encoder_class, get_encoder
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+__all__ = ["Dictionary", "Encoder", "EncoderConfig", "Comparison", "compare", "calibrate", "get_encoder",
+           "encoder_class", "available_encoders", "metrics", "synthetic"]

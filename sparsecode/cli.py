@@ -1,0 +1,198 @@
+"""The `sparsecode` command. The only module that prints."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import _io
+from .compare import Comparison, compare as run_compare
+from .encoder import coerce_field, suggest
+from .registry import available_encoders, encoder_class
+from .synthetic import make_sparse_data
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compare sparse-coding inference methods on a shared dictionary.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(bench_app, name="bench")
+# Tables are wide: when the output is not a terminal (a file, CI), do not wrap them at 80 columns.
+console = Console(width=None if Console().is_terminal else 200)
+#: Columns shown on screen (the saved file has every column) and their headers.
+SHOWN = {"encoder": "encoder", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
+         "code_mcc": "MCC", "objective_gap": "obj. gap", "dead": "dead", "signals_per_s": "signals/s",
+         "flops_per_signal": "FLOPs/signal", "ratio": "ratio", "reference": "reference", "fit_s": "fit s"}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+    table = Table(title=title, header_style="bold")
+    for col in columns:
+        table.add_column(SHOWN.get(col, col), justify="left" if col in ("encoder", "reference") else "right")
+    for row in rows:
+        table.add_row(*(_fmt(row.get(col)) for col in columns))
+    console.print(table)
+
+
+def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
+    """`--set fista.lam=0.05` -> {"fista": {"lam": 0.05}}, typed by the encoder's config."""
+    params: dict[str, dict] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        name, dot, fld = key.rpartition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set takes ENCODER.FIELD=VALUE, got {item!r}")
+        if name not in names:
+            raise ValueError(f"--set {item!r}: {name!r} is not among --encoders ({', '.join(names)})")
+        config = encoder_class(name).Config
+        if fld not in config.__dataclass_fields__:
+            raise ValueError(f"--set {item!r}: {name} has no option {fld!r}."
+                             f"{suggest(fld, config.__dataclass_fields__)}")
+        params.setdefault(name, {})[fld] = coerce_field(config, fld, value)
+    return params
+
+
+def _load_data(path: Path):
+    tensors = _io.read_tensors(path, "data")
+    if "x" not in tensors:
+        raise ValueError(f"{path} has no tensor 'x' (signals, shape (n, d)); found {sorted(tensors)}")
+    return {"x": tensors["x"], "codes": tensors.get("codes")}
+
+
+@app.command("list")
+def list_encoders() -> None:
+    """Show every registered encoder, its family and knobs, and whether it can run here."""
+    table = Table(title="sparsecode encoders", header_style="bold", show_lines=True)
+    for col in ("encoder", "family", "options (default): meaning", "runs here"):
+        table.add_column(col)
+    for info in available_encoders():
+        knobs = "\n".join(f"[bold]{k}[/] ({v[0]!r}): {v[1]}" for k, v in info.knobs.items())
+        status = ("[green]yes[/]" if info.available else
+                  f"[red]no[/]: pip install {' '.join(info.missing)}" if info.missing else f"[red]broken[/]: {info.error}")
+        table.add_row(info.name, info.family, knobs, status)
+    console.print(table)
+
+
+@app.command("compare")
+def compare_cmd(
+    encoders: str = typer.Option("fista,omp", help="Comma-separated encoder names (see `sparsecode list`)."),
+    data: Optional[Path] = typer.Option(None, help="A .safetensors file with 'x' (n, d) and optionally 'codes' "
+                                                   "(n, n_atoms); default: synthetic data."),
+    dictionary: str = typer.Option("true", help="'true' (the synthetic data's own) or a saved dictionary path."),
+    n_samples: int = typer.Option(1024, help="Synthetic signals."),
+    d: int = typer.Option(8, help="Signal dimension of synthetic data."),
+    n_atoms: int = typer.Option(16, help="Atoms of the synthetic dictionary."),
+    k: Optional[int] = typer.Option(None, help="Non-zeros per synthetic code; also the default k of k-encoders "
+                                               "[default: 3 for synthetic data]."),
+    noise: float = typer.Option(0.0, help="Standard deviation of Gaussian noise added to synthetic signals."),
+    snr_db: Optional[float] = typer.Option(None, help="Noise level as signal-to-noise ratio in dB instead of --noise."),
+    firing: str = typer.Option("uniform", help="Synthetic support: 'uniform' or 'power-law'."),
+    signed: bool = typer.Option(False, help="Synthetic code values N(0,1) instead of |N(0,1)|."),
+    seed: int = typer.Option(0, help="Seed of the synthetic data."),
+    lam: float = typer.Option(0.1, help="Lasso penalty for every encoder with a lam knob."),
+    set_: list[str] = typer.Option([], "--set", help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
+    target_l0: Optional[float] = typer.Option(None, help="Calibrate every encoder's knob (k or lam) to this mean L0."),
+    repeats: int = typer.Option(1, help="Encode this many times; the median time is reported."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
+    out: Optional[Path] = typer.Option(None, help="Save results to this .json or .csv file."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
+    """Run several encoders on one shared dictionary and print their metrics."""
+    _setup_logging(verbose)
+    names = [n.strip() for n in encoders.split(",") if n.strip()]
+    try:
+        for name in names:
+            encoder_class(name)
+        params = _parse_sets(set_, names)
+        if data is not None:
+            source = _load_data(data)
+            if dictionary == "true":
+                _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
+        else:
+            source = make_sparse_data(n_samples, d, n_atoms, 3 if k is None else k, noise=noise, snr_db=snr_db,
+                                      firing=firing, positive=not signed, seed=seed)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("encoders", total=len(names))
+
+            def callback(name: str, event: str) -> None:
+                if event == "start":
+                    progress.update(task, description=f"running {name}")
+                else:
+                    progress.advance(task)
+
+            result = run_compare(names, source, dictionary, k=k, lam=lam, encoder_params=params,
+                                 target_l0=target_l0, repeats=repeats, device=device, callback=callback)
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
+        _fail(str(err))
+    s = result.settings
+    print_table(result.rows, [c for c in result.columns() if c in SHOWN],
+                title=f"{s['n_samples']} signals, d={s['d']}, n_atoms={s['n_atoms']}, device={s['device']}")
+    if out is not None:
+        try:
+            result.save(out)
+        except ValueError as err:
+            _fail(str(err))
+        console.print(f"saved {out}")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    n_samples: int = typer.Option(4096, help="Signals encoded."),
+    d: int = typer.Option(256, help="Signal dimension."),
+    n_atoms: int = typer.Option(1024, help="Dictionary atoms."),
+    k: int = typer.Option(16, help="Non-zeros per code, and the k of the OMPs."),
+    lam: float = typer.Option(0.05, help="Lasso penalty of the lasso solvers."),
+    repeats: int = typer.Option(5, help="Timed runs per encoder; medians are reported."),
+    threads: int = typer.Option(0, help="Threads for torch and SPAMS (0: leave as is)."),
+    device: str = typer.Option("cpu", help="Device of our encoders."),
+    out: Optional[Path] = typer.Option(None, help="Save the rows to .json or .csv."),
+) -> None:
+    """Throughput of our OMP and FISTA against SPAMS and scikit-learn on one problem, as ratios."""
+    from .bench import speed
+    _setup_logging(False)
+    try:
+        rows = speed(n_samples=n_samples, d=d, n_atoms=n_atoms, k=k, lam=lam, repeats=repeats, threads=threads,
+                     device=device, callback=lambda name: console.print(f"[dim]timing {name}...[/]"))
+    except (ValueError, ImportError) as err:
+        _fail(str(err))
+    print_table(rows, ["encoder", "reference", "signals_per_s", "ratio", "f1", "l0", "objective_gap"],
+                title=f"speed: {n_samples} signals, d={d}, n_atoms={n_atoms}, k={k}, lam={lam}")
+    if out is not None:
+        Comparison(rows, {"bench": "speed"}).save(out)
+        console.print(f"saved {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

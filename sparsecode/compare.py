@@ -1,0 +1,270 @@
+"""Run several encoders on one shared dictionary and measure them side by side."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import _io, metrics
+from ._validation import as_tensor, check_positive, resolve_device
+from .dictionary import Dictionary, as_dictionary
+from .encoder import Encoder
+from .registry import encoder_class, get_encoder
+from .synthetic import SparseData
+
+log = logging.getLogger(__name__)
+
+#: Column order of a comparison table (a row omits what is undefined for it).
+COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "code_mcc",
+           "objective", "objective_gap", "dead", "dense", "encode_s", "signals_per_s",
+           "flops_per_signal", "fit_s")
+
+
+@dataclass
+class Comparison:
+    """One row per encoder (a dict of metrics) and the settings that produced them."""
+
+    rows: list[dict]
+    settings: dict = field(default_factory=dict)
+
+    def row(self, encoder: str) -> dict:
+        for r in self.rows:
+            if r["encoder"] == encoder:
+                return r
+        raise KeyError(f"no row for encoder {encoder!r}; rows: {[r['encoder'] for r in self.rows]}")
+
+    def columns(self) -> list[str]:
+        present = {key for r in self.rows for key in r}
+        return [c for c in COLUMNS if c in present] + sorted(present - set(COLUMNS))
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns(), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return buf.getvalue()
+
+    def save(self, path) -> Path:
+        """Write `.json` (rows and settings) or `.csv` (rows), chosen by the suffix, atomically."""
+        path = Path(path)
+        if path.suffix == ".csv":
+            _io.write_text(path, self.to_csv())
+        elif path.suffix == ".json":
+            _io.write_json(path, {"settings": self.settings, "rows": self.rows})
+        else:
+            raise ValueError(f"results file must end in .json or .csv, got {path.name!r}")
+        return path
+
+
+@dataclass
+class _Data:
+    x: torch.Tensor
+    codes: torch.Tensor | None
+    dictionary: Dictionary | None
+
+
+def _as_data(data, dictionary, device) -> _Data:
+    if isinstance(data, SparseData):
+        x, codes, true = data.x, data.codes, data.dictionary
+    elif isinstance(data, dict):
+        if "x" not in data:
+            raise ValueError(f"data dict needs an 'x' entry (n, d); it has {sorted(data)}")
+        x, codes, true = data["x"], data.get("codes"), None
+    else:
+        x, codes, true = data, None, None
+    x = as_tensor(x, "x", device=device)
+    if codes is not None:
+        codes = as_tensor(codes, "codes", device=device, dtype=x.dtype)
+        if codes.shape[0] != x.shape[0]:
+            raise ValueError(f"codes has {codes.shape[0]} rows but x has {x.shape[0]}")
+    if dictionary is None or (isinstance(dictionary, str) and dictionary == "true"):
+        if true is None:
+            raise ValueError("dictionary='true' needs synthetic data (SparseData) that carries its dictionary; "
+                             "pass a Dictionary, an atoms array or a saved dictionary path")
+        dictionary = true
+    dictionary = as_dictionary(dictionary).to(device=device, dtype=x.dtype)
+    if dictionary.d != x.shape[1]:
+        raise ValueError(f"x has d={x.shape[1]} but the dictionary's atoms have d={dictionary.d}")
+    if codes is not None and codes.shape[1] != dictionary.n_atoms:
+        codes = None
+        log.warning("true codes have a different number of atoms than the dictionary: code metrics skipped")
+    return _Data(x, codes, dictionary)
+
+
+def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: float, *, params: dict | None = None,
+              x_train: torch.Tensor | None = None, rel_tol: float = 0.02, max_steps: int = 40) -> tuple[Encoder, float]:
+    """Set an encoder's sparsity knob (`k` or `lam`) so its mean L0 on `x` is `target_l0`.
+
+    `k` is searched over integers (bisection on the monotone L0(k)); `lam` by bisection on
+    log(lam) between lam_max = max |x D^T| (all codes zero) and lam_max * 1e-6. Stops when the
+    L0 is within `rel_tol` of the target (at least 0.05 absolute), or returns the closest value
+    found. Returns the fitted encoder and its mean L0.
+    """
+    check_positive("target_l0", target_l0, allow_zero=False)
+    params = dict(params or {})
+    cls = encoder_class(name)
+    if cls.knob is None:
+        raise ValueError(f"encoder {name!r} has no sparsity knob to calibrate (knob is None)")
+    tol = max(rel_tol * target_l0, 0.05)
+    cache: dict = {}
+
+    def l0_at(value):
+        if value not in cache:
+            enc = get_encoder(name, **{**params, cls.knob: value}).fit(dictionary, x_train)
+            cache[value] = (enc, metrics.mean_l0(enc.encode(x)))
+        return cache[value][1]
+
+    if cls.knob == "k":
+        high = dictionary.n_atoms if name not in ("omp", "sklearn-omp", "spams-omp") else min(dictionary.n_atoms, dictionary.d)
+        if target_l0 > high:
+            raise ValueError(f"target_l0={target_l0} is more than {name} can reach here (at most {high})")
+        low = 1
+        while high - low > 1:
+            mid = (low + high) // 2
+            if l0_at(mid) < target_l0:
+                low = mid
+            else:
+                high = mid
+        candidates = [low, high]
+    else:
+        scale = float((x @ dictionary.atoms_as(x.dtype, x.device).T).abs().max())
+        lo, hi = math.log(scale * 1e-6), math.log(scale)        # L0 falls as lam grows
+        candidates = []
+        for _ in range(max_steps):
+            mid = math.exp((lo + hi) / 2)
+            candidates.append(mid)
+            l0 = l0_at(mid)
+            if abs(l0 - target_l0) <= tol:
+                break
+            if l0 > target_l0:
+                lo = math.log(mid)
+            else:
+                hi = math.log(mid)
+    best = min(candidates, key=lambda v: abs(l0_at(v) - target_l0))
+    enc, l0 = cache[best]
+    if abs(l0 - target_l0) > tol:
+        log.warning("%s: calibrated %s=%.4g gives L0=%.3f, target %.3f", name, cls.knob, best, l0, target_l0)
+    return enc, l0
+
+
+def compare(encoders: Sequence[str], data, dictionary=None, *, k: int | None = None, lam: float = 0.1,
+            encoder_params: dict[str, dict] | None = None, target_l0: float | None = None,
+            x_train=None, gap_reference: str | None = "fista", repeats: int = 1, device=None,
+            callback: Callable[[str, str], None] | None = None) -> Comparison:
+    """Encode `data` with every encoder on one shared dictionary and measure each.
+
+    Parameters
+    ----------
+    encoders : names from the registry, e.g. ``["fista", "omp", "spams-omp"]``.
+    data : SparseData (with true codes and dictionary), an array x (n, d), or a dict
+        ``{"x": ..., "codes": ...}``.
+    dictionary : a Dictionary, atoms (n_atoms, d), a saved dictionary path, or "true"/None for
+        the synthetic data's own dictionary.
+    k, lam : shared defaults for every encoder that has that knob (k defaults to the data's k).
+    encoder_params : per-encoder config fields, ``{"fista": {"lam": 0.05}}``; they win over k/lam.
+    target_l0 : calibrate each encoder's knob so its mean L0 matches (see `calibrate`).
+    x_train : training signals for trainable encoders.
+    gap_reference : lasso solver whose objective at each row's lam is the reference for
+        `objective_gap` (a tightly converged "fista" by default); None to skip.
+    repeats : encode this many times and report the median time.
+    callback : called as ``callback(encoder, "start"|"done")`` for progress display.
+
+    Returns
+    -------
+    Comparison with one row per encoder.
+    """
+    names = list(encoders)
+    if not names:
+        raise ValueError("no encoders given")
+    for name in names:
+        encoder_class(name)                          # unknown names fail before any work
+    unknown = set(encoder_params or {}) - set(names)
+    if unknown:
+        raise ValueError(f"options given for encoders not compared: {sorted(unknown)}")
+    check_positive("lam", lam)
+    device = resolve_device(device)
+    d = _as_data(data, dictionary, device)
+    if k is None and isinstance(data, SparseData):
+        k = data.k
+    if x_train is not None:
+        x_train = as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)
+    settings = {"encoders": names, "n_samples": d.x.shape[0], "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
+                "k": k, "lam": lam, "target_l0": target_l0, "device": str(device), "dtype": str(d.x.dtype),
+                "encoder_params": encoder_params or {}, "gap_reference": gap_reference}
+    references: dict[float, torch.Tensor] = {}
+    rows = []
+    for name in names:
+        if callback:
+            callback(name, "start")
+        rows.append(_measure(name, d, k, lam, (encoder_params or {}).get(name, {}), target_l0, x_train,
+                             gap_reference, references, repeats))
+        if callback:
+            callback(name, "done")
+    return Comparison(rows, settings)
+
+
+def _measure(name, d: _Data, k, lam, params, target_l0, x_train, gap_reference, references, repeats) -> dict:
+    cls = encoder_class(name)
+    fields = {f for f in cls.Config.__dataclass_fields__}
+    config = {}
+    if "k" in fields and k is not None:
+        config["k"] = k
+    if "lam" in fields:
+        config["lam"] = lam
+    config.update(params)
+    start = time.perf_counter()
+    if target_l0 is not None:
+        enc, _ = calibrate(name, d.dictionary, d.x, target_l0, params=config, x_train=x_train)
+    else:
+        enc = get_encoder(name, **config).fit(d.dictionary, x_train if cls.trainable else None)
+    fit_s = time.perf_counter() - start
+    times = []
+    for _ in range(max(1, repeats)):
+        if d.x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        codes = enc.encode(d.x)
+        if d.x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    encode_s = float(np.median(times))
+    x_hat = d.dictionary.decode(codes)
+    row = {"encoder": name}
+    for knob in ("k", "lam"):
+        if hasattr(enc.config, knob):
+            row[knob] = getattr(enc.config, knob)
+    row_lam = getattr(enc.config, "lam", lam)
+    row.update(fvu=metrics.fvu(d.x, x_hat), mse=metrics.mse(d.x, x_hat), l0=metrics.mean_l0(codes))
+    if d.codes is not None:
+        row.update(metrics.support_scores(d.codes, codes))
+        row["code_mcc"] = metrics.code_mcc(d.codes, codes)
+    objective = metrics.lasso_objective(d.x, codes, d.dictionary.atoms, row_lam, d.dictionary.bias)
+    row["objective"] = float(objective.mean())
+    if gap_reference is not None:
+        row["objective_gap"] = metrics.relative_gap(objective, _reference_objective(d, row_lam, gap_reference,
+                                                                                    references))
+    row.update(dead=metrics.dead_fraction(codes), dense=metrics.dense_fraction(codes), encode_s=encode_s,
+               signals_per_s=d.x.shape[0] / encode_s if encode_s > 0 else float("inf"),
+               flops_per_signal=enc.flops_per_signal(), fit_s=fit_s)
+    log.info("%s: %s", name, {k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()})
+    return row
+
+
+def _reference_objective(d: _Data, lam: float, solver: str, cache: dict) -> torch.Tensor:
+    if lam not in cache:
+        params = {"lam": lam}
+        if solver in ("fista", "ista"):
+            params.update(tol=1e-9, max_iter=20000, criterion="gap")
+        ref = get_encoder(solver, **params)
+        x64 = d.x.to(torch.float64)
+        codes = ref.fit(d.dictionary.to(dtype=torch.float64)).encode(x64)
+        cache[lam] = metrics.lasso_objective(x64, codes, d.dictionary.atoms, lam, d.dictionary.bias)
+    return cache[lam]

@@ -1,0 +1,132 @@
+"""Metrics of a comparison row. Inputs may be torch or numpy; results are Python floats.
+
+Dataset-level conventions: FVU and MSE pool every entry of the evaluated set; MCCs average the
+absolute Pearson correlation over latents (or atoms) matched one-to-one by the Hungarian algorithm.
+"""
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ._validation import as_tensor
+
+
+def _t(value, name: str) -> torch.Tensor:
+    return as_tensor(value, name).to(torch.float64)
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def mse(x, x_hat) -> float:
+    """Mean squared error over all entries."""
+    x, x_hat = _t(x, "x"), _t(x_hat, "x_hat")
+    _same_shape(x, x_hat, "mse")
+    return float(((x - x_hat) ** 2).mean())
+
+
+def fvu(x, x_hat) -> float:
+    """Fraction of variance unexplained: sum of squared errors over the sum of squared deviations
+    of x from its per-feature mean, over the whole set. Predicting the mean gives 1."""
+    x, x_hat = _t(x, "x"), _t(x_hat, "x_hat")
+    _same_shape(x, x_hat, "fvu")
+    total = ((x - x.mean(0)) ** 2).sum()
+    if total == 0:
+        raise ValueError("fvu is undefined: x has zero variance")
+    return float(((x - x_hat) ** 2).sum() / total)
+
+
+def nmse_db(x, x_hat) -> float:
+    """Normalised MSE in decibels, 10 log10(||x - x_hat||^2 / ||x||^2) (compressed-sensing convention)."""
+    x, x_hat = _t(x, "x"), _t(x_hat, "x_hat")
+    _same_shape(x, x_hat, "nmse_db")
+    return float(10 * torch.log10(((x - x_hat) ** 2).sum() / (x ** 2).sum()))
+
+
+def mean_l0(codes) -> float:
+    """Mean number of non-zero entries per code."""
+    return float((_t(codes, "codes") != 0).sum(1).double().mean())
+
+
+def support_scores(true_codes, codes) -> dict[str, float]:
+    """Support precision, recall and F1 over all (signal, atom) entries: how well the set of
+    non-zeros matches the truth. Codes must be aligned (same dictionary, same atom order)."""
+    t, c = _t(true_codes, "true_codes") != 0, _t(codes, "codes") != 0
+    _same_shape(t, c, "support_scores")
+    hits = float((t & c).sum())
+    n_pred, n_true = float(c.sum()), float(t.sum())
+    precision = hits / n_pred if n_pred else 1.0 if not n_true else 0.0
+    recall = hits / n_true if n_true else 1.0
+    f1 = 2 * hits / (n_pred + n_true) if n_pred + n_true else 1.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _abs_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|Pearson correlation| between the columns of a (n, p) and b (n, q); constant columns give 0."""
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    na, nb = a.norm(dim=0), b.norm(dim=0)
+    corr = (a.T @ b) / torch.clamp_min(na[:, None] * nb[None, :], torch.finfo(a.dtype).tiny)
+    corr[(na == 0)[:, None] | (nb == 0)[None, :]] = 0.0
+    return corr.abs()
+
+
+def _matched_mean(corr: torch.Tensor) -> float:
+    rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)
+    return float(corr[rows, cols].mean())
+
+
+def code_mcc(true_codes, codes) -> float:
+    """Mean correlation coefficient of codes (paper c): |Pearson| between true and inferred latent
+    columns over the samples, latents matched one-to-one to maximise the total (Hungarian;
+    with unequal counts, min(p, q) pairs), averaged over matched pairs. A permuted, rescaled
+    copy of the truth scores 1."""
+    t, c = _t(true_codes, "true_codes"), _t(codes, "codes")
+    if t.shape[0] != c.shape[0]:
+        raise ValueError(f"code_mcc: {t.shape[0]} true codes but {c.shape[0]} inferred codes")
+    return _matched_mean(_abs_corr(t, c))
+
+
+def dictionary_mcc(true_atoms, atoms) -> float:
+    """The same matched mean |Pearson| on atoms (rows, correlated across their d entries)."""
+    t, a = _t(true_atoms, "true_atoms"), _t(atoms, "atoms")
+    if t.shape[1] != a.shape[1]:
+        raise ValueError(f"dictionary_mcc: atoms of d={t.shape[1]} and d={a.shape[1]} cannot be compared")
+    return _matched_mean(_abs_corr(t.T, a.T))
+
+
+def lasso_objective(x, codes, atoms, lam: float, bias=None) -> torch.Tensor:
+    """Per-signal lasso objective ``0.5 ||x - z D - bias||^2 + lam ||z||_1``, shape (n,), float64."""
+    x, z, a = _t(x, "x"), _t(codes, "codes"), _t(atoms, "atoms")
+    r = x - z @ a
+    if bias is not None:
+        r = r - _t(bias, "bias").reshape(1, -1)
+    return 0.5 * (r * r).sum(1) + lam * z.abs().sum(1)
+
+
+def relative_gap(objective, reference) -> float:
+    """(total objective - total reference objective) / total reference objective over the set."""
+    objective, reference = torch.as_tensor(objective), torch.as_tensor(reference)
+    ref = float(reference.sum())
+    return float(objective.sum() - ref) / ref if ref else float("nan")
+
+
+def firing_rates(codes) -> torch.Tensor:
+    """Fraction of signals on which each atom is non-zero, shape (n_atoms,)."""
+    return (_t(codes, "codes") != 0).double().mean(0)
+
+
+def dead_fraction(codes) -> float:
+    """Fraction of atoms that never fire on the evaluated set."""
+    return float((firing_rates(codes) == 0).double().mean())
+
+
+def dense_fraction(codes, threshold: float = 0.5) -> float:
+    """Fraction of ultra-dense atoms: those firing on more than `threshold` of the signals."""
+    return float((firing_rates(codes) > threshold).double().mean())
+
+
+__all__ = ["mse", "fvu", "nmse_db", "mean_l0", "support_scores", "code_mcc", "dictionary_mcc",
+           "lasso_objective", "relative_gap", "firing_rates", "dead_fraction", "dense_fraction"]

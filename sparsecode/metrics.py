@@ -102,7 +102,7 @@ def lasso_objective(x, codes, atoms, lam: float, bias=None) -> torch.Tensor:
     x, z, a = _t(x, "x"), _t(codes, "codes"), _t(atoms, "atoms")
     r = x - z @ a
     if bias is not None:
-        r = r - _t(bias, "bias").reshape(1, -1)
+        r = r - as_tensor(bias, "bias", ndim=1).to(device=r.device, dtype=torch.float64)
     return 0.5 * (r * r).sum(1) + lam * z.abs().sum(1)
 
 

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sparsecode as sc
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sc.synthetic.make_sparse_data(n_samples=400, d=32, n_atoms=64, k=4, seed=11, noise=0.02)
+
+
+def test_rows_hold_consistent_metrics(data):
+    res = sc.compare(["omp", "fista", "mp"], data, lam=0.05)
+    assert [r["encoder"] for r in res.rows] == ["omp", "fista", "mp"]
+    omp = res.row("omp")
+    assert omp["k"] == 4 and omp["l0"] == pytest.approx(4.0)
+    assert omp["f1"] > 0.9 and omp["code_mcc"] > 0.9
+    codes = sc.get_encoder("omp", k=4).fit(data.dictionary).encode(data.x)
+    assert omp["fvu"] == pytest.approx(sc.metrics.fvu(data.x, codes @ data.dictionary.atoms))
+    fista = res.row("fista")
+    assert fista["lam"] == 0.05
+    assert abs(fista["objective_gap"]) < 1e-4          # FISTA is its own reference: gap ~ 0
+    assert omp["objective_gap"] > 0                      # OMP does not minimise the lasso objective
+    for row in res.rows:
+        assert row["signals_per_s"] > 0 and row["flops_per_signal"] > 0
+        assert 0 <= row["dead"] <= 1
+
+
+def test_encoder_params_override_shared_knobs(data):
+    res = sc.compare(["omp", "fista"], data, encoder_params={"omp": {"k": 2}, "fista": {"lam": 0.3}})
+    assert res.row("omp")["k"] == 2 and res.row("omp")["l0"] == pytest.approx(2.0)
+    assert res.row("fista")["lam"] == 0.3
+
+
+@pytest.mark.parametrize("name", ["fista", "omp", "mp", "spams-lasso"])
+def test_target_l0_calibration(data, name):
+    res = sc.compare([name], data, target_l0=6.0, gap_reference=None)
+    l0 = res.row(name)["l0"]
+    tolerance = 0.02 * 6.0 if name not in ("omp", "mp") else 0.5
+    assert abs(l0 - 6.0) <= tolerance
+
+
+def test_calibrate_returns_knob_value(data):
+    enc, l0 = sc.calibrate("fista", data.dictionary, data.x, 3.0)
+    assert abs(l0 - 3.0) <= 0.06
+    assert enc.config.lam > 0
+
+
+def test_save_json_and_csv(tmp_path, data):
+    res = sc.compare(["omp"], data)
+    res.save(tmp_path / "r.json")
+    res.save(tmp_path / "r.csv")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["rows"][0]["encoder"] == "omp" and saved["settings"]["n_atoms"] == 64
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("encoder,k,") and lines[1].startswith("omp,4,")
+    with pytest.raises(ValueError, match="must end in .json or .csv"):
+        res.save(tmp_path / "r.txt")
+
+
+def test_arrays_and_saved_dictionary(tmp_path, data):
+    path = data.dictionary.save(tmp_path / "dict")
+    res = sc.compare(["omp"], {"x": data.x.numpy(), "codes": data.codes.numpy()}, path, k=4)
+    assert res.row("omp")["f1"] > 0.9
+    res = sc.compare(["omp"], data.x, data.dictionary.atoms, k=4)
+    assert "f1" not in res.row("omp")                    # no truth given: no code metrics
+
+
+def test_errors_are_clear(data):
+    with pytest.raises(ValueError, match="unknown encoder 'ompp'"):
+        sc.compare(["ompp"], data)
+    with pytest.raises(ValueError, match="x has d=32 but the dictionary's atoms have d=10"):
+        sc.compare(["omp"], data, torch.randn(20, 10), k=2)
+    with pytest.raises(ValueError, match="dictionary='true' needs synthetic data"):
+        sc.compare(["omp"], data.x)
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        sc.compare(["fista"], data, lam=-1.0)
+    with pytest.raises(ValueError, match="options given for encoders not compared"):
+        sc.compare(["omp"], data, encoder_params={"fista": {"lam": 1.0}})
+    with pytest.raises(ValueError, match="target_l0=40"):
+        sc.compare(["omp"], data, target_l0=40)
+    nan = data.x.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sc.compare(["omp"], {"x": nan}, data.dictionary)

@@ -26,7 +26,7 @@ class LassoConfig(EncoderConfig):
     """Stop a signal once its stopping quantity (see criterion) falls below tol."""
     criterion: str = "change"
     """'change': relative step ||z_t - z_(t-1)|| / ||z_t||; 'gap': duality gap relative to the objective."""
-    working_set: int = 64
+    working_set: int = 8
     """Atoms per signal to iterate on at first (grown while optimality is violated); 0 iterates on all atoms."""
 
     def validate(self) -> None:

@@ -49,6 +49,8 @@ def _fmt(value) -> str:
         if value != 0 and abs(value) < 1e-3:
             return f"{value:.2e}"
         return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1000:
+        return f"{value:,}"
     return "-" if value is None else str(value)
 
 

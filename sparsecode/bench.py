@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 
 from . import metrics
+from .compare import timed_encode
 from ._validation import resolve_device
 from .registry import get_encoder
 from .synthetic import make_sparse_data
@@ -22,20 +22,6 @@ SPEED_GROUPS = (
     ("sklearn-lasso", "spams-lasso", "lam"),
 )
 SLOW = {"sklearn-omp", "sklearn-lasso", "ista"}   # timed once: each run takes seconds
-
-
-def _time(encoder, x, repeats: int) -> tuple[float, torch.Tensor]:
-    encoder.encode(x[: min(64, x.shape[0])])       # warm-up: caches, allocator, thread pools
-    times = []
-    for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        codes = encoder.encode(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), codes
 
 
 def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16, lam: float = 0.05,
@@ -68,7 +54,7 @@ def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16,
         except ImportError as err:
             log.warning("skipping %s: %s", name, err)
             continue
-        seconds, codes = _time(enc, x, 1 if name in SLOW else repeats)
+        seconds, codes = timed_encode(enc, x, 1 if name in SLOW else repeats, warmup=True)
         throughput[name] = n_samples / seconds
         row = {"encoder": name, "reference": reference, "signals_per_s": throughput[name],
                "f1": metrics.support_scores(data.codes, codes.cpu())["f1"], "l0": metrics.mean_l0(codes.cpu())}

@@ -16,14 +16,14 @@ import torch
 from . import _io, metrics
 from ._validation import as_tensor, check_positive, resolve_device
 from .dictionary import Dictionary, as_dictionary
-from .encoder import Encoder
+from .encoder import Encoder, suggest
 from .registry import encoder_class, get_encoder
 from .synthetic import SparseData
 
 log = logging.getLogger(__name__)
 
 #: Column order of a comparison table (a row omits what is undefined for it).
-COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "code_mcc",
+COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "code_mcc", "dictionary_mcc",
            "objective", "objective_gap", "dead", "dense", "encode_s", "signals_per_s",
            "flops_per_signal", "fit_s")
 
@@ -155,15 +155,18 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     return enc, l0
 
 
-def compare(encoders: Sequence[str], data, dictionary=None, *, k: int | None = None, lam: float = 0.1,
+def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, lam: float = 0.1,
             encoder_params: dict[str, dict] | None = None, target_l0: float | None = None,
-            x_train=None, gap_reference: str | None = "fista", repeats: int = 1, device=None,
+            x_train=None, joint: bool = False, n_atoms: int | None = None, seed: int = 0,
+            gap_reference: str | None = "fista", repeats: int = 1, device=None,
             callback: Callable[[str, str], None] | None = None) -> Comparison:
     """Encode `data` with every encoder on one shared dictionary and measure each.
 
     Parameters
     ----------
-    encoders : names from the registry, e.g. ``["fista", "omp", "spams-omp"]``.
+    encoders : names from the registry, e.g. ``["fista", "omp", "spams-omp"]``, or already fitted
+        Encoder objects / paths of saved trained encoders (used as they are). With ``joint=True``:
+        dictionary learning methods (see `learning_methods()`).
     data : SparseData (with true codes and dictionary), an array x (n, d), or a dict
         ``{"x": ..., "codes": ...}``.
     dictionary : a Dictionary, atoms (n_atoms, d), a saved dictionary path, or "true"/None for
@@ -171,7 +174,11 @@ def compare(encoders: Sequence[str], data, dictionary=None, *, k: int | None = N
     k, lam : shared defaults for every encoder that has that knob (k defaults to the data's k).
     encoder_params : per-encoder config fields, ``{"fista": {"lam": 0.05}}``; they win over k/lam.
     target_l0 : calibrate each encoder's knob so its mean L0 matches (see `calibrate`).
-    x_train : training signals for trainable encoders.
+    x_train : training signals for trainable encoders (and for learning, with joint=True).
+    joint : paper c's "unknown D and Z": each method learns its own dictionary (n_atoms atoms,
+        default the true dictionary's) from x_train, then encodes the data; rows report dictionary
+        MCC and code MCC against the truth (latents matched), FVU and L0.
+    seed : seed of every training run.
     gap_reference : lasso solver whose objective at each row's lam is the reference for
         `objective_gap` (a tightly converged "fista" by default); None to skip.
     repeats : encode this many times and report the median time.
@@ -181,16 +188,23 @@ def compare(encoders: Sequence[str], data, dictionary=None, *, k: int | None = N
     -------
     Comparison with one row per encoder.
     """
-    names = list(encoders)
-    if not names:
+    items = list(encoders)
+    if not items:
         raise ValueError("no encoders given")
-    for name in names:
-        encoder_class(name)                          # unknown names fail before any work
+    check_positive("lam", lam)
+    device = resolve_device(device)
+    if joint:
+        return _compare_joint(items, data, x_train, n_atoms, encoder_params or {}, seed, device, callback)
+    names = []
+    for item in items:
+        if isinstance(item, str) and not item.endswith(".safetensors"):
+            encoder_class(item)                      # unknown names fail before any work
+            names.append(item)
+        else:
+            names.append(_loaded(item).name)
     unknown = set(encoder_params or {}) - set(names)
     if unknown:
         raise ValueError(f"options given for encoders not compared: {sorted(unknown)}")
-    check_positive("lam", lam)
-    device = resolve_device(device)
     d = _as_data(data, dictionary, device)
     if k is None and isinstance(data, SparseData):
         k = data.k
@@ -198,44 +212,121 @@ def compare(encoders: Sequence[str], data, dictionary=None, *, k: int | None = N
         x_train = as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)
     settings = {"encoders": names, "n_samples": d.x.shape[0], "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
                 "k": k, "lam": lam, "target_l0": target_l0, "device": str(device), "dtype": str(d.x.dtype),
-                "encoder_params": encoder_params or {}, "gap_reference": gap_reference}
+                "encoder_params": encoder_params or {}, "gap_reference": gap_reference, "seed": seed}
     references: dict[float, torch.Tensor] = {}
     rows = []
-    for name in names:
+    for item, name in zip(items, names):
         if callback:
             callback(name, "start")
-        rows.append(_measure(name, d, k, lam, (encoder_params or {}).get(name, {}), target_l0, x_train,
-                             gap_reference, references, repeats))
+        if isinstance(item, str) and not item.endswith(".safetensors"):
+            enc, fit_s = _prepare(name, d, k, lam, (encoder_params or {}).get(name, {}), target_l0, x_train, seed)
+        else:
+            enc, fit_s = _loaded(item), 0.0
+            if enc.dictionary.n_atoms != d.dictionary.n_atoms or enc.dictionary.d != d.dictionary.d:
+                raise ValueError(f"encoder {name!r} was fitted to a ({enc.dictionary.n_atoms}, {enc.dictionary.d}) "
+                                 f"dictionary, the comparison uses ({d.dictionary.n_atoms}, {d.dictionary.d})")
+        rows.append(_measure(enc, d, lam, gap_reference, references, repeats, fit_s))
         if callback:
             callback(name, "done")
     return Comparison(rows, settings)
 
 
-def _measure(name, d: _Data, k, lam, params, target_l0, x_train, gap_reference, references, repeats) -> dict:
+def _loaded(item) -> Encoder:
+    if isinstance(item, Encoder):
+        if item.dictionary is None:
+            raise ValueError(f"encoder object {item.name!r} is not fitted; pass its name to have it fitted")
+        return item
+    from .training import load_encoder
+    return load_encoder(item)
+
+
+def _prepare(name, d: _Data, k, lam, params, target_l0, x_train, seed) -> tuple[Encoder, float]:
     cls = encoder_class(name)
-    fields = {f for f in cls.Config.__dataclass_fields__}
+    fields = set(cls.Config.__dataclass_fields__)
     config = {}
     if "k" in fields and k is not None:
         config["k"] = k
     if "lam" in fields:
         config["lam"] = lam
+    if "seed" in fields:
+        config["seed"] = seed
     config.update(params)
+    if cls.trainable and x_train is None:
+        raise ValueError(f"encoder {name!r} is trained: give training signals (x_train; on the command line "
+                         "--n-train for synthetic data)")
     start = time.perf_counter()
     if target_l0 is not None:
         enc, _ = calibrate(name, d.dictionary, d.x, target_l0, params=config, x_train=x_train)
     else:
-        enc = get_encoder(name, **config).fit(d.dictionary, x_train if cls.trainable else None)
-    fit_s = time.perf_counter() - start
+        enc = get_encoder(name, **config)
+        enc.fit(d.dictionary, x_train) if cls.trainable else enc.fit(d.dictionary)
+    return enc, time.perf_counter() - start
+
+
+def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callback) -> Comparison:
+    from .learning import learn_dictionary, learning_methods
+    known = learning_methods()
+    for m in methods:
+        if not isinstance(m, str) or m not in known:
+            raise ValueError(f"joint comparison takes dictionary learning methods; {m!r} is not one."
+                             f"{suggest(str(m), known)} Methods: {', '.join(known)}")
+    unknown = set(params) - set(methods)
+    if unknown:
+        raise ValueError(f"options given for methods not compared: {sorted(unknown)}")
+    d = _as_data(data, data.dictionary if isinstance(data, SparseData) else torch.eye(
+        as_tensor(data["x"] if isinstance(data, dict) else data, "x").shape[1]), device)
+    true_atoms = data.dictionary.atoms if isinstance(data, SparseData) else None
+    n_atoms = n_atoms or (data.dictionary.n_atoms if isinstance(data, SparseData) else None)
+    if n_atoms is None:
+        raise ValueError("joint comparison needs n_atoms when the data has no true dictionary")
+    x_train = d.x if x_train is None else as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)
+    rows = []
+    for method in methods:
+        if callback:
+            callback(method, "start")
+        start = time.perf_counter()
+        learned = learn_dictionary(x_train, method, n_atoms, seed=seed, **params.get(method, {}))
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        codes = learned.encoder.encode(d.x)
+        encode_s = time.perf_counter() - start
+        x_hat = learned.dictionary.decode(codes)
+        row = {"encoder": method, "fvu": metrics.fvu(d.x, x_hat), "mse": metrics.mse(d.x, x_hat),
+               "l0": metrics.mean_l0(codes)}
+        if d.codes is not None:
+            row["code_mcc"] = metrics.code_mcc(d.codes, codes)
+        if true_atoms is not None:
+            row["dictionary_mcc"] = metrics.dictionary_mcc(true_atoms, learned.dictionary.atoms)
+        row.update(dead=metrics.dead_fraction(codes), dense=metrics.dense_fraction(codes), encode_s=encode_s,
+                   signals_per_s=d.x.shape[0] / max(encode_s, 1e-12),
+                   flops_per_signal=learned.encoder.flops_per_signal(), fit_s=fit_s)
+        rows.append(row)
+        if callback:
+            callback(method, "done")
+    settings = {"joint": True, "methods": list(methods), "n_samples": d.x.shape[0], "n_train": x_train.shape[0],
+                "n_atoms": n_atoms, "d": d.x.shape[1], "seed": seed, "params": params}
+    return Comparison(rows, settings)
+
+
+def timed_encode(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool = False) -> tuple[float, torch.Tensor]:
+    """Median wall time of `repeats` encodes of x (synchronising CUDA), and the codes."""
+    if warmup:
+        enc.encode(x[: min(64, x.shape[0])])      # caches, allocator, thread pools
     times = []
     for _ in range(max(1, repeats)):
-        if d.x.is_cuda:
+        if x.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        codes = enc.encode(d.x)
-        if d.x.is_cuda:
+        codes = enc.encode(x)
+        if x.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    encode_s = float(np.median(times))
+    return float(np.median(times)), codes
+
+
+def _measure(enc: Encoder, d: _Data, lam, gap_reference, references, repeats, fit_s) -> dict:
+    name = enc.name
+    encode_s, codes = timed_encode(enc, d.x, repeats)
     x_hat = d.dictionary.decode(codes)
     row = {"encoder": name}
     for knob in ("k", "lam"):

@@ -1,0 +1,127 @@
+"""Amortised encoders: one forward pass per signal (the sparse autoencoder's encoder and kin).
+
+Trained by `fit(dictionary, x)` with the dictionary frozen (paper c's "known D"), or together
+with their own dictionary by `learn` (SAE training: decoder rows kept at unit norm).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsecode.training import TrainableEncoder, TrainConfig
+
+
+@dataclass(frozen=True)
+class ReLUConfig(TrainConfig):
+    lam: float = 0.01
+    """L1 weight: the loss is MSE + lam * mean|z| (paper c uses 0.01)."""
+    bias: bool = False
+    """Give the encoder a bias (paper c's SAE encoder ReLU(Wx) has none)."""
+
+
+@dataclass(frozen=True)
+class TopKConfig(TrainConfig):
+    k: int = 16
+    """Latents kept per signal: the k largest pre-activations, then ReLU."""
+    bias: bool = True
+    """Give the encoder a bias."""
+
+
+@dataclass(frozen=True)
+class MLPConfig(ReLUConfig):
+    hidden: int = 256
+    """Width of the hidden layer (paper c: 32 or 256)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+
+
+class Linear(nn.Module):
+    """z = x W^T (+ b), with W (n_atoms, d_in) starting at the dictionary's atoms when they fit."""
+
+    def __init__(self, d_in: int, n_atoms: int, atoms: torch.Tensor | None, bias: bool):
+        super().__init__()
+        if atoms is not None and atoms.shape[1] == d_in:
+            w = atoms.detach().clone()
+        else:
+            w = torch.randn(n_atoms, d_in) / d_in ** 0.5
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(n_atoms, dtype=w.dtype)) if bias else None
+
+    def forward(self, x):
+        z = x @ self.weight.T
+        return z if self.bias is None else z + self.bias
+
+    def encoder_rows(self):
+        return self.weight
+
+
+def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest entries of each row (then ReLU), zeros elsewhere; differentiable in the kept ones."""
+    values, idx = pre.topk(k, dim=1)
+    return torch.zeros_like(pre).scatter(1, idx, torch.relu(values))
+
+
+class _L1Mixin:
+    def _penalty(self, codes):
+        return self.config.lam * codes.abs().mean()
+
+
+class ReLU(_L1Mixin, TrainableEncoder):
+    """The sparse autoencoder encoder ReLU(W x + b), trained with an L1 penalty."""
+
+    name = "relu"
+    family = "amortised"
+    knob = "lam"
+    Config = ReLUConfig
+
+    def _build(self, d_in, n_atoms, x, atoms):
+        return Linear(d_in, n_atoms, atoms, self.config.bias)
+
+    def _codes(self, x):
+        return torch.relu(self.net(x))
+
+    def flops_per_signal(self) -> float:
+        return 2 * self.d_in * self.dictionary.n_atoms + 2 * self.dictionary.n_atoms
+
+
+class TopK(TrainableEncoder):
+    """TopK SAE encoder: keep the k largest pre-activations (no sparsity penalty needed)."""
+
+    name = "topk"
+    family = "amortised"
+    knob = "k"
+    Config = TopKConfig
+
+    def _build(self, d_in, n_atoms, x, atoms):
+        return Linear(d_in, n_atoms, atoms, self.config.bias)
+
+    def _codes(self, x):
+        return topk_relu(self.net(x), self.config.k)
+
+    def flops_per_signal(self) -> float:
+        return 2 * self.d_in * self.dictionary.n_atoms + 3 * self.dictionary.n_atoms
+
+
+class MLP(_L1Mixin, TrainableEncoder):
+    """Two-layer encoder ReLU(W2 ReLU(W1 x + b1) + b2) (paper c's MLP encoder)."""
+
+    name = "mlp"
+    family = "amortised"
+    knob = "lam"
+    Config = MLPConfig
+
+    def _build(self, d_in, n_atoms, x, atoms):
+        h = self.config.hidden
+        return nn.Sequential(nn.Linear(d_in, h), nn.ReLU(), nn.Linear(h, n_atoms), nn.ReLU())
+
+    def _codes(self, x):
+        return self.net(x)
+
+    def flops_per_signal(self) -> float:
+        d, h, n = self.d_in, self.config.hidden, self.dictionary.n_atoms
+        return 2 * d * h + h + 2 * h * n + n

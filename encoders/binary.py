@@ -1,0 +1,183 @@
+"""Binary sparse coders: every latent is 0 or 1 (times one decode scale per atom on a shared dictionary).
+
+- `binary-topk` (Quirke, Shabalin, Belrose): learned per-latent threshold, TopK, then fire the
+  selected latents whose pre-activation is positive; sigmoid straight-through gradient; Signum.
+- `binary-entropy` (Cho et al.): step function with a straight-through gradient, minibatch entropy
+  and covariance penalties, optional more-bit decoding.
+
+Against a shared dictionary the codes are ``a_i * s_i`` with a learned scale ``s_i > 0`` per atom,
+so they still decode with the dictionary; when learning their own dictionary (joint mode) the
+scale stays 1, as in the papers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsecode.training import TrainableEncoder, TrainConfig, covariance_penalty, entropy_penalty, fvu_loss
+
+
+class SigmoidSTE(torch.autograd.Function):
+    """Forward: 1[v > 0]. Backward: dL/dv = dL/da * s(v/T) (1 - s(v/T)), the surrogate of paper a
+    (as in its code, without the 1/T factor of the exact derivative)."""
+
+    @staticmethod
+    def forward(ctx, v, temperature: float):
+        ctx.save_for_backward(v)
+        ctx.temperature = temperature
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (v,) = ctx.saved_tensors
+        s = torch.sigmoid(v / ctx.temperature)
+        return grad * s * (1 - s), None
+
+
+class ClippedSTE(torch.autograd.Function):
+    """Forward: 1[v > 0]. Backward: the gradient passes where |v| <= 1 (straight-through, clipped)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (v,) = ctx.saved_tensors
+        return grad * (v.abs() <= 1).to(grad.dtype)
+
+
+@dataclass(frozen=True)
+class BinaryTopKConfig(TrainConfig):
+    k: int = 16
+    """At most k latents fire per signal."""
+    temperature: float = 2.0
+    """Temperature T of the sigmoid surrogate gradient."""
+    theta_init: float = 0.004
+    """Initial per-latent threshold theta = exp(log_theta)."""
+    optimizer: str = "signum"
+    """'signum' (paper a: Adam collapses binary coders) or 'adam'."""
+    lr: float = 0.0
+    """Learning rate; 0 picks paper a's 3e-3 / sqrt(n_atoms / 2^15), at most 0.01 (small dictionaries)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.temperature <= 0 or self.theta_init <= 0:
+            raise ValueError(f"temperature and theta_init must be > 0, got {self.temperature}, {self.theta_init}")
+
+
+@dataclass(frozen=True)
+class BinaryEntropyConfig(TrainConfig):
+    entropy: float = 1e-3
+    """Weight lam_e of the minibatch entropy penalty sum_j H2(p_j) (bits)."""
+    covariance: float = 0.0
+    """Weight lam_c of the covariance penalty sum_(i != j) |Cov(h)_ij|."""
+    bits: int = 1
+    """Binary units per atom; more than one decodes sum_t 2^-t b_t (more-bit decoding)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.entropy < 0 or self.covariance < 0:
+            raise ValueError(f"penalties must be >= 0, got entropy={self.entropy}, covariance={self.covariance}")
+        if not 1 <= self.bits <= 16:
+            raise ValueError(f"bits must be between 1 and 16, got {self.bits}")
+
+
+class _BinaryNet(nn.Module):
+    def __init__(self, d_in: int, n_hidden: int, n_atoms: int, atoms: torch.Tensor | None, x: torch.Tensor,
+                 learn_scale: bool, log_theta: float | None = None):
+        super().__init__()
+        if atoms is not None and atoms.shape[1] == d_in and n_hidden == atoms.shape[0]:
+            w = atoms.detach().clone()
+        else:
+            w = torch.randn(n_hidden, d_in, dtype=x.dtype) / math.sqrt(d_in)
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(n_hidden, dtype=x.dtype))
+        self.center = nn.Parameter(x.detach().mean(0).clone() if x.shape[0] > 1 else torch.zeros(d_in, dtype=x.dtype))
+        self.log_theta = None if log_theta is None else nn.Parameter(torch.full((n_hidden,), log_theta, dtype=x.dtype))
+        self.log_scale = nn.Parameter(torch.zeros(n_atoms, dtype=x.dtype), requires_grad=learn_scale)
+
+    def pre(self, x):
+        v = (x - self.center) @ self.weight.T + self.bias
+        return v if self.log_theta is None else v - torch.exp(self.log_theta)
+
+    def encoder_rows(self):
+        return self.weight
+
+
+class BinaryTopK(TrainableEncoder):
+    """Paper a's binary SAE / transcoder encoder (TopK, learned thresholds, sigmoid STE, Signum)."""
+
+    name = "binary-topk"
+    family = "binary"
+    knob = "k"
+    Config = BinaryTopKConfig
+
+    def _build(self, d_in, n_atoms, x, atoms):
+        return _BinaryNet(d_in, n_atoms, n_atoms, atoms, x, learn_scale=not self._joint,
+                          log_theta=math.log(self.config.theta_init))
+
+    def _learning_rate(self, n_atoms):
+        return self.config.lr or min(3e-3 / math.sqrt(n_atoms / 2 ** 15), 0.01)
+
+    def binary_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The 0/1 activations (n, n_atoms) before the per-atom scale."""
+        v = self.net.pre(x)
+        idx = v.topk(self.config.k, dim=1).indices
+        mask = torch.zeros_like(v).scatter_(1, idx, 1.0)
+        return SigmoidSTE.apply(v, self.config.temperature) * mask
+
+    def _codes(self, x):
+        return self.binary_codes(x) * torch.exp(self.net.log_scale)
+
+    def _reconstruction_loss(self, y, y_hat):
+        return fvu_loss(y, y_hat)
+
+    def flops_per_signal(self) -> float:
+        return 2 * self.d_in * self.dictionary.n_atoms + 4 * self.dictionary.n_atoms
+
+
+class BinaryEntropy(TrainableEncoder):
+    """Paper b's binary autoencoder encoder: h = 1[W x + b > 0], entropy and covariance penalties."""
+
+    name = "binary-entropy"
+    family = "binary"
+    knob = "entropy"
+    Config = BinaryEntropyConfig
+
+    def _build(self, d_in, n_atoms, x, atoms):
+        return _BinaryNet(d_in, n_atoms * self.config.bits, n_atoms, atoms, x, learn_scale=not self._joint)
+
+    def bits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden binary units (n, n_atoms * bits)."""
+        return ClippedSTE.apply(self.net.pre(x))
+
+    def binary_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-atom values before the scale: 0/1 with one bit, sum_t 2^-t b_t with more."""
+        return self._group(self.bits_of(x))
+
+    def _group(self, h: torch.Tensor) -> torch.Tensor:
+        bits = self.config.bits
+        if bits == 1:
+            return h
+        weights = 2.0 ** -torch.arange(bits, dtype=h.dtype, device=h.device)
+        return (h.view(h.shape[0], -1, bits) * weights).sum(-1)
+
+    def _codes(self, x):
+        h = self.bits_of(x)
+        self._hidden = h                     # the penalties act on the binary units themselves
+        return self._group(h) * torch.exp(self.net.log_scale)
+
+    def _penalty(self, codes):
+        h = self._hidden
+        penalty = self.config.entropy * entropy_penalty(h)
+        if self.config.covariance:
+            penalty = penalty + self.config.covariance * covariance_penalty(h)
+        return penalty
+
+    def flops_per_signal(self) -> float:
+        return 2 * self.d_in * self.dictionary.n_atoms * self.config.bits + 2 * self.dictionary.n_atoms

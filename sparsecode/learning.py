@@ -1,0 +1,153 @@
+"""Learning a dictionary from signals: `learn_dictionary(x, method=..., n_atoms=...)`.
+
+Methods:
+- any trainable encoder of the registry that can learn its own decoder ("relu", "topk", "mlp",
+  "binary-topk", "binary-entropy"): encoder and dictionary trained together;
+- "sparse-coding": alternate codes from an inference encoder ("fista" or "omp") on the current
+  dictionary with a least-squares dictionary update (MOD), atoms renormalised, unused atoms
+  resampled from the worst-reconstructed signals;
+- "sklearn": scikit-learn's MiniBatchDictionaryLearning; "spams": SPAMS trainDL.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._validation import as_tensor, check_int_range, check_positive
+from .dictionary import Dictionary
+from .encoder import Encoder, suggest, to_numpy64
+from .registry import encoder_class, encoder_names, get_encoder
+from .training import TrainableEncoder, _progress
+
+log = logging.getLogger(__name__)
+
+REFERENCE_METHODS = ("sparse-coding", "sklearn", "spams")
+
+
+@dataclass
+class LearnedDictionary:
+    """A learned dictionary, the encoder that produces its codes, and the training loss history."""
+
+    dictionary: Dictionary
+    encoder: Encoder
+    losses: list[float] = field(default_factory=list)
+
+
+def learning_methods() -> list[str]:
+    """Names accepted by `learn_dictionary`."""
+    trainable = [n for n in encoder_names() if _learns(n)]
+    return [*trainable, *REFERENCE_METHODS]
+
+
+def _learns(name: str) -> bool:
+    try:
+        cls = encoder_class(name)
+    except Exception:   # a broken plug-in cannot learn anything
+        return False
+    return issubclass(cls, TrainableEncoder) and name != "lista"
+
+
+def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed: int = 0,
+                     **params) -> LearnedDictionary:
+    """Learn `n_atoms` atoms from signals x (n, d).
+
+    Parameters
+    ----------
+    x : (n, d) signals (torch or numpy).
+    method : see `learning_methods()`.
+    n_atoms : atoms to learn.
+    y : (n, d_out) targets for a transcoder (trainable methods only); default x.
+    seed : seed of the initialisation and of the data order.
+    params : the method's options: the encoder's config fields for trainable methods; for
+        "sparse-coding" `inference` ("fista"/"omp"), `k`, `lam`, `n_iter`, `resample`; for
+        "sklearn" and "spams" `lam`, `n_iter`, `batch_size`.
+
+    Returns
+    -------
+    LearnedDictionary(dictionary, encoder, losses)
+    """
+    x = as_tensor(x, "x")
+    check_int_range("n_atoms", n_atoms, 1)
+    methods = learning_methods()
+    if method not in methods:
+        raise ValueError(f"unknown dictionary learning method {method!r}.{suggest(method, methods)} "
+                         f"Methods: {', '.join(methods)}")
+    if method in REFERENCE_METHODS:
+        if y is not None:
+            raise ValueError(f"method {method!r} learns an autoencoding dictionary; transcoders (y) need a "
+                             "trainable method")
+        return {"sparse-coding": _alternating, "sklearn": _sklearn, "spams": _spams}[method](
+            x, n_atoms, seed=seed, **params)
+    enc = get_encoder(method, seed=seed, **params)
+    dictionary = enc.learn(x, n_atoms, y)
+    return LearnedDictionary(dictionary, enc, enc.losses)
+
+
+def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_iter=30, resample=True,
+                 ridge=1e-6) -> LearnedDictionary:
+    """Alternating minimisation: codes by `inference` on D, then D = argmin ||X - Z D||^2 (MOD)."""
+    if inference not in ("fista", "omp", "ista", "mp"):
+        raise ValueError(f"inference must be fista, ista, omp or mp, got {inference!r}")
+    check_int_range("n_iter", n_iter, 1)
+    check_positive("lam", lam)
+    gen = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    if n >= n_atoms:
+        atoms = x[torch.randperm(n, generator=gen)[:n_atoms]].clone()
+    else:
+        atoms = torch.randn(n_atoms, d, generator=gen, dtype=x.dtype).to(x.device)
+    atoms = atoms + 1e-3 * torch.randn(atoms.shape, generator=gen, dtype=x.dtype).to(x.device)
+    atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    knob = {"k": k if k is not None else max(1, min(d, n_atoms) // 4)} if inference in ("omp", "mp") else {"lam": lam}
+    enc = get_encoder(inference, **knob)
+    losses = []
+    callback = _progress.get()
+    eye = torch.eye(n_atoms, dtype=x.dtype, device=x.device)
+    for it in range(n_iter):
+        codes = enc.fit(Dictionary(atoms)).encode(x)
+        residual = x - codes @ atoms
+        losses.append(float((residual ** 2).mean()))
+        gram = codes.T @ codes
+        atoms_new = torch.linalg.solve(gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * eye, codes.T @ x)
+        used = codes.abs().sum(0) > 0
+        atoms = torch.where(used[:, None], atoms_new, atoms)
+        if resample and not bool(used.all()):
+            worst = (residual ** 2).sum(1).topk(int((~used).sum())).indices
+            atoms[~used] = x[worst] + 1e-3 * torch.randn(len(worst), d, generator=gen, dtype=x.dtype).to(x.device)
+        atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if callback is not None:
+            callback(f"sparse-coding ({inference})", it + 1, n_iter, losses[-1])
+        log.info("sparse-coding: iteration %d/%d mse %.6g, %d unused atoms", it + 1, n_iter, losses[-1],
+                 int((~used).sum()))
+    dictionary = Dictionary(atoms, metadata={"learned_by": f"sparse-coding/{inference}"})
+    return LearnedDictionary(dictionary, enc.fit(dictionary), losses)
+
+
+def _sklearn(x, n_atoms, *, seed=0, lam=0.1, n_iter=100, batch_size=256) -> LearnedDictionary:
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+    model = MiniBatchDictionaryLearning(n_components=n_atoms, alpha=lam, max_iter=n_iter, batch_size=batch_size,
+                                        random_state=seed, transform_algorithm="lasso_lars", transform_alpha=lam)
+    model.fit(to_numpy64(x))
+    atoms = torch.from_numpy(model.components_).to(device=x.device, dtype=x.dtype)
+    dictionary = Dictionary(atoms, normalize=True, metadata={"learned_by": "sklearn MiniBatchDictionaryLearning"})
+    return LearnedDictionary(dictionary, get_encoder("sklearn-lasso", lam=lam).fit(dictionary))
+
+
+def _spams(x, n_atoms, *, seed=0, lam=0.1, n_iter=200, batch_size=256) -> LearnedDictionary:
+    try:
+        spams = importlib.import_module("spams")
+    except ImportError:
+        raise ImportError("method 'spams' needs SPAMS: pip install spams-bin") from None
+    np.random.seed(seed)       # trainDL draws its initial atoms from numpy's global generator
+    columns = np.asfortranarray(to_numpy64(x).T)
+    init = np.asfortranarray(columns[:, np.random.permutation(columns.shape[1])[:n_atoms]]) \
+        if columns.shape[1] >= n_atoms else None
+    atoms = spams.trainDL(columns, D=init, K=n_atoms, lambda1=lam, mode=2, iter=n_iter, batchsize=batch_size,
+                          numThreads=-1, verbose=False)
+    atoms = torch.from_numpy(np.ascontiguousarray(atoms.T)).to(device=x.device, dtype=x.dtype)
+    dictionary = Dictionary(atoms, normalize=True, metadata={"learned_by": "spams trainDL"})
+    return LearnedDictionary(dictionary, get_encoder("spams-lasso", lam=lam).fit(dictionary))

@@ -1,0 +1,338 @@
+"""What every trained encoder shares: optimisers, the training loop, losses, save/load.
+
+A `TrainableEncoder` learns its network in `fit(dictionary, x, y)` with the dictionary frozen
+(the shared-dictionary comparison), or learns network and dictionary together in `learn`
+(the joint comparison, and `sc.learn_dictionary`). `y` is the reconstruction target; it defaults
+to `x` (an autoencoder) and differs for a transcoder (MLP input -> MLP output).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import contextvars
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import _io
+from ._validation import as_tensor, check_int_range, check_positive
+from .dictionary import Dictionary, as_dictionary
+from .encoder import Encoder, EncoderConfig
+
+log = logging.getLogger(__name__)
+_progress: contextvars.ContextVar = contextvars.ContextVar("sparsecode_training_progress", default=None)
+
+
+@contextlib.contextmanager
+def progress(callback: Callable[[str, int, int, float], None]):
+    """Within this block every training loop reports ``callback(what, step, steps, loss)``."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+class Signum(torch.optim.Optimizer):
+    """Sign of a momentum buffer (Bernstein et al. 2018): ``m = beta m + (1 - beta) g; p -= lr sign(m)``.
+
+    The update size does not depend on the gradient's scale, which keeps binary coders with their
+    vanishing surrogate gradients alive where Adam lets many latents die.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.0):
+        check_positive("lr", lr, allow_zero=False)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad, alpha=1 - group["momentum"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(buf.sign(), alpha=-group["lr"])
+        return loss
+
+
+@dataclass(frozen=True)
+class TrainConfig(EncoderConfig):
+    steps: int = 2000
+    """Optimisation steps."""
+    batch_size: int = 1024
+    """Signals per step (the whole set when it is smaller: full-batch training)."""
+    lr: float = 1e-3
+    """Learning rate (0: the method's own default)."""
+    optimizer: str = "adam"
+    """'adam' or 'signum' (sign of momentum; the binary coders' choice)."""
+    seed: int = 0
+    """Seed of the initialisation and of the minibatch order."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_int_range("steps", self.steps, 1)
+        check_int_range("batch_size", self.batch_size, 1)
+        check_positive("lr", self.lr)
+        if self.optimizer not in ("adam", "signum"):
+            raise ValueError(f"optimizer must be 'adam' or 'signum', got {self.optimizer!r}")
+
+
+def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
+    return Signum(params, lr=lr) if name == "signum" else torch.optim.Adam(params, lr=lr)
+
+
+def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int,
+             cfg: TrainConfig, *, what: str, lr: float | None = None, after_step: Callable[[], None] | None = None,
+             device=None) -> list[float]:
+    """Minimise ``loss_fn(batch_indices)`` over minibatches of range(n); returns the loss per step."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = make_optimizer([p for p in params if p.requires_grad], cfg.optimizer, lr or cfg.lr)
+    callback = _progress.get()
+    losses = []
+    full = cfg.batch_size >= n
+    order, pos = None, n
+    every = max(1, cfg.steps // 10)
+    for step in range(cfg.steps):
+        if full:
+            idx = torch.arange(n)
+        else:
+            if pos + cfg.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos:pos + cfg.batch_size]
+            pos += cfg.batch_size
+        loss = loss_fn(idx.to(device) if device is not None else idx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{what}: loss became {loss.item()} at step {step}; lower lr={lr or cfg.lr}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
+        losses.append(float(loss.detach()))
+        if callback is not None:
+            callback(what, step + 1, cfg.steps, losses[-1])
+        if step % every == 0 or step == cfg.steps - 1:
+            log.info("%s: step %d/%d loss %.6g", what, step + 1, cfg.steps, losses[-1])
+    return losses
+
+
+def fvu_loss(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """FVU of a batch: squared error over squared deviation from the batch mean."""
+    return ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(torch.finfo(y.dtype).tiny)
+
+
+def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """H2(p) in bits, elementwise, with H2(0) = H2(1) = 0."""
+    p = p.clamp(0, 1)
+    q = 1 - p
+    return -(torch.xlogy(p, p) + torch.xlogy(q, q)) / math.log(2)
+
+
+def entropy_penalty(h: torch.Tensor) -> torch.Tensor:
+    """Paper b's L_e: sum over features of the binary entropy (bits) of their minibatch firing rate."""
+    return binary_entropy_bits(h.mean(0)).sum()
+
+
+def covariance_penalty(h: torch.Tensor) -> torch.Tensor:
+    """Paper b's L_c: sum of |Cov(h)_ij| over pairs i != j, covariance over the minibatch."""
+    c = h - h.mean(0)
+    cov = c.T @ c / max(h.shape[0] - 1, 1)
+    return cov.abs().sum() - cov.diagonal().abs().sum()
+
+
+class TrainableEncoder(Encoder):
+    """An encoder with a network learned from data. Subclasses define `_build` and `_codes`."""
+
+    trainable = True
+    #: decoders of joint training start from the normalised encoder rows (SAEs) or at zero (transcoders)
+    Config: type[TrainConfig]
+
+    def __init__(self, config=None, **fields):
+        super().__init__(config, **fields)
+        self.net: nn.Module | None = None
+        self.d_in: int | None = None
+        self.losses: list[float] = []
+        self._n_atoms: int | None = None
+        self._joint = False             # learning its own decoder (joint mode) rather than a shared one
+
+    # --- for subclasses ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _build(self, d_in: int, n_atoms: int, x: torch.Tensor, atoms: torch.Tensor | None) -> nn.Module:
+        """The network for inputs of size d_in; `atoms` (n_atoms, d) is the dictionary when known."""
+
+    @abc.abstractmethod
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable codes (n, n_atoms) of inputs x (n, d_in) from `self.net`."""
+
+    def _penalty(self, codes: torch.Tensor) -> torch.Tensor | float:
+        """Added to the reconstruction loss (sparsity, entropy...)."""
+        return 0.0
+
+    def _reconstruction_loss(self, y, y_hat) -> torch.Tensor:
+        return ((y - y_hat) ** 2).mean()
+
+    def _learning_rate(self, n_atoms: int) -> float:
+        return self.config.lr or 1e-3
+
+    # --- fitting ----------------------------------------------------------------------------
+    def fit(self, dictionary, x=None, y=None) -> "TrainableEncoder":
+        """Train the network on x (n, d_in) to reconstruct y (default x) through the frozen dictionary."""
+        if x is None:
+            raise ValueError(f"encoder {self.name!r} is trained: call fit(dictionary, x_train)")
+        self.dictionary = as_dictionary(dictionary)
+        self._check_dictionary(self.dictionary)
+        self._n_atoms, self._joint = self.dictionary.n_atoms, False
+        x, y = self._xy(x, y, self.dictionary.d)
+        atoms = self.dictionary.atoms_as(x.dtype, x.device)
+        bias = None if self.dictionary.bias is None else self.dictionary.bias.to(x)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(self.config.seed)
+            self.net = self._build(x.shape[1], self.dictionary.n_atoms, x, atoms).to(x)
+        self.d_in = x.shape[1]
+        self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters())
+        self.net.eval()
+        return self
+
+    def learn(self, x, n_atoms: int, y=None) -> Dictionary:
+        """Learn network and dictionary together (joint mode); returns the dictionary, also kept as
+        `self.dictionary`. Decoder rows stay unit norm for an autoencoder; a transcoder's (y given)
+        decoder starts at zero and is not normalised."""
+        check_int_range("n_atoms", n_atoms, 1)
+        x = as_tensor(x, "x")
+        transcoder = y is not None
+        x, y = self._xy(x, y, None)
+        k = getattr(self.config, "k", None)
+        if k is not None and k > n_atoms:
+            raise ValueError(f"k={k} is larger than n_atoms={n_atoms}")
+        self._n_atoms, self._joint = n_atoms, True
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(self.config.seed)
+            self.net = self._build(x.shape[1], n_atoms, x, None).to(x)
+            if transcoder:
+                atoms = torch.zeros(n_atoms, y.shape[1], dtype=x.dtype, device=x.device)
+            else:
+                atoms = self._initial_atoms(n_atoms, x)
+        atoms = nn.Parameter(atoms)
+        b_dec = nn.Parameter(y.mean(0).clone())
+        self.d_in = x.shape[1]
+
+        def renorm():
+            if not transcoder:
+                atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+        self.losses = self._train(x, y, lambda z: z @ atoms + b_dec,
+                                  [*self.net.parameters(), atoms, b_dec], after_step=renorm)
+        self.net.eval()
+        self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
+                                     metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
+        return self.dictionary
+
+    def _initial_atoms(self, n_atoms: int, x: torch.Tensor) -> torch.Tensor:
+        """Decoder start for joint training: the encoder's rows, normalised (their transpose init)."""
+        w = getattr(self.net, "encoder_rows", None)
+        atoms = w().detach().clone() if callable(w) else torch.randn(n_atoms, x.shape[1], dtype=x.dtype, device=x.device)
+        return atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def _xy(self, x, y, d_out):
+        x = as_tensor(x, "x")
+        y = x if y is None else as_tensor(y, "y", device=x.device, dtype=x.dtype)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        if d_out is not None and y.shape[1] != d_out:
+            raise ValueError(f"targets have d={y.shape[1]} but the dictionary's atoms have d={d_out}")
+        if x.dtype not in (torch.float32, torch.float64):
+            x, y = x.float(), y.float()
+        return x, y
+
+    def _train(self, x, y, decode, params, after_step=None) -> list[float]:
+        def loss_fn(idx):
+            xb, yb = x[idx], y[idx]
+            codes = self._codes(xb)
+            return self._reconstruction_loss(yb, decode(codes)) + self._penalty(codes)
+
+        self.net.train()
+        return optimise(list(params), loss_fn, x.shape[0], self.config, what=f"train {self.name}",
+                        lr=self._learning_rate(self._n_atoms), after_step=after_step, device=x.device)
+
+    # --- use --------------------------------------------------------------------------------
+    def _check_x(self, x) -> torch.Tensor:
+        x = as_tensor(x, "x")
+        d_in = self.d_in or self.dictionary.d
+        if x.shape[1] != d_in:
+            raise ValueError(f"x has d={x.shape[1]} features per signal but encoder {self.name!r} was trained "
+                             f"on d={d_in}")
+        return x
+
+    def encode(self, x) -> torch.Tensor:
+        if self.net is None:
+            raise RuntimeError(f"encoder {self.name!r} is not trained: call .fit(dictionary, x_train) first")
+        x = self._check_x(x)
+        with torch.no_grad():
+            return self._codes(x.to(next(self.net.parameters()).dtype)).to(x.dtype)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._codes(x)
+
+    # --- files ------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name and config)."""
+        if self.net is None:
+            raise RuntimeError(f"encoder {self.name!r} is not trained: nothing to save")
+        path = Path(path)
+        stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors["dictionary.atoms"] = self.dictionary.atoms
+        if self.dictionary.bias is not None:
+            tensors["dictionary.bias"] = self.dictionary.bias
+        _io.write_tensors(stem.with_suffix(".safetensors"), tensors)
+        _io.write_json(stem.with_suffix(".json"), {"format": ENCODER_FORMAT, "encoder": self.name, "d_in": self.d_in,
+                                                   "n_atoms": self.dictionary.n_atoms,
+                                                   "config": dataclasses.asdict(self.config)})
+        return stem.with_suffix(".safetensors")
+
+
+ENCODER_FORMAT = "sparsecode.encoder"
+
+
+def load_encoder(path) -> TrainableEncoder:
+    """Rebuild a trained encoder written by `TrainableEncoder.save` (safetensors + JSON only)."""
+    from .registry import get_encoder       # the registry imports nothing from here: no cycle at import
+
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    meta_path = stem.with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"encoder description not found: {meta_path}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
+    if meta.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{meta_path} is not a sparsecode encoder description (format={meta.get('format')!r})")
+    tensors = _io.read_tensors(stem.with_suffix(".safetensors"), "encoder")
+    enc = get_encoder(meta["encoder"], **meta["config"])
+    if not isinstance(enc, TrainableEncoder):
+        raise ValueError(f"{meta['encoder']!r} is not a trained encoder")
+    atoms = tensors["dictionary.atoms"]
+    enc.dictionary = Dictionary(atoms, tensors.get("dictionary.bias"))
+    enc.d_in = meta["d_in"]
+    x_like = torch.zeros(1, enc.d_in, dtype=atoms.dtype)
+    enc.net = enc._build(enc.d_in, atoms.shape[0], x_like, atoms)
+    state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+    enc.net.load_state_dict(state)
+    enc.net.to(atoms.dtype).eval()
+    return enc

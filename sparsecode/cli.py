@@ -1,6 +1,7 @@
 """The `sparsecode` command. The only module that prints."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -12,9 +13,10 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import _io
+from . import _io, metrics, training
 from .compare import Comparison, compare as run_compare
 from .encoder import coerce_field, suggest
+from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods
 from .registry import available_encoders, encoder_class
 from .synthetic import make_sparse_data
 
@@ -26,7 +28,7 @@ app.add_typer(bench_app, name="bench")
 console = Console(width=None if Console().is_terminal else 200)
 #: Columns shown on screen (the saved file has every column) and their headers.
 SHOWN = {"encoder": "encoder", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
-         "code_mcc": "MCC", "objective_gap": "obj. gap", "dead": "dead", "signals_per_s": "signals/s",
+         "code_mcc": "MCC", "dictionary_mcc": "dict. MCC", "objective_gap": "obj. gap", "dead": "dead", "signals_per_s": "signals/s",
          "flops_per_signal": "FLOPs/signal", "ratio": "ratio", "reference": "reference", "fit_s": "fit s"}
 
 
@@ -63,6 +65,25 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
     console.print(table)
 
 
+def _literal(text: str):
+    """Value of an option whose type no config declares (reference learning methods)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _parse_option(name: str, item: str, fld: str, value: str):
+    if name in REFERENCE_METHODS:
+        return _literal(value)
+    config = encoder_class(name).Config
+    if fld not in config.__dataclass_fields__:
+        raise ValueError(f"--set {item!r}: {name} has no option {fld!r}.{suggest(fld, config.__dataclass_fields__)}")
+    return coerce_field(config, fld, value)
+
+
 def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
     """`--set fista.lam=0.05` -> {"fista": {"lam": 0.05}}, typed by the encoder's config."""
     params: dict[str, dict] = {}
@@ -73,12 +94,35 @@ def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
             raise ValueError(f"--set takes ENCODER.FIELD=VALUE, got {item!r}")
         if name not in names:
             raise ValueError(f"--set {item!r}: {name!r} is not among --encoders ({', '.join(names)})")
-        config = encoder_class(name).Config
-        if fld not in config.__dataclass_fields__:
-            raise ValueError(f"--set {item!r}: {name} has no option {fld!r}."
-                             f"{suggest(fld, config.__dataclass_fields__)}")
-        params.setdefault(name, {})[fld] = coerce_field(config, fld, value)
+        params.setdefault(name, {})[fld] = _parse_option(name, item, fld, value)
     return params
+
+
+@contextlib.contextmanager
+def _progress_bars(total: int, label: str):
+    """A bar over the items (encoders, methods) and one over the training steps of the current item."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        items = progress.add_task(label, total=total, loss="")
+        steps = {}
+
+        def on_item(name: str, event: str) -> None:
+            if event == "start":
+                progress.update(items, description=f"{label}: {name}")
+            else:
+                progress.advance(items)
+
+        def on_step(what: str, step: int, n_steps: int, loss: float) -> None:
+            if what not in steps:
+                for old in steps.values():
+                    progress.remove_task(old)
+                steps.clear()
+                steps[what] = progress.add_task(what, total=n_steps, loss="")
+            progress.update(steps[what], completed=step, loss=f"loss {loss:.4g}")
+
+        with training.progress(on_step):
+            yield on_item
 
 
 def _load_data(path: Path):
@@ -121,48 +165,110 @@ def compare_cmd(
     lam: float = typer.Option(0.1, help="Lasso penalty for every encoder with a lam knob."),
     set_: list[str] = typer.Option([], "--set", help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
     target_l0: Optional[float] = typer.Option(None, help="Calibrate every encoder's knob (k or lam) to this mean L0."),
+    n_train: int = typer.Option(1024, help="Synthetic training signals (same dictionary, other codes) for learned "
+                                          "encoders and, with --joint, for dictionary learning."),
+    train_data: Optional[Path] = typer.Option(None, help="A .safetensors file with training signals 'x' (with --data)."),
+    joint: bool = typer.Option(False, help="Each method learns its own dictionary (--encoders are learning methods: "
+                                           + ", ".join(learning_methods()) + ")."),
+    train_seed: int = typer.Option(0, help="Seed of training runs."),
     repeats: int = typer.Option(1, help="Encode this many times; the median time is reported."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Save results to this .json or .csv file."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
-    """Run several encoders on one shared dictionary and print their metrics."""
+    """Run several encoders on one shared dictionary (or, with --joint, several dictionary learners)
+    and print their metrics."""
     _setup_logging(verbose)
     names = [n.strip() for n in encoders.split(",") if n.strip()]
     try:
-        for name in names:
-            encoder_class(name)
+        if not joint:
+            for name in names:
+                if not name.endswith(".safetensors"):
+                    encoder_class(name)
         params = _parse_sets(set_, names)
         if data is not None:
             source = _load_data(data)
-            if dictionary == "true":
+            if dictionary == "true" and not joint:
                 _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
+            x_train = _load_data(train_data)["x"] if train_data is not None else None
         else:
-            source = make_sparse_data(n_samples, d, n_atoms, 3 if k is None else k, noise=noise, snr_db=snr_db,
-                                      firing=firing, positive=not signed, seed=seed)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            task = progress.add_task("encoders", total=len(names))
-
-            def callback(name: str, event: str) -> None:
-                if event == "start":
-                    progress.update(task, description=f"running {name}")
-                else:
-                    progress.advance(task)
-
-            result = run_compare(names, source, dictionary, k=k, lam=lam, encoder_params=params,
-                                 target_l0=target_l0, repeats=repeats, device=device, callback=callback)
+            kk = 3 if k is None else k
+            both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
+                                    positive=not signed, seed=seed)
+            x_train, source = (both.split(n_train) if n_train else (None, both))
+            x_train = None if x_train is None else x_train.x
+        with _progress_bars(len(names), "methods" if joint else "encoders") as on_item:
+            result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
+                                 target_l0=target_l0, x_train=x_train, joint=joint,
+                                 n_atoms=n_atoms if joint else None, seed=train_seed, repeats=repeats,
+                                 device=device, callback=on_item)
     except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
         _fail(str(err))
     s = result.settings
     print_table(result.rows, [c for c in result.columns() if c in SHOWN],
-                title=f"{s['n_samples']} signals, d={s['d']}, n_atoms={s['n_atoms']}, device={s['device']}")
+                title=f"{s['n_samples']} signals, d={s['d']}, n_atoms={s['n_atoms']}"
+                      + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}"))
     if out is not None:
         try:
             result.save(out)
         except ValueError as err:
             _fail(str(err))
         console.print(f"saved {out}")
+
+
+@app.command("train")
+def train_cmd(
+    method: str = typer.Option("topk", help="Dictionary learning method: " + ", ".join(learning_methods()) + "."),
+    n_atoms: int = typer.Option(..., help="Atoms to learn."),
+    out: Path = typer.Option(..., help="Where to save: OUT.safetensors/.json (dictionary) and, for trained "
+                                       "encoders, OUT-encoder.safetensors/.json."),
+    data: Optional[Path] = typer.Option(None, help="A .safetensors file with signals 'x' (and 'y', targets of a "
+                                                   "transcoder); default: synthetic data."),
+    n_samples: int = typer.Option(1024, help="Synthetic signals."),
+    d: int = typer.Option(8, help="Signal dimension of synthetic data."),
+    k: int = typer.Option(3, help="Non-zeros per synthetic code."),
+    true_atoms: int = typer.Option(16, help="Atoms of the synthetic data's true dictionary."),
+    noise: float = typer.Option(0.0, help="Gaussian noise of synthetic data."),
+    seed: int = typer.Option(0, help="Seed of the synthetic data and of training."),
+    set_: list[str] = typer.Option([], "--set", help="Method option FIELD=VALUE, e.g. --set k=16 --set steps=5000."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
+    """Learn a dictionary (and its encoder) from signals and save them."""
+    _setup_logging(verbose)
+    try:
+        if method not in learning_methods():
+            raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
+                             f"Methods: {', '.join(learning_methods())}")
+        params = {key: _parse_option(method, item, key, value)
+                  for item in set_ for key, _, value in [item.partition("=")]}
+        truth = None
+        if data is not None:
+            tensors = _io.read_tensors(data, "data")
+            if "x" not in tensors:
+                raise ValueError(f"{data} has no tensor 'x'; found {sorted(tensors)}")
+            x, y = tensors["x"], tensors.get("y")
+        else:
+            truth = make_sparse_data(n_samples, d, true_atoms, k, noise=noise, seed=seed)
+            x, y = truth.x, None
+        with _progress_bars(1, "train") as on_item:
+            on_item(method, "start")
+            learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, **params)
+            on_item(method, "done")
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
+        _fail(str(err))
+    path = learned.dictionary.save(out)
+    console.print(f"saved dictionary {path}")
+    if isinstance(learned.encoder, training.TrainableEncoder):
+        enc_path = learned.encoder.save(out.with_name(out.with_suffix("").name + "-encoder"))
+        console.print(f"saved encoder {enc_path}")
+    codes = learned.encoder.encode(x)
+    target = x if y is None else y
+    row = {"encoder": method, "fvu": metrics.fvu(target, learned.dictionary.decode(codes)), "l0": metrics.mean_l0(codes),
+           "dead": metrics.dead_fraction(codes)}
+    if truth is not None:
+        row["dictionary_mcc"] = metrics.dictionary_mcc(truth.dictionary.atoms, learned.dictionary.atoms)
+        row["code_mcc"] = metrics.code_mcc(truth.codes, codes)
+    print_table([row], list(row), title="on the training signals")
 
 
 @bench_app.command("speed")

@@ -194,7 +194,8 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     check_positive("lam", lam)
     device = resolve_device(device)
     if joint:
-        return _compare_joint(items, data, x_train, n_atoms, encoder_params or {}, seed, device, callback)
+        return _compare_joint(items, data, x_train, n_atoms, encoder_params or {}, seed, device, callback,
+                              k if k is not None else getattr(data, "k", None), lam)
     names = []
     for item in items:
         if isinstance(item, str) and not item.endswith(".safetensors"):
@@ -231,6 +232,16 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     return Comparison(rows, settings)
 
 
+def _shared_knobs(method: str, k, lam) -> dict:
+    """The comparison's k and lam, for the learning methods that take them."""
+    from .learning import REFERENCE_METHODS
+    if method in REFERENCE_METHODS:
+        fields = {"sparse-coding": ("k", "lam"), "sklearn": ("lam",), "spams": ("lam",)}[method]
+    else:
+        fields = tuple(encoder_class(method).Config.__dataclass_fields__)
+    return {key: value for key, value in (("k", k), ("lam", lam)) if key in fields and value is not None}
+
+
 def _loaded(item) -> Encoder:
     if isinstance(item, Encoder):
         if item.dictionary is None:
@@ -263,7 +274,7 @@ def _prepare(name, d: _Data, k, lam, params, target_l0, x_train, seed) -> tuple[
     return enc, time.perf_counter() - start
 
 
-def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callback) -> Comparison:
+def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callback, k, lam) -> Comparison:
     from .learning import learn_dictionary, learning_methods
     known = learning_methods()
     for m in methods:
@@ -285,7 +296,8 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
         if callback:
             callback(method, "start")
         start = time.perf_counter()
-        learned = learn_dictionary(x_train, method, n_atoms, seed=seed, **params.get(method, {}))
+        options = {**_shared_knobs(method, k, lam), **params.get(method, {})}
+        learned = learn_dictionary(x_train, method, n_atoms, seed=seed, **options)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         codes = learned.encoder.encode(d.x)

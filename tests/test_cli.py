@@ -74,3 +74,42 @@ def test_bench_speed_small(tmp_path):
     assert rows["spams-omp"]["ratio"] == 1.0
     assert abs(rows["omp"]["f1"] - rows["spams-omp"]["f1"]) < 0.01
     assert abs(rows["fista"]["objective_gap"]) < 1e-3
+
+
+def test_train_saves_dictionary_and_encoder(tmp_path):
+    out = tmp_path / "learned"
+    result = runner.invoke(app, ["train", "--method", "topk", "--n-atoms", "16", "--set", "k=3", "--set", "steps=100",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    D = sc.Dictionary.load(tmp_path / "learned.safetensors")
+    assert D.atoms.shape == (16, 8)
+    enc = sc.load_encoder(tmp_path / "learned-encoder.safetensors")
+    assert enc.name == "topk" and enc.config.k == 3 and enc.config.steps == 100
+    # the saved pair goes straight into a comparison on the learned dictionary
+    data = sc.synthetic.make_sparse_data(n_samples=100, seed=5)
+    save_file({"x": data.x}, str(tmp_path / "x.safetensors"))
+    result = runner.invoke(app, ["compare", "--encoders", f"{tmp_path / 'learned-encoder.safetensors'},omp",
+                                 "--k", "3", "--data", str(tmp_path / "x.safetensors"),
+                                 "--dictionary", str(tmp_path / "learned.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "topk" in result.output
+
+
+def test_train_errors(tmp_path):
+    result = runner.invoke(app, ["train", "--method", "topkk", "--n-atoms", "4", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Did you mean 'topk'" in result.output
+    result = runner.invoke(app, ["train", "--method", "topk", "--n-atoms", "4", "--set", "kk=2",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Did you mean 'k'" in result.output
+
+
+def test_compare_joint_and_learned_encoders(tmp_path):
+    out = tmp_path / "joint.json"
+    result = runner.invoke(app, ["compare", "--joint", "--encoders", "sparse-coding,topk", "--set",
+                                 "sparse-coding.inference=omp", "--set", "topk.steps=100", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["encoder"] for r in rows] == ["sparse-coding", "topk"]
+    assert all(0 <= r["dictionary_mcc"] <= 1 for r in rows)
+    result = runner.invoke(app, ["compare", "--encoders", "topk,fista", "--set", "topk.steps=100"])
+    assert result.exit_code == 0, result.output

@@ -1,0 +1,76 @@
+"""Shared by the experiment scripts: seeds loop, mean ± std tables, figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def summarise(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Mean and std over seeds of each encoder's metrics, in first-seen encoder order."""
+    order = list(dict.fromkeys(r["encoder"] for r in rows))
+    out = []
+    for name in order:
+        mine = [r for r in rows if r["encoder"] == name]
+        entry = {"encoder": name, "seeds": len(mine)}
+        for key in keys:
+            values = np.array([r[key] for r in mine if r.get(key) is not None], dtype=float)
+            if values.size:
+                entry[key] = float(values.mean())
+                entry[key + "_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: list[dict], keys: tuple[str, ...], labels: dict[str, str]) -> str:
+    head = "| encoder | " + " | ".join(labels[k] for k in keys) + " |"
+    rule = "|---|" + "---:|" * len(keys)
+    lines = [head, rule]
+    for entry in summary:
+        cells = []
+        for key in keys:
+            if key not in entry:
+                cells.append("")
+            elif key == "flops_per_signal":
+                cells.append(f"{entry[key]:,.0f}")
+            else:
+                cells.append(f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}")
+        lines.append(f"| `{entry['encoder']}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save(name: str, payload: dict, table: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    return path
+
+
+def bar_figure(summary: list[dict], keys: tuple[str, ...], labels: dict[str, str], title: str, name: str) -> Path:
+    names = [e["encoder"] for e in summary]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    colors = plt.get_cmap("tab10")(np.arange(len(names)) % 10)
+    for ax, key in zip(axes[0], keys):
+        means = [e.get(key, np.nan) for e in summary]
+        stds = [e.get(key + "_std", 0.0) for e in summary]
+        ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_title(labels[key])
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

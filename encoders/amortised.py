@@ -88,6 +88,11 @@ class ReLU(_L1Mixin, TrainableEncoder):
     def flops_per_signal(self) -> float:
         return 2 * self.d_in * self.dictionary.n_atoms + 2 * self.dictionary.n_atoms
 
+    def sae_weights(self) -> dict:
+        """The weights in SAE terms, for export (the network sees the raw input)."""
+        return {"architecture": "relu", "encoder_rows": self.net.weight, "b_enc": self.net.bias, "k": None,
+                "center": False, "threshold": None}
+
 
 class TopK(TrainableEncoder):
     """TopK SAE encoder: keep the k largest pre-activations (no sparsity penalty needed)."""
@@ -105,6 +110,11 @@ class TopK(TrainableEncoder):
 
     def flops_per_signal(self) -> float:
         return 2 * self.d_in * self.dictionary.n_atoms + 3 * self.dictionary.n_atoms
+
+    def sae_weights(self) -> dict:
+        """The weights in SAE terms, for export (the network sees the raw input)."""
+        return {"architecture": "topk", "encoder_rows": self.net.weight, "b_enc": self.net.bias, "k": self.config.k,
+                "center": False, "threshold": None}
 
 
 class MLP(_L1Mixin, TrainableEncoder):

@@ -18,6 +18,7 @@ from .compare import Comparison, compare as run_compare
 from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods
 from .registry import available_encoders, encoder_class
+from .sae_formats import export_saelens, load_sae_dictionary
 from .synthetic import make_sparse_data
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -151,7 +152,8 @@ def compare_cmd(
     encoders: str = typer.Option("fista,omp", help="Comma-separated encoder names (see `sparsecode list`)."),
     data: Optional[Path] = typer.Option(None, help="A .safetensors file with 'x' (n, d) and optionally 'codes' "
                                                    "(n, n_atoms); default: synthetic data."),
-    dictionary: str = typer.Option("true", help="'true' (the synthetic data's own) or a saved dictionary path."),
+    dictionary: str = typer.Option("true", help="'true' (the synthetic data's own), a saved dictionary path, or an "
+                                                "SAE folder (SAELens, sparsify, dictionary_learning: its decoder)."),
     n_samples: int = typer.Option(1024, help="Synthetic signals."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
     n_atoms: int = typer.Option(16, help="Atoms of the synthetic dictionary."),
@@ -171,6 +173,8 @@ def compare_cmd(
     joint: bool = typer.Option(False, help="Each method learns its own dictionary (--encoders are learning methods: "
                                            + ", ".join(learning_methods()) + ")."),
     train_seed: int = typer.Option(0, help="Seed of training runs."),
+    allow_pickle: bool = typer.Option(False, help="Allow reading a pickle SAE weights file (dictionary_learning's "
+                                                  "ae.pt), with torch.load(weights_only=True)."),
     repeats: int = typer.Option(1, help="Encode this many times; the median time is reported."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Save results to this .json or .csv file."),
@@ -197,6 +201,8 @@ def compare_cmd(
                                     positive=not signed, seed=seed)
             x_train, source = (both.split(n_train) if n_train else (None, both))
             x_train = None if x_train is None else x_train.x
+        if dictionary != "true" and Path(dictionary).is_dir():
+            dictionary = load_sae_dictionary(dictionary, allow_pickle=allow_pickle)
         with _progress_bars(len(names), "methods" if joint else "encoders") as on_item:
             result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
                                  target_l0=target_l0, x_train=x_train, joint=joint,
@@ -269,6 +275,27 @@ def train_cmd(
         row["dictionary_mcc"] = metrics.dictionary_mcc(truth.dictionary.atoms, learned.dictionary.atoms)
         row["code_mcc"] = metrics.code_mcc(truth.codes, codes)
     print_table([row], list(row), title="on the training signals")
+
+
+@app.command("export")
+def export_cmd(
+    encoder: str = typer.Option(..., help="A trained encoder (.safetensors written by `train` or `save`) or an SAE "
+                                          "folder to convert."),
+    out: Path = typer.Option(..., help="Folder to write cfg.json + sae_weights.safetensors into (SAELens layout)."),
+    allow_pickle: bool = typer.Option(False, help="Allow reading a pickle SAE weights file (ae.pt)."),
+) -> None:
+    """Export a ReLU/TopK SAE encoder and its dictionary in SAELens's format."""
+    from .training import load_encoder
+    from .registry import get_encoder
+    try:
+        if Path(encoder).is_dir():
+            enc = get_encoder("sae-file", allow_pickle=allow_pickle).fit(load_sae_dictionary(encoder, allow_pickle))
+        else:
+            enc = load_encoder(encoder)
+        folder = export_saelens(enc, out)
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"saved SAELens folder {folder}")
 
 
 @bench_app.command("speed")

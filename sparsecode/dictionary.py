@@ -154,9 +154,13 @@ class Dictionary:
 
 
 def as_dictionary(value) -> Dictionary:
-    """Accept a Dictionary, an atoms array, or a path to a saved dictionary."""
+    """Accept a Dictionary, an atoms array, a path to a saved dictionary, or an SAE folder
+    (SAELens, sparsify, dictionary_learning: its decoder)."""
     if isinstance(value, Dictionary):
         return value
     if isinstance(value, (str, Path)):
+        if Path(value).is_dir():
+            from .sae_formats import load_sae_dictionary   # imports Dictionary from here
+            return load_sae_dictionary(value)
         return Dictionary.load(value)
     return Dictionary(value)

@@ -116,8 +116,9 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
         used = codes.abs().sum(0) > 0
         atoms = torch.where(used[:, None], atoms_new, atoms)
         if resample and not bool(used.all()):
-            worst = (residual ** 2).sum(1).topk(int((~used).sum())).indices
-            atoms[~used] = x[worst] + 1e-3 * torch.randn(len(worst), d, generator=gen, dtype=x.dtype).to(x.device)
+            unused = (~used).nonzero().flatten()[:n]            # at most one atom per signal
+            worst = (residual ** 2).sum(1).topk(len(unused)).indices
+            atoms[unused] = x[worst] + 1e-3 * torch.randn(len(worst), d, generator=gen, dtype=x.dtype).to(x.device)
         atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if callback is not None:
             callback(f"sparse-coding ({inference})", it + 1, n_iter, losses[-1])

@@ -1,0 +1,265 @@
+"""Sparse autoencoders trained by other tools, in and out.
+
+Read (the folder's files tell the format):
+- SAELens: ``cfg.json`` + ``sae_weights.safetensors`` with ``W_enc (d, n)``, ``b_enc``, ``W_dec (n, d)``,
+  ``b_dec`` (+ ``threshold`` for JumpReLU); architectures standard (ReLU), topk, jumprelu;
+  ``apply_b_dec_to_input`` decides whether ``b_dec`` is subtracted before encoding.
+- EleutherAI sparsify: ``cfg.json`` + ``sae.safetensors`` with ``encoder.weight (n, d)``,
+  ``encoder.bias``, ``W_dec (n, d)``, ``b_dec``; ReLU then TopK on ``x - b_dec``.
+- dictionary_learning: ``config.json`` + ``ae.safetensors`` or ``ae.pt`` (a pickle: read only when
+  allowed, and then with ``torch.load(weights_only=True)``); ``AutoEncoder`` (ReLU on ``x - bias``)
+  and ``AutoEncoderTopK`` (ReLU, TopK on ``x - b_dec``), decoder ``decoder.weight (d, n)``.
+
+Every format maps to one `ImportedSAE`: encoder rows, biases, decoder atoms as rows (norms kept as
+they are: a non-unit decoder is valid and every encoder accounts for it), activation.
+Write: `save_saelens` exports a dictionary and a ReLU/TopK encoder in SAELens's layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import _io
+from .dictionary import Dictionary
+
+log = logging.getLogger(__name__)
+
+FORMATS = {
+    "saelens": ("cfg.json", "sae_weights.safetensors"),
+    "sparsify": ("cfg.json", "sae.safetensors"),
+    "dictionary_learning": ("config.json", "ae.safetensors or ae.pt"),
+}
+
+
+@dataclass
+class ImportedSAE:
+    """An SAE in sparsecode's orientation: codes = act(W_enc_rows (x - b_dec if centred) + b_enc),
+    reconstruction = codes @ atoms + b_dec."""
+
+    format: str
+    architecture: str                 # "relu", "topk" or "jumprelu"
+    encoder_rows: torch.Tensor        # (n_atoms, d)
+    b_enc: torch.Tensor               # (n_atoms,)
+    atoms: torch.Tensor               # (n_atoms, d)
+    b_dec: torch.Tensor               # (d,)
+    center: bool                      # subtract b_dec from the input before encoding
+    k: int | None = None
+    threshold: torch.Tensor | None = None
+    path: str = ""
+
+    def dictionary(self, allow_pickle: bool = False) -> Dictionary:
+        norms = self.atoms.norm(dim=1)
+        return Dictionary(self.atoms, self.b_dec, metadata={
+            "sae_path": self.path, "sae_format": self.format, "sae_architecture": self.architecture,
+            "sae_allow_pickle": allow_pickle, "decoder_norm_min": float(norms.min()),
+            "decoder_norm_max": float(norms.max())})
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The SAE's own encoder on raw inputs x (n, d)."""
+        w = self.encoder_rows.to(x)
+        inp = x - self.b_dec.to(x) if self.center else x
+        pre = inp @ w.T + self.b_enc.to(x)
+        if self.architecture == "relu":
+            return torch.relu(pre)
+        if self.architecture == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold.to(x))
+        values, idx = pre.topk(self.k, dim=1)
+        return torch.zeros_like(pre).scatter_(1, idx, torch.relu(values))
+
+
+def detect_format(folder) -> str:
+    """Name the format of an SAE folder, or say which files were expected."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SAE folder not found: {folder}")
+    files = {p.name for p in folder.iterdir()}
+    if "cfg.json" in files and "sae_weights.safetensors" in files:
+        return "saelens"
+    if "cfg.json" in files and "sae.safetensors" in files:
+        return "sparsify"
+    if "config.json" in files and ("ae.safetensors" in files or "ae.pt" in files):
+        return "dictionary_learning"
+    expected = "; ".join(f"{name}: {' + '.join(parts)}" for name, parts in FORMATS.items())
+    raise ValueError(f"{folder} is not an SAE folder of a known format (found: {', '.join(sorted(files)) or 'nothing'}). "
+                     f"Expected {expected}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def _shape(name: str, tensor: torch.Tensor, shape: tuple, path: Path) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)} but the config says {shape}")
+    return tensor
+
+
+def _need(tensors: dict, names: tuple, path: Path) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(tensors))})")
+
+
+_CACHE: dict = {}
+
+
+def load_sae(folder, allow_pickle: bool = False) -> ImportedSAE:
+    """Read an SAE folder of any supported format (see the module docstring)."""
+    folder = Path(folder).resolve()
+    fmt = detect_format(folder)
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()))
+    key = (str(folder), stamp)
+    if key not in _CACHE:
+        _CACHE[key] = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning}[fmt](
+            folder, allow_pickle)
+    return _CACHE[key]
+
+
+def load_sae_dictionary(folder, allow_pickle: bool = False) -> Dictionary:
+    """The decoder of an SAE folder as a Dictionary (atoms = decoder rows, bias = decoder bias)."""
+    return load_sae(folder, allow_pickle).dictionary(allow_pickle)
+
+
+def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
+    cfg = _read_json(folder / "cfg.json")
+    tensors = _io.read_tensors(folder / "sae_weights.safetensors", "SAELens weights")
+    _need(tensors, ("W_enc", "W_dec", "b_dec"), folder / "sae_weights.safetensors")
+    arch = cfg.get("architecture", "standard")
+    act = cfg.get("activation_fn_str", "relu")
+    if arch == "standard" and act == "topk":
+        arch = "topk"                      # older SAELens configs name TopK through the activation
+    if arch not in ("standard", "topk", "jumprelu"):
+        raise ValueError(f"{folder}: SAELens architecture {arch!r} is not supported "
+                         "(supported: standard, topk, jumprelu)")
+    if arch == "standard" and act != "relu":
+        raise ValueError(f"{folder}: SAELens activation {act!r} is not supported (relu or topk)")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", None):
+        raise ValueError(f"{folder}: normalize_activations={norm!r} rescales each input, so the codes do not decode "
+                         "linearly with W_dec; fold the scaling into the weights (SAELens: "
+                         "fold_activation_norm_scaling_factor) and save again")
+    d, n = int(cfg["d_in"]), int(cfg["d_sae"])
+    path = folder / "sae_weights.safetensors"
+    k = None
+    if arch == "topk":
+        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+        if k is None:
+            raise ValueError(f"{folder}: a topk SAE config needs k (or activation_fn_kwargs.k)")
+    threshold = None
+    if arch == "jumprelu":
+        if "threshold" in tensors:
+            threshold = _shape("threshold", tensors["threshold"], (n,), path)
+        elif "log_threshold" in tensors:
+            threshold = torch.exp(_shape("log_threshold", tensors["log_threshold"], (n,), path))
+        else:
+            raise ValueError(f"{path}: a jumprelu SAE needs 'threshold' (or 'log_threshold')")
+    b_enc = tensors.get("b_enc", torch.zeros(n, dtype=tensors["W_enc"].dtype))
+    return ImportedSAE("saelens", {"standard": "relu"}.get(arch, arch),
+                       _shape("W_enc", tensors["W_enc"], (d, n), path).T.contiguous(),
+                       _shape("b_enc", b_enc, (n,), path), _shape("W_dec", tensors["W_dec"], (n, d), path),
+                       _shape("b_dec", tensors["b_dec"], (d,), path), bool(cfg.get("apply_b_dec_to_input", True)),
+                       None if k is None else int(k), threshold, str(folder))
+
+
+def _sparsify(folder: Path, allow_pickle: bool) -> ImportedSAE:
+    cfg = _read_json(folder / "cfg.json")
+    path = folder / "sae.safetensors"
+    tensors = _io.read_tensors(path, "sparsify weights")
+    _need(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path)
+    if cfg.get("skip_connection") or "W_skip" in tensors:
+        raise ValueError(f"{folder}: sparsify skip connections (W_skip) are not supported: the output is not "
+                         "codes @ W_dec + b_dec")
+    activation = cfg.get("activation", "topk")
+    if activation != "topk":
+        raise ValueError(f"{folder}: sparsify activation {activation!r} is not supported (topk)")
+    d = int(cfg["d_in"])
+    n = tensors["encoder.weight"].shape[0]
+    if cfg.get("num_latents") and int(cfg["num_latents"]) != n:
+        raise ValueError(f"{path}: encoder.weight has {n} latents but cfg.json says num_latents={cfg['num_latents']}")
+    return ImportedSAE("sparsify", "topk", _shape("encoder.weight", tensors["encoder.weight"], (n, d), path),
+                       _shape("encoder.bias", tensors["encoder.bias"], (n,), path),
+                       _shape("W_dec", tensors["W_dec"], (n, d), path), _shape("b_dec", tensors["b_dec"], (d,), path),
+                       not cfg.get("transcode", False), int(cfg["k"]), None, str(folder))
+
+
+def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
+    cfg = _read_json(folder / "config.json")
+    trainer = cfg.get("trainer", cfg)
+    cls = trainer.get("dict_class", "AutoEncoder")
+    if (folder / "ae.safetensors").is_file():
+        path = folder / "ae.safetensors"
+        tensors = _io.read_tensors(path, "dictionary_learning weights")
+    else:
+        path = folder / "ae.pt"
+        if not allow_pickle:
+            raise ValueError(f"{path} is a pickle file; loading one can run code. Convert it to ae.safetensors, or "
+                             "allow it explicitly (allow_pickle=True, --allow-pickle): it is then read with "
+                             "torch.load(weights_only=True)")
+        log.warning("reading %s with torch.load(weights_only=True)", path)
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, dict):
+            raise ValueError(f"{path} does not hold a state dict")
+    d, n = int(trainer["activation_dim"]), int(trainer["dict_size"])
+    _need(tensors, ("encoder.weight", "encoder.bias", "decoder.weight"), path)
+    w_enc = _shape("encoder.weight", tensors["encoder.weight"], (n, d), path)
+    b_enc = _shape("encoder.bias", tensors["encoder.bias"], (n,), path)
+    atoms = _shape("decoder.weight", tensors["decoder.weight"], (d, n), path).T.contiguous()
+    if cls == "AutoEncoder":
+        _need(tensors, ("bias",), path)
+        return ImportedSAE("dictionary_learning", "relu", w_enc, b_enc, atoms,
+                           _shape("bias", tensors["bias"], (d,), path), True, None, None, str(folder))
+    if cls == "AutoEncoderTopK":
+        _need(tensors, ("b_dec",), path)
+        k = int(tensors["k"]) if "k" in tensors else trainer.get("k")
+        if k is None:
+            raise ValueError(f"{folder}: AutoEncoderTopK needs k (buffer 'k' or trainer.k)")
+        return ImportedSAE("dictionary_learning", "topk", w_enc, b_enc, atoms,
+                           _shape("b_dec", tensors["b_dec"], (d,), path), True, int(k), None, str(folder))
+    raise ValueError(f"{folder}: dictionary_learning class {cls!r} is not supported (AutoEncoder, AutoEncoderTopK)")
+
+
+def save_saelens(folder, dictionary: Dictionary, encoder_rows: torch.Tensor, b_enc: torch.Tensor | None,
+                 architecture: str, k: int | None = None, center: bool = False, threshold=None,
+                 metadata: dict | None = None) -> Path:
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's layout."""
+    if architecture not in ("relu", "topk", "jumprelu"):
+        raise ValueError(f"cannot export architecture {architecture!r} to SAELens (relu, topk, jumprelu)")
+    folder = Path(folder)
+    n, d = dictionary.n_atoms, dictionary.d
+    dtype = dictionary.atoms.dtype
+    tensors = {"W_enc": encoder_rows.detach().to(dtype).T.contiguous(),
+               "b_enc": (torch.zeros(n, dtype=dtype) if b_enc is None else b_enc.detach().to(dtype)),
+               "W_dec": dictionary.atoms.detach(),
+               "b_dec": (torch.zeros(d, dtype=dtype) if dictionary.bias is None else dictionary.bias.detach())}
+    if architecture == "jumprelu":
+        tensors["threshold"] = threshold.detach().to(dtype)
+    cfg = {"architecture": {"relu": "standard"}.get(architecture, architecture), "d_in": d, "d_sae": n,
+           "dtype": str(dtype).removeprefix("torch."), "device": "cpu", "apply_b_dec_to_input": center,
+           "normalize_activations": "none", "activation_fn_str": "topk" if architecture == "topk" else "relu",
+           "metadata": metadata or {}}
+    if k is not None:
+        cfg["k"] = int(k)
+        cfg["activation_fn_kwargs"] = {"k": int(k)}
+    _io.write_tensors(folder / "sae_weights.safetensors", tensors)
+    _io.write_json(folder / "cfg.json", cfg)
+    return folder
+
+
+def export_saelens(encoder, folder) -> Path:
+    """Export a fitted encoder that is an SAE encoder (relu, topk, sae-file) with its dictionary."""
+    weights = getattr(encoder, "sae_weights", None)
+    if weights is None:
+        raise ValueError(f"encoder {encoder.name!r} is not an SAE encoder; SAELens can hold relu, topk and "
+                         "jumprelu encoders (sparsecode: relu, topk, sae-file)")
+    if encoder.dictionary is None:
+        raise ValueError(f"encoder {encoder.name!r} is not fitted: nothing to export")
+    w = weights()
+    return save_saelens(folder, encoder.dictionary, w["encoder_rows"], w["b_enc"], w["architecture"], w["k"],
+                        w["center"], w["threshold"], metadata={"exported_by": "sparsecode", "encoder": encoder.name})

@@ -28,7 +28,8 @@ app.add_typer(bench_app, name="bench")
 # Tables are wide: when the output is not a terminal (a file, CI), do not wrap them at 80 columns.
 console = Console(width=None if Console().is_terminal else 200)
 #: Columns shown on screen (the saved file has every column) and their headers.
-SHOWN = {"encoder": "encoder", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
+SHOWN = {"encoder": "encoder", "cells": "cells", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
+         "exact_support": "exact", "nmse_db": "NMSE dB",
          "code_mcc": "MCC", "dictionary_mcc": "dict. MCC", "objective_gap": "obj. gap", "dead": "dead", "signals_per_s": "signals/s",
          "flops_per_signal": "FLOPs/signal", "ratio": "ratio", "reference": "reference", "fit_s": "fit s"}
 
@@ -323,6 +324,77 @@ def bench_speed(
     if out is not None:
         Comparison(rows, {"bench": "speed"}).save(out)
         console.print(f"saved {out}")
+
+
+def _grid(items: list[str]) -> dict:
+    """`--grid n_atoms=16,32` -> {"n_atoms": [16, 32]}."""
+    grid = {}
+    for item in items:
+        axis, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--grid takes AXIS=V1,V2,..., got {item!r}")
+        grid[axis] = [_literal(v) for v in values.split(",")]
+    return grid
+
+
+@bench_app.command("recovery")
+def bench_recovery(
+    preset: str = typer.Option("paper-c", help="paper-c, compressed-sensing or sae-realistic."),
+    out: Path = typer.Option(Path("recovery.jsonl"), help="Results, one JSON line per cell; an existing file is "
+                                                           "resumed (finished cells are skipped)."),
+    encoders: Optional[str] = typer.Option(None, help="Comma-separated encoders instead of the preset's."),
+    grid: list[str] = typer.Option([], help="Replace a grid axis: AXIS=V1,V2 (axes: n_atoms, d, k, snr_db, "
+                                            "coherence, power_law). Repeatable."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds per grid point instead of the preset's."),
+    n_samples: Optional[int] = typer.Option(None, help="Test signals per cell instead of the preset's."),
+    match: str = typer.Option("l0", help="'l0': every encoder at the planted k (k set, lam calibrated); 'none'."),
+    budget: Optional[int] = typer.Option(None, help="Iterations per signal for iterative encoders (matched compute)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
+    """Sweep planted problems over a grid and record how each encoder recovers the codes."""
+    from .recovery import cells as preset_cells, preset as get_preset, recovery
+    _setup_logging(verbose)
+    try:
+        names = None if encoders is None else [n.strip() for n in encoders.split(",") if n.strip()]
+        axes = _grid(grid)
+        get_preset(preset)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(f"{preset} cells", total=None)
+
+            def on_cell(done: int, total: int, record: dict) -> None:
+                progress.update(task, completed=done, total=total,
+                                description=f"{preset} cells ({', '.join(f'{k}={v}' for k, v in record['cell'].items())})")
+
+            records = recovery(preset, out=out, encoders=names, grid=axes, seeds=seeds, n_samples=n_samples,
+                               match=match, budget=budget, device=device, callback=on_cell)
+    except (ValueError, TypeError, ImportError) as err:
+        _fail(str(err))
+    from .report import _rows, ranking
+    rows = ranking(_rows(records))
+    print_table(rows, ["encoder", "cells", "code_mcc", "f1", "exact_support", "fvu", "l0", "flops_per_signal"],
+                title=f"{preset}: {len(records)} cells, means")
+    skipped = [(r["encoder"], r["skipped"]) for rec in records for r in rec.get("rows", []) if "skipped" in r]
+    for name, why in dict(skipped).items():
+        console.print(f"[yellow]skipped[/] {name} in some cells: {why}")
+    console.print(f"results in {out}; figures: sparsecode report {out}")
+
+
+@app.command("report")
+def report_cmd(
+    results: Path = typer.Argument(..., help="A results file from `sparsecode bench recovery`."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the figures and report.md [default: RESULTS stem + "
+                                                  "'-report']."),
+) -> None:
+    """Render phase-transition maps, MCC-vs-N curves, Pareto fronts and a ranking table."""
+    from .report import report
+    folder = out or results.with_name(results.stem + "-report")
+    try:
+        summary = report(results, folder)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"wrote {summary} and {len(list(folder.glob('*.png')))} figures in {folder}")
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from .synthetic import SparseData
 log = logging.getLogger(__name__)
 
 #: Column order of a comparison table (a row omits what is undefined for it).
-COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "code_mcc", "dictionary_mcc",
+COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "exact_support", "code_mcc",
+           "nmse_db", "dictionary_mcc",
            "objective", "objective_gap", "dead", "dense", "encode_s", "signals_per_s",
            "flops_per_signal", "fit_s")
 
@@ -348,7 +349,9 @@ def _measure(enc: Encoder, d: _Data, lam, gap_reference, references, repeats, fi
     row.update(fvu=metrics.fvu(d.x, x_hat), mse=metrics.mse(d.x, x_hat), l0=metrics.mean_l0(codes))
     if d.codes is not None:
         row.update(metrics.support_scores(d.codes, codes))
+        row["exact_support"] = metrics.exact_support_rate(d.codes, codes)
         row["code_mcc"] = metrics.code_mcc(d.codes, codes)
+        row["nmse_db"] = metrics.nmse_db(d.codes, codes)        # of the codes (compressed-sensing convention)
     objective = metrics.lasso_objective(d.x, codes, d.dictionary.atoms, row_lam, d.dictionary.bias)
     row["objective"] = float(objective.mean())
     if gap_reference is not None:

@@ -39,7 +39,8 @@ def fvu(x, x_hat) -> float:
 
 
 def nmse_db(x, x_hat) -> float:
-    """Normalised MSE in decibels, 10 log10(||x - x_hat||^2 / ||x||^2) (compressed-sensing convention)."""
+    """Normalised MSE in decibels, 10 log10(||x - x_hat||^2 / ||x||^2) over the set (compressed
+    sensing applies it to the recovered codes)."""
     x, x_hat = _t(x, "x"), _t(x_hat, "x_hat")
     _same_shape(x, x_hat, "nmse_db")
     return float(10 * torch.log10(((x - x_hat) ** 2).sum() / (x ** 2).sum()))
@@ -61,6 +62,14 @@ def support_scores(true_codes, codes) -> dict[str, float]:
     recall = hits / n_true if n_true else 1.0
     f1 = 2 * hits / (n_pred + n_true) if n_pred + n_true else 1.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def exact_support_rate(true_codes, codes) -> float:
+    """Fraction of signals whose set of non-zeros equals the true one (the success criterion of
+    phase-transition studies)."""
+    t, c = _t(true_codes, "true_codes") != 0, _t(codes, "codes") != 0
+    _same_shape(t, c, "exact_support_rate")
+    return float((t == c).all(dim=1).double().mean())
 
 
 def _abs_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -128,5 +137,5 @@ def dense_fraction(codes, threshold: float = 0.5) -> float:
     return float((firing_rates(codes) > threshold).double().mean())
 
 
-__all__ = ["mse", "fvu", "nmse_db", "mean_l0", "support_scores", "code_mcc", "dictionary_mcc",
+__all__ = ["mse", "fvu", "nmse_db", "mean_l0", "support_scores", "exact_support_rate", "code_mcc", "dictionary_mcc",
            "lasso_objective", "relative_gap", "firing_rates", "dead_fraction", "dense_fraction"]

@@ -31,17 +31,28 @@ class SparseData:
         return part(slice(None, n_first)), part(slice(n_first, None))
 
 
-def random_dictionary(n_atoms: int, d: int, *, seed: int = 0, dtype=torch.float32) -> Dictionary:
-    """Atoms drawn from a standard normal and scaled to unit norm."""
+def random_dictionary(n_atoms: int, d: int, *, seed: int = 0, coherence: float = 0.0,
+                      dtype=torch.float32) -> Dictionary:
+    """Atoms drawn from a standard normal and scaled to unit norm.
+
+    ``coherence = rho > 0`` mixes a direction shared by all atoms into each one,
+    ``sqrt(1 - rho) g_i + sqrt(rho) c``, so atoms correlate with each other by about rho.
+    """
+    if not 0 <= coherence < 1:
+        raise ValueError(f"coherence must be in [0, 1), got {coherence}")
     gen = torch.Generator().manual_seed(seed)
     atoms = torch.randn(n_atoms, d, generator=gen, dtype=torch.float64)
+    if coherence:
+        shared = torch.randn(d, generator=gen, dtype=torch.float64)
+        atoms = (1 - coherence) ** 0.5 * atoms / d ** 0.5 + coherence ** 0.5 * shared / shared.norm()
     return Dictionary((atoms / atoms.norm(dim=1, keepdim=True)).to(dtype))
 
 
 def make_sparse_data(n_samples: int = 1024, d: int = 8, n_atoms: int = 16, k: int = 3, *,
                      noise: float = 0.0, snr_db: float | None = None, firing: str = "uniform",
-                     power_law: float = 1.0, positive: bool = True, dictionary: Dictionary | None = None,
-                     seed: int = 0, dtype: torch.dtype = torch.float32) -> SparseData:
+                     power_law: float = 1.0, positive: bool = True, coherence: float = 0.0,
+                     dictionary: Dictionary | None = None, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> SparseData:
     """Draw a planted sparse-coding problem (defaults: paper c's N=16 atoms in M=8 dimensions, K=3).
 
     Each code has exactly `k` non-zeros. With ``firing="uniform"`` their positions are uniform
@@ -49,7 +60,8 @@ def make_sparse_data(n_samples: int = 1024, d: int = 8, n_atoms: int = 16, k: in
     ``(i + 1) ** -power_law`` (atom 0 the most frequent), as SAE features fire. Values are
     ``|N(0, 1)|`` (``positive=True``, paper c) or ``N(0, 1)``. Signals are ``codes @ atoms``, plus
     Gaussian noise of standard deviation `noise`, or of the level that gives `snr_db` (signal
-    power over noise power, in dB, over the whole set).
+    power over noise power, in dB, over the whole set). `coherence` correlates the atoms (see
+    `random_dictionary`).
 
     Returns
     -------
@@ -66,7 +78,7 @@ def make_sparse_data(n_samples: int = 1024, d: int = 8, n_atoms: int = 16, k: in
     if firing not in ("uniform", "power-law"):
         raise ValueError(f"firing must be 'uniform' or 'power-law', got {firing!r}")
     if dictionary is None:
-        dictionary = random_dictionary(n_atoms, d, seed=seed, dtype=dtype)
+        dictionary = random_dictionary(n_atoms, d, seed=seed, coherence=coherence, dtype=dtype)
     elif (dictionary.n_atoms, dictionary.d) != (n_atoms, d):
         raise ValueError(f"dictionary is ({dictionary.n_atoms}, {dictionary.d}) but n_atoms={n_atoms}, d={d}")
     gen = torch.Generator().manual_seed(seed + 1)

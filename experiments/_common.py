@@ -13,6 +13,24 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def seeds_experiment(name: str, doc: str, run, keys: tuple[str, ...], labels: dict[str, str], protocol: dict,
+                     figure_keys: tuple[str, ...], title: str) -> None:
+    """Command line, run over seeds, mean ± std table, JSON, figure: what every paper-c script does."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5000, help="training steps of the trained methods")
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    rows = run(args.steps, args.seeds)
+    summary = summarise(rows, keys)
+    table = markdown_table(summary, keys, labels)
+    path = save(name, {"protocol": {**protocol, "steps": args.steps, "seeds": args.seeds}, "rows": rows,
+                       "summary": summary}, table)
+    bar_figure(summary, figure_keys, labels, f"{title}, mean ± std over {args.seeds} seeds", name)
+    print(table)
+    print(f"saved {path}")
+
+
 def summarise(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """Mean and std over seeds of each encoder's metrics, in first-seen encoder order."""
     order = list(dict.fromkeys(r["encoder"] for r in rows))

@@ -10,10 +10,8 @@ and paper a's binary TopK encoder, in the same table.
 """
 from __future__ import annotations
 
-import argparse
-
 import sparsecode as sc
-from _common import bar_figure, markdown_table, save, summarise
+from _common import seeds_experiment
 
 N, M, K, LAM = 16, 8, 3, 0.01
 # The paper's per-signal loss mean_d(r^2) + LAM mean_atoms|z| equals (2/M) times the lasso
@@ -42,19 +40,8 @@ def run(steps: int, seeds: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5000, help="training steps of every trained encoder")
-    parser.add_argument("--seeds", type=int, default=5)
-    args = parser.parse_args()
-    rows = run(args.steps, args.seeds)
-    summary = summarise(rows, KEYS)
-    table = markdown_table(summary, KEYS, LABELS)
-    path = save("known_d", {"protocol": {"N": N, "M": M, "K": K, "lam": LAM, "steps": args.steps,
-                                         "seeds": args.seeds}, "rows": rows, "summary": summary}, table)
-    bar_figure(summary, ("code_mcc", "fvu"), LABELS, f"Known D (N={N}, M={M}, K={K}), mean ± std over "
-                                                    f"{args.seeds} seeds", "known_d")
-    print(table)
-    print(f"saved {path}")
+    seeds_experiment("known_d", __doc__, run, KEYS, LABELS, {"N": N, "M": M, "K": K, "lam": LAM}, ("code_mcc", "fvu"),
+                     f"Known D (N={N}, M={M}, K={K})")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ the references scikit-learn MiniBatchDictionaryLearning and SPAMS trainDL.
 """
 from __future__ import annotations
 
-import argparse
-
 import sparsecode as sc
-from _common import bar_figure, markdown_table, save, summarise
+from _common import seeds_experiment
 
 N, M, K, LAM = 16, 8, 3, 0.01
 LASSO_LAM = LAM * M / (2 * N)
@@ -49,19 +47,8 @@ def run(steps: int, seeds: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5000, help="training steps of the trained methods")
-    parser.add_argument("--seeds", type=int, default=5)
-    args = parser.parse_args()
-    rows = run(args.steps, args.seeds)
-    summary = summarise(rows, KEYS)
-    table = markdown_table(summary, KEYS, LABELS)
-    path = save("unknown_d", {"protocol": {"N": N, "M": M, "K": K, "steps": args.steps, "seeds": args.seeds},
-                              "rows": rows, "summary": summary}, table)
-    bar_figure(summary, ("dictionary_mcc", "code_mcc"), LABELS,
-               f"Unknown D and Z (N={N}, M={M}, K={K}), mean ± std over {args.seeds} seeds", "unknown_d")
-    print(table)
-    print(f"saved {path}")
+    seeds_experiment("unknown_d", __doc__, run, KEYS, LABELS, {"N": N, "M": M, "K": K, "lam": LAM}, ("dictionary_mcc", "code_mcc"),
+                     f"Unknown D and Z (N={N}, M={M}, K={K})")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,17 @@ def _parse_option(name: str, item: str, fld: str, value: str):
     return coerce_field(config, fld, value)
 
 
+def _method_options(name: str, sets: list[str]) -> dict:
+    """`--set FIELD=VALUE` options of a single method or encoder, typed by its config."""
+    options = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+        options[key] = _parse_option(name, item, key, value)
+    return options
+
+
 def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
     """`--set fista.lam=0.05` -> {"fista": {"lam": 0.05}}, typed by the encoder's config."""
     params: dict[str, dict] = {}
@@ -260,8 +271,7 @@ def train_cmd(
         if method not in learning_methods():
             raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
                              f"Methods: {', '.join(learning_methods())}")
-        params = {key: _parse_option(method, item, key, value)
-                  for item in set_ for key, _, value in [item.partition("=")]}
+        params = _method_options(method, set_)
         truth = None
         if data is not None and str(data).startswith("activations:"):
             from .activations import ActivationStore
@@ -382,9 +392,7 @@ def evaluate_cmd(
         if encoder.endswith(".safetensors"):
             enc = load_encoder(encoder)
         else:
-            params = {key: _parse_option(encoder, item, key, value) for item in set_
-                      for key, _, value in [item.partition("=")]}
-            enc = get_encoder(encoder, **params)
+            enc = get_encoder(encoder, **_method_options(encoder, set_))
             if enc.trainable:
                 if store is None:
                     raise ValueError(f"encoder {encoder!r} is trained: give --store to train it on")

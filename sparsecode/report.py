@@ -87,8 +87,12 @@ def phase_transition(rows, palette, out: Path) -> Path | None:
     if len({(r.get("n_atoms"), r.get("d"), r.get("k")) for r in rows}) < 2:
         return None
     names = sorted({r["encoder"] for r in rows if r.get("exact_support") is not None})
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    ncols = min(3, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False, sharex=True, sharey=True)
+    for ax in axes.ravel()[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.ravel(), names):
         points = defaultdict(list)
         for r in rows:
             if r["encoder"] == name and r.get("exact_support") is not None:
@@ -100,7 +104,7 @@ def phase_transition(rows, palette, out: Path) -> Path | None:
         ax.set_ylabel("sparsity ρ = K / M")
         ax.set_title(name, color=palette[name])
         ax.set_xscale("log", base=2)
-    fig.colorbar(sc, ax=axes[0].tolist(), label="exact support recovery rate")
+    fig.colorbar(sc, ax=axes.ravel().tolist(), label="exact support recovery rate")
     fig.suptitle("Phase transition: fraction of signals whose support is recovered exactly")
     path = out / "phase_transition.png"
     out.mkdir(parents=True, exist_ok=True)

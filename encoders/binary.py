@@ -6,8 +6,11 @@
   and covariance penalties, optional more-bit decoding.
 
 Against a shared dictionary the codes are ``a_i * s_i`` with a learned scale ``s_i > 0`` per atom,
-so they still decode with the dictionary; when learning their own dictionary (joint mode) the
-scale stays 1, as in the papers.
+so they still decode with the dictionary. When learning their own dictionary the scale is learned
+too by default (`decode_scale`): with unit-norm decoder rows and pure 0/1 codes (paper a's
+setting, ``decode_scale=false``) each firing latent adds a whole unit vector, which cannot match
+activations normalised to unit mean squared norm. Paper b's decoder is unconstrained, which the
+scale reproduces.
 """
 from __future__ import annotations
 
@@ -62,7 +65,10 @@ class BinaryTopKConfig(TrainConfig):
     optimizer: str = "signum"
     """'signum' (paper a: Adam collapses binary coders) or 'adam'."""
     lr: float = 0.0
-    """Learning rate; 0 picks paper a's 3e-3 / sqrt(n_atoms / 2^15), at most 0.01 (small dictionaries)."""
+    """Learning rate; 0 picks paper a's 3e-3 / sqrt(n_atoms / 2^15), at most 3e-3 (above it, dictionaries
+    smaller than 2^15 atoms trained on modest data collapsed to no firing latent)."""
+    decode_scale: bool = True
+    """Learn one decode scale per atom also when learning a dictionary (false: pure 0/1 codes on unit-norm atoms)."""
 
     def validate(self) -> None:
         super().validate()
@@ -89,7 +95,7 @@ class BinaryEntropyConfig(TrainConfig):
 
 class _BinaryNet(nn.Module):
     def __init__(self, d_in: int, n_hidden: int, n_atoms: int, atoms: torch.Tensor | None, x: torch.Tensor,
-                 learn_scale: bool, log_theta: float | None = None):
+                 learn_scale: bool, active: int, log_theta: float | None = None):
         super().__init__()
         if atoms is not None and atoms.shape[1] == d_in and n_hidden == atoms.shape[0]:
             w = atoms.detach().clone()
@@ -99,7 +105,9 @@ class _BinaryNet(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_hidden, dtype=x.dtype))
         self.center = nn.Parameter(x.detach().mean(0).clone() if x.shape[0] > 1 else torch.zeros(d_in, dtype=x.dtype))
         self.log_theta = None if log_theta is None else nn.Parameter(torch.full((n_hidden,), log_theta, dtype=x.dtype))
-        self.log_scale = nn.Parameter(torch.zeros(n_atoms, dtype=x.dtype), requires_grad=learn_scale)
+        # Start with `active` firing atoms summing to about a typical signal's norm.
+        start = math.log(max(float(x.detach().norm(dim=1).mean()), 1e-12) / math.sqrt(active)) if learn_scale else 0.0
+        self.log_scale = nn.Parameter(torch.full((n_atoms,), start, dtype=x.dtype), requires_grad=learn_scale)
 
     def pre(self, x):
         v = (x - self.center) @ self.weight.T + self.bias
@@ -118,11 +126,11 @@ class BinaryTopK(TrainableEncoder):
     Config = BinaryTopKConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
-        return _BinaryNet(d_in, n_atoms, n_atoms, atoms, x, learn_scale=not self._joint,
-                          log_theta=math.log(self.config.theta_init))
+        return _BinaryNet(d_in, n_atoms, n_atoms, atoms, x, learn_scale=self.config.decode_scale or not self._joint,
+                          active=self.config.k, log_theta=math.log(self.config.theta_init))
 
     def _learning_rate(self, n_atoms):
-        return self.config.lr or min(3e-3 / math.sqrt(n_atoms / 2 ** 15), 0.01)
+        return self.config.lr or min(3e-3 / math.sqrt(n_atoms / 2 ** 15), 3e-3)
 
     def binary_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The 0/1 activations (n, n_atoms) before the per-atom scale."""
@@ -150,7 +158,8 @@ class BinaryEntropy(TrainableEncoder):
     Config = BinaryEntropyConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
-        return _BinaryNet(d_in, n_atoms * self.config.bits, n_atoms, atoms, x, learn_scale=not self._joint)
+        return _BinaryNet(d_in, n_atoms * self.config.bits, n_atoms, atoms, x, learn_scale=True,
+                          active=max(1, n_atoms // 2))
 
     def bits_of(self, x: torch.Tensor) -> torch.Tensor:
         """The hidden binary units (n, n_atoms * bits)."""

@@ -57,12 +57,12 @@ class SpamsConfig(EncoderConfig):
 
 @dataclass(frozen=True)
 class SpamsOMPConfig(OMPReferenceConfig, SpamsConfig):
-    pass
+    """OMP's k plus SPAMS's thread count."""
 
 
 @dataclass(frozen=True)
 class SpamsLassoConfig(LassoReferenceConfig, SpamsConfig):
-    pass
+    """The lasso's lam and positivity plus SPAMS's thread count."""
 
 
 @dataclass(frozen=True)

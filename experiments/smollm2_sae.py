@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "llm")
+    parser.add_argument("--reuse", action="store_true", help="load the SAEs a previous run saved instead of training")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -47,21 +48,31 @@ def main() -> None:
     stats = act.extract(loaded, corpus, docs[:-8], out / "store",
                         act.ExtractConfig(layer=args.layer, n_tokens=args.tokens, batch_size=8), measure_overhead=True)
     scale = act.compute_normalization(out / "store")
+    extraction = out / "extraction.json"
+    if stats.tokens:                       # a resumed, already complete store keeps the first run's figures
+        extraction.write_text(json.dumps({"tokens_per_s": stats.tokens_per_s, "bare_tokens_per_s":
+                                          stats.bare_tokens_per_s, "overhead": stats.overhead, "tokens": stats.tokens}))
+    extracted = json.loads(extraction.read_text()) if extraction.is_file() else {}
     store = act.ActivationStore(out / "store")
     n_test = min(4096, store.n_tokens // 5)
     x_train = torch.cat(list(store.batches(8192, shuffle=True, seed=0, normalize=True,
                                            max_tokens=store.n_tokens - n_test)))
     x_test = store.load(n_test, start=store.n_tokens - n_test, normalize=True).to(device)
-    print(f"extracted {stats.tokens} tokens at {stats.tokens_per_s:,.0f} tok/s "
-          f"(bare forward {stats.bare_tokens_per_s or 0:,.0f} tok/s); scale {scale:.4g}", flush=True)
+    print(f"extracted {extracted.get('tokens', 0)} tokens at {extracted.get('tokens_per_s', 0):,.0f} tok/s "
+          f"(bare forward {extracted.get('bare_tokens_per_s') or 0:,.0f} tok/s); scale {scale:.4g}", flush=True)
 
     train = {"steps": args.steps, "batch_size": 1024, "k": args.k}
-    topk = sc.learn_dictionary(x_train.to(device), "topk", args.n_atoms, lr=1e-3, **train)
-    binary = sc.learn_dictionary(x_train.to(device), "binary-topk", args.n_atoms, **train)
-    topk.dictionary.save(out / "topk-dictionary")
-    topk.encoder.save(out / "topk-encoder")
-    binary.encoder.save(out / "binary-encoder")
-    print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.reuse and (out / "topk-encoder.safetensors").is_file() and (out / "binary-encoder.safetensors").is_file():
+        topk, binary = (sc.LearnedDictionary(e.dictionary, e) for e in
+                        (sc.load_encoder(out / "topk-encoder.safetensors"), sc.load_encoder(out / "binary-encoder.safetensors")))
+        print("reusing the trained SAEs", flush=True)
+    else:
+        topk = sc.learn_dictionary(x_train.to(device), "topk", args.n_atoms, lr=1e-3, **train)
+        binary = sc.learn_dictionary(x_train.to(device), "binary-topk", args.n_atoms, **train)
+        topk.dictionary.save(out / "topk-dictionary")
+        topk.encoder.save(out / "topk-encoder")
+        binary.encoder.save(out / "binary-encoder")
+        print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
 
     shared = sc.compare([topk.encoder, "omp", "fista"], x_test, topk.dictionary, k=args.k,
                         encoder_params={"fista": {"lam": 0.05}}, gap_reference=None, device=device)
@@ -95,8 +106,7 @@ def main() -> None:
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({
         "model": loaded.name, "layer": args.layer, "tokens": store.n_tokens, "n_atoms": args.n_atoms, "k": args.k,
-        "steps": args.steps, "extraction": {"tokens_per_s": stats.tokens_per_s,
-                                            "bare_tokens_per_s": stats.bare_tokens_per_s, "overhead": stats.overhead},
+        "steps": args.steps, "extraction": extracted,
         "rows": rows}, indent=2, default=float))
     print(table)
     print(f"done in {time.perf_counter() - t0:.0f}s; results in {out}")

@@ -526,14 +526,23 @@ def _overhead(model, rows, manifest, cfg, per_seq, seconds, tokens):
 
 # --- evaluation on the model ------------------------------------------------------------------------
 @contextlib.contextmanager
-def splice(model, layer: int, site: str, replace: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
-    """Replace the hookpoint's output by ``replace(x, y)`` during forwards (x: resid or MLP input)."""
+def splice(model, layer: int, site: str, replace: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+           keep_first: bool = False):
+    """Replace the hookpoint's output by ``replace(x, y)`` during forwards (x: resid or MLP input).
+
+    With `keep_first` the first position of every sequence (BOS, which the store leaves out and
+    whose activations are atypical) keeps its own value.
+    """
     module = hook_modules(model, layer, site)
+    first = 1 if keep_first else 0
 
     def hook(mod, args, output):
         out = output[0] if isinstance(output, tuple) else output
-        x = args[0] if site == "mlp" else out
-        new = replace(x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])).reshape(out.shape).to(out.dtype)
+        x = (args[0] if site == "mlp" else out)[:, first:]
+        tail = out[:, first:]
+        new = out.clone()
+        new[:, first:] = replace(x.reshape(-1, x.shape[-1]), tail.reshape(-1, tail.shape[-1])).reshape(
+            tail.shape).to(out.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = module.register_forward_hook(hook)
@@ -564,7 +573,9 @@ def evaluate(loaded: LoadedModel, encoder, dictionary, docs: list[str], *, layer
              skip_bos: bool = True, seed: int = 1) -> dict:
     """Cross-entropy of the model with the reconstruction spliced in at the hookpoint.
 
-    Returns clean, spliced and zero-ablation CE (nats per token), the CE increase, the fraction of
+    With `skip_bos` the BOS position keeps its own activation (the store, and so the dictionary,
+    never saw it) and is not scored. Returns clean, spliced and zero-ablation CE (nats per token),
+    the CE increase, the fraction of
     CE recovered ``(L_zero - L_spliced) / (L_zero - L_clean)``, the FVU of the spliced
     reconstructions and the codes' firing rates. `scale` is the store's normalisation: signals are
     multiplied by it before encoding and reconstructions divided by it after decoding.
@@ -587,9 +598,9 @@ def evaluate(loaded: LoadedModel, encoder, dictionary, docs: list[str], *, layer
         return x_hat
 
     clean = _ce(model, rows, batch_size, skip_bos)
-    with splice(model, layer, site, reconstruct):
+    with splice(model, layer, site, reconstruct, keep_first=skip_bos):
         spliced = _ce(model, rows, batch_size, skip_bos)
-    with splice(model, layer, site, lambda x, y: torch.zeros_like(y if site == "mlp" else x)):
+    with splice(model, layer, site, lambda x, y: torch.zeros_like(y if site == "mlp" else x), keep_first=skip_bos):
         zero = _ce(model, rows, batch_size, skip_bos)
     fired = torch.cat(codes_seen).float()
     rates = fired.mean(0)

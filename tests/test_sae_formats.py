@@ -191,3 +191,25 @@ def test_cli_compare_on_an_sae_folder_and_export(tmp_path, weights):
     assert detect_format(tmp_path / "exported") == "saelens"
     result = runner.invoke(app, ["compare", "--encoders", "omp", "--dictionary", str(tmp_path)])
     assert result.exit_code == 2 and "not an SAE folder" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_sparsify_written_by_sparsify_itself(tmp_path):
+    """A folder written by EleutherAI's own package (`make test-all` installs eai-sparsify)."""
+    sparsify = pytest.importorskip("sparsify")
+    torch.manual_seed(0)
+    sae = sparsify.SparseCoder(D_IN, sparsify.SparseCoderConfig(num_latents=N, k=3))
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.1)
+        sae.b_dec.normal_()
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, N)[:, None])
+    sae.save_to_disk(tmp_path / "layers.0")
+    x = torch.randn(40, D_IN)
+    from sparsecode.sae_formats import load_sae_dictionary
+    dictionary = load_sae_dictionary(tmp_path / "layers.0")
+    codes = sc.get_encoder("sae-file").fit(dictionary).encode(x)
+    with torch.no_grad():
+        top_acts, top_idx, _ = sae.encode(x)
+        expected = torch.zeros(40, N).scatter_(1, top_idx, top_acts)
+        torch.testing.assert_close(codes, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dictionary.decode(codes), sae(x).sae_out, atol=1e-5, rtol=1e-5)

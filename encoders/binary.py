@@ -161,6 +161,23 @@ class BinaryEntropy(TrainableEncoder):
         return _BinaryNet(d_in, n_atoms * self.config.bits, n_atoms, atoms, x, learn_scale=True,
                           active=max(1, n_atoms // 2))
 
+    def _initial_atoms(self, n_atoms: int, x: torch.Tensor) -> torch.Tensor:
+        """Start the decoder at the least-squares decoder of the initial codes (norms into the scale).
+
+        Random unit atoms added by ~half the bits make the first reconstructions worse than the
+        mean, and training then switches every bit off for good; fitted atoms start better than it.
+        """
+        with torch.no_grad():
+            sample = x[: min(x.shape[0], 8192)]
+            h = self._group(self.bits_of(sample))
+            h = h - h.mean(0)
+            target = sample - sample.mean(0)
+            ridge = 1e-3 * h.pow(2).sum(0).mean().clamp_min(1e-12) * torch.eye(n_atoms, dtype=x.dtype, device=x.device)
+            atoms = torch.linalg.solve(h.T @ h + ridge, h.T @ target)
+            norms = atoms.norm(dim=1).clamp_min(1e-6)
+            self.net.log_scale.copy_(torch.log(norms))
+        return atoms / norms[:, None]
+
     def bits_of(self, x: torch.Tensor) -> torch.Tensor:
         """The hidden binary units (n, n_atoms * bits)."""
         return ClippedSTE.apply(self.net.pre(x))

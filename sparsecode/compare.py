@@ -72,7 +72,8 @@ class _Data:
     dictionary: Dictionary | None
 
 
-def _as_data(data, dictionary, device) -> _Data:
+def _signals(data, device) -> tuple[torch.Tensor, torch.Tensor | None, Dictionary | None]:
+    """Signals, true codes (or None) and true dictionary (or None) of any accepted data form."""
     if isinstance(data, SparseData):
         x, codes, true = data.x, data.codes, data.dictionary
     elif isinstance(data, dict):
@@ -86,6 +87,11 @@ def _as_data(data, dictionary, device) -> _Data:
         codes = as_tensor(codes, "codes", device=device, dtype=x.dtype)
         if codes.shape[0] != x.shape[0]:
             raise ValueError(f"codes has {codes.shape[0]} rows but x has {x.shape[0]}")
+    return x, codes, true
+
+
+def _as_data(data, dictionary, device) -> _Data:
+    x, codes, true = _signals(data, device)
     if dictionary is None or (isinstance(dictionary, str) and dictionary == "true"):
         if true is None:
             raise ValueError("dictionary='true' needs synthetic data (SparseData) that carries its dictionary; "
@@ -285,10 +291,10 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
     unknown = set(params) - set(methods)
     if unknown:
         raise ValueError(f"options given for methods not compared: {sorted(unknown)}")
-    d = _as_data(data, data.dictionary if isinstance(data, SparseData) else torch.eye(
-        as_tensor(data["x"] if isinstance(data, dict) else data, "x").shape[1]), device)
-    true_atoms = data.dictionary.atoms if isinstance(data, SparseData) else None
-    n_atoms = n_atoms or (data.dictionary.n_atoms if isinstance(data, SparseData) else None)
+    x, true_codes, true = _signals(data, device)
+    d = _Data(x, true_codes, true)
+    true_atoms = None if true is None else true.atoms
+    n_atoms = n_atoms or (None if true is None else true.n_atoms)
     if n_atoms is None:
         raise ValueError("joint comparison needs n_atoms when the data has no true dictionary")
     x_train = d.x if x_train is None else as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -344,10 +345,10 @@ def extract_cmd(
                       TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("extracting", total=n_tokens, rate="")
-            t0 = __import__("time").perf_counter()
+            t0 = time.perf_counter()
 
             def on_tokens(done: int, total: int) -> None:
-                elapsed = __import__("time").perf_counter() - t0
+                elapsed = time.perf_counter() - t0
                 progress.update(task, completed=min(done, total), rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
 
             stats = extract(loaded, corpus_name, docs, out, cfg, progress=on_tokens, measure_overhead=measure_overhead)

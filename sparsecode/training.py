@@ -165,6 +165,7 @@ class TrainableEncoder(Encoder):
         self.losses: list[float] = []
         self._n_atoms: int | None = None
         self._joint = False             # learning its own decoder (joint mode) rather than a shared one
+        self._track = False             # record firing and the last batch for dead-atom resampling
 
     # --- for subclasses ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -200,6 +201,7 @@ class TrainableEncoder(Encoder):
             torch.manual_seed(self.config.seed)
             self.net = self._build(x.shape[1], self.dictionary.n_atoms, x, atoms).to(x)
         self.d_in = x.shape[1]
+        self._track = False
         self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters())
         self.net.eval()
         return self
@@ -230,13 +232,15 @@ class TrainableEncoder(Encoder):
         fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
         step = [0]
         self.resampled = 0
+        self._track = bool(self.config.resample_every)
 
         def after_step():
             step[0] += 1
-            fired.logical_or_(self._last_fired)
-            if self.config.resample_every and step[0] % self.config.resample_every == 0:
-                self.resampled += self._resample(~fired, atoms, b_dec)
-                fired.zero_()
+            if self._track:
+                fired.logical_or_(self._last_fired)
+                if step[0] % self.config.resample_every == 0:
+                    self.resampled += self._resample(~fired, atoms, b_dec)
+                    fired.zero_()
             if not transcoder:
                 atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
@@ -286,8 +290,9 @@ class TrainableEncoder(Encoder):
             xb, yb = x[idx], y[idx]
             codes = self._codes(xb)
             y_hat = decode(codes)
-            self._last_fired = (codes != 0).any(0).detach()
-            self._last_batch = (xb, yb, y_hat.detach())
+            if self._track:                     # only dead-atom resampling needs these
+                self._last_fired = (codes != 0).any(0).detach()
+                self._last_batch = (xb, yb, y_hat.detach())
             return self._reconstruction_loss(yb, y_hat) + self._penalty(codes)
 
         self.net.train()

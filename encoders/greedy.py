@@ -104,12 +104,7 @@ class OMP(_Pursuit):
     """Orthogonal matching pursuit: greedy selection, least-squares refit of all selected atoms."""
 
     name = "omp"
-
-    def _check_dictionary(self, dictionary) -> None:
-        super()._check_dictionary(dictionary)
-        if self.config.k > dictionary.d:
-            raise ValueError(f"k={self.config.k} is larger than d={dictionary.d}: OMP cannot select more "
-                             "linearly independent atoms than the signal has dimensions")
+    k_within_d = True
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         atoms = self.dictionary.atoms_as(x.dtype, x.device)

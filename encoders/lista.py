@@ -109,8 +109,7 @@ class LISTA(TrainableEncoder):
     def _build(self, d_in, n_atoms, x, atoms):
         if atoms is None:
             raise ValueError("lista needs the dictionary it unrolls")
-        lipschitz = float(torch.linalg.matrix_norm(atoms.detach().double(), ord=2) ** 2)
-        return _Unrolled(d_in, atoms, lipschitz, self.config)
+        return _Unrolled(d_in, atoms, self.dictionary.lipschitz, self.config)
 
     def _codes(self, x):
         return self.net(x)

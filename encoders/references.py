@@ -104,13 +104,13 @@ class SklearnOMP(_Reference):
     name = "sklearn-omp"
     family = "greedy"
     knob = "k"
+    k_within_d = True
     Config = OMPReferenceConfig
 
     def _solve(self, x, atoms):
         from sklearn.linear_model import orthogonal_mp_gram
         unit, norms = _unit_atoms(atoms)
-        k = min(self.config.k, *atoms.shape)
-        coef = orthogonal_mp_gram(unit @ unit.T, unit @ x.T, n_nonzero_coefs=k, copy_Xy=False)
+        coef = orthogonal_mp_gram(unit @ unit.T, unit @ x.T, n_nonzero_coefs=self.config.k, copy_Xy=False)
         return np.atleast_2d(coef.T) / norms
 
 
@@ -147,13 +147,13 @@ class SpamsOMP(_Spams):
     name = "spams-omp"
     family = "greedy"
     knob = "k"
+    k_within_d = True
     Config = SpamsOMPConfig
 
     def _solve(self, x, atoms):
         spams = importlib.import_module("spams")
         unit, norms = _unit_atoms(atoms)
-        k = min(self.config.k, *atoms.shape)
-        codes = spams.omp(self._columns(x), self._columns(unit), L=k, numThreads=self.config.threads)
+        codes = spams.omp(self._columns(x), self._columns(unit), L=self.config.k, numThreads=self.config.threads)
         return codes.toarray().T / norms
 
 

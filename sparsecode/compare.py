@@ -130,7 +130,7 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
         return cache[value][1]
 
     if cls.knob == "k":
-        high = dictionary.n_atoms if name not in ("omp", "sklearn-omp", "spams-omp") else min(dictionary.n_atoms, dictionary.d)
+        high = cls.max_k(dictionary.n_atoms, dictionary.d)
         if target_l0 > high:
             raise ValueError(f"target_l0={target_l0} is more than {name} can reach here (at most {high})")
         low = 1

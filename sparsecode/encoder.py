@@ -100,6 +100,8 @@ class Encoder(abc.ABC):
     requires: ClassVar[dict[str, str]] = {}
     knob: ClassVar[str | None] = None
     trainable: ClassVar[bool] = False
+    #: k may not exceed d either: the method refits the selected atoms by least squares (OMP)
+    k_within_d: ClassVar[bool] = False
 
     def __init__(self, config: EncoderConfig | None = None, **fields):
         config = config if config is not None else self.Config()
@@ -157,10 +159,20 @@ class Encoder(abc.ABC):
         return float("nan")
 
     # --- for subclasses -----------------------------------------------------------------------
+    @classmethod
+    def max_k(cls, n_atoms: int, d: int) -> int:
+        """The largest k this method accepts for a dictionary of n_atoms atoms in R^d."""
+        return min(n_atoms, d) if cls.k_within_d else n_atoms
+
     def _check_dictionary(self, dictionary: Dictionary) -> None:
         k = getattr(self.config, "k", None)
-        if k is not None and k > dictionary.n_atoms:
+        if k is None:
+            return
+        if k > dictionary.n_atoms:
             raise ValueError(f"k={k} is larger than the dictionary's n_atoms={dictionary.n_atoms}")
+        if k > self.max_k(dictionary.n_atoms, dictionary.d):
+            raise ValueError(f"k={k} is larger than d={dictionary.d}: {self.name} cannot select more linearly "
+                             "independent atoms than the signal has dimensions")
 
     def _check_x(self, x) -> torch.Tensor:
         x = as_tensor(x, "x")

@@ -117,8 +117,8 @@ def _append(path: Path, record: dict) -> None:
 
 def _impossible(name: str, cell: dict) -> str | None:
     k, d, n_atoms = cell.get("k", 3), cell.get("d", 8), cell.get("n_atoms", 16)
-    if name in ("omp", "sklearn-omp", "spams-omp") and k > d:
-        return f"k={k} > d={d}: OMP cannot select more independent atoms than dimensions"
+    if k > encoder_class(name).max_k(n_atoms, d):
+        return f"k={k} > d={d}: {name} cannot select more independent atoms than dimensions"
     return None
 
 

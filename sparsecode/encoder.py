@@ -18,6 +18,7 @@ import torch
 
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary, as_dictionary
+from .memory import memory_budget, parse_memory
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,16 @@ class EncoderConfig:
                 check_positive(f.name, value)
             elif f.name == "max_iter":
                 check_int_range("max_iter", value, 1)
+            elif f.name == "memory":
+                parse_memory(value)
+
+
+@dataclass(frozen=True)
+class MemoryConfig(EncoderConfig):
+    """Config of an encoder whose working memory is bounded by a budget (chunk sizes come from it)."""
+
+    memory: str | None = None
+    """Working-memory budget for encoding, e.g. '4GB' or '512MiB' [default: half the device's free memory]."""
 
 
 def field_docs(config_cls: type) -> dict[str, str]:
@@ -157,6 +168,10 @@ class Encoder(abc.ABC):
         NaN where the method has no closed-form count (interior-point solvers).
         """
         return float("nan")
+
+    def memory_budget(self, device) -> int:
+        """Bytes this encoder may use for working memory on `device` (its `memory` option, if it has one)."""
+        return memory_budget(getattr(self.config, "memory", None), device)
 
     # --- for subclasses -----------------------------------------------------------------------
     @classmethod

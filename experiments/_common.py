@@ -13,13 +13,25 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of counts such as --seeds and --steps: 0 or a negative value would run nothing."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def seeds_experiment(name: str, doc: str, run, keys: tuple[str, ...], labels: dict[str, str], protocol: dict,
                      figure_keys: tuple[str, ...], title: str) -> None:
     """Command line, run over seeds, mean ± std table, JSON, figure: what every paper-c script does."""
     import argparse
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5000, help="training steps of the trained methods")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=at_least_one, default=5000, help="training steps of the trained methods")
+    parser.add_argument("--seeds", type=at_least_one, default=5)
     args = parser.parse_args()
     rows = run(args.steps, args.seeds)
     summary = summarise(rows, keys)

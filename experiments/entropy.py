@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sparsecode as sc  # noqa: E402
-from _common import RESULTS, save  # noqa: E402
+from _common import RESULTS, at_least_one, save  # noqa: E402
 
 D, N_ATOMS, RANKS = 64, 64, (1, 2, 4, 8, 16, 32, 64)
 SETTINGS = {"with entropy penalty (1e-4)": 1e-4, "without": 0.0}
@@ -51,8 +51,8 @@ def run(steps: int, seeds: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=at_least_one, default=600)
+    parser.add_argument("--seeds", type=at_least_one, default=2)
     args = parser.parse_args()
     rows = run(args.steps, args.seeds)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))

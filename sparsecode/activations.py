@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,18 @@ def _manifest_identity(m: dict) -> dict:
     return {k: m.get(k) for k in keys}
 
 
+#: what every reader and a resumed extraction rely on, with its JSON type
+MANIFEST_KEYS = {"site": str, "layer": int, "d": int, "dtype": str, "n_tokens": int, "sequences_done": int,
+                 "shards": list, "keys": list}
+_SHARD = re.compile(r"shard-\d{5}\.safetensors")
+
+
+def _only_ours(folder: Path) -> bool:
+    """Whether a folder without a manifest holds nothing but what a killed extraction leaves behind:
+    shards written before the first manifest and temporary files."""
+    return all(_SHARD.fullmatch(p.name) or _io.is_temporary(p.name) for p in folder.iterdir())
+
+
 class ActivationStore:
     """Read side of a store: checks the manifest against the shards, streams batches from them."""
 
@@ -280,12 +293,12 @@ class ActivationStore:
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.path} is not an activation store: no manifest.json")
-        try:
-            self.manifest = json.loads(manifest.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest} is not valid JSON: {err}") from None
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest} is not a sparsecode activation store manifest")
+        self.manifest = _io.read_json(manifest, "sparsecode activation store manifest", MANIFEST_KEYS, format=FORMAT)
+        for i, shard in enumerate(self.manifest["shards"]):
+            where = f"{manifest}: shards[{i}]"
+            if not isinstance(shard, dict):
+                raise ValueError(f"{where} must be an object with 'file' and 'n_tokens', got {shard!r}")
+            _io.check_keys(shard, {"file": str, "n_tokens": int}, where)
         self._check_shards()
 
     def _check_shards(self) -> None:
@@ -450,8 +463,9 @@ def extract(loaded: LoadedModel, corpus_name: str, docs: list[str], out, cfg: Ex
             raise ValueError(f"{out} holds activations of another extraction; refusing to mix them "
                              f"(store vs request: {diff}). Use another --out folder")
         manifest = existing
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists, is not empty and has no manifest.json: refusing to write into it")
+    elif out.exists() and not _only_ours(out):
+        raise ValueError(f"{out} exists, holds files other than a store's and has no manifest.json: refusing to "
+                         "write into it")
     resumed = manifest["n_tokens"]
     dtype = getattr(torch, cfg.dtype)
     per_seq = cfg.context_length - (1 if cfg.skip_bos else 0)
@@ -484,6 +498,9 @@ def extract(loaded: LoadedModel, corpus_name: str, docs: list[str], out, cfg: Ex
         written += 1
 
     out.mkdir(parents=True, exist_ok=True)
+    if resumed == 0:
+        # the manifest comes first: a store killed before its first shard is already recognisable as ours
+        _io.write_json(out / "manifest.json", manifest)
     with torch.no_grad(), capture(model, layer, cfg.site) as cap:
         while manifest["n_tokens"] + n_pending < cfg.n_tokens and seq < rows.shape[0]:
             ids = rows[seq:seq + cfg.batch_size].to(device)

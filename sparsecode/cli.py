@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -15,6 +17,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from . import _io, metrics, training
+from ._validation import check_int_range
 from .compare import Comparison, compare as run_compare
 from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods
@@ -22,7 +25,42 @@ from .registry import available_encoders, encoder_class
 from .sae_formats import export_saelens, load_sae_dictionary
 from .synthetic import make_sparse_data
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+#: errors a user can act on: bad input, a file that cannot be read or written, a missing package
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, ImportError)
+DEBUG_KEY = "sparsecode.debug"
+
+
+def _error_line(message: str) -> None:
+    """One plain line on stderr (rich would wrap a long message over several lines)."""
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err) or type(err).__name__
+
+
+class _Commands(typer.core.TyperGroup):
+    """The one place where errors become exit codes: an expected error from any command (and any
+    sub-command group) prints one line and exits 2, an interruption exits 130; `--debug` (or
+    SPARSECODE_DEBUG=1) lets the exception through with its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (*EXPECTED_ERRORS, KeyboardInterrupt) as err:
+            if ctx.meta.get(DEBUG_KEY) or os.environ.get("SPARSECODE_DEBUG", "") not in ("", "0"):
+                raise
+            if isinstance(err, KeyboardInterrupt):
+                _error_line("interrupted (files written so far are complete; rerun the command to resume where "
+                            "it supports resuming)")
+                raise typer.Exit(130) from None
+            _error_line(_message(err))
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
                   help="Compare sparse-coding inference methods on a shared dictionary.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(bench_app, name="bench")
@@ -42,8 +80,16 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
 
 
+@app.callback()
+def _options(ctx: typer.Context,
+             debug: bool = typer.Option(False, "--debug", envvar="SPARSECODE_DEBUG",
+                                        help="Show the full traceback of an error instead of one line.")) -> None:
+    """Compare sparse-coding inference methods on a shared dictionary."""
+    ctx.meta[DEBUG_KEY] = debug
+
+
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    _error_line(message)
     raise typer.Exit(2)
 
 
@@ -206,46 +252,43 @@ def compare_cmd(
     """Run several encoders on one shared dictionary (or, with --joint, several dictionary learners)
     and print their metrics."""
     _setup_logging(verbose)
+    if out is not None:
+        _io.check_writable(out, "--out", suffixes=(".json", ".csv"))
+    check_int_range("--n-samples", n_samples, 1)
     names = [n.strip() for n in encoders.split(",") if n.strip()]
-    try:
-        if not joint:
-            for name in names:
-                if not name.endswith(".safetensors"):
-                    encoder_class(name)
-        params = _parse_sets(set_, names)
-        if data is not None:
-            from_store = str(data).startswith("activations:")
-            source = _load_data(data, n_samples, start=n_train if from_store else 0)
-            if dictionary == "true" and not joint:
-                _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
-            if train_data is not None:
-                x_train = _load_data(train_data, n_train)["x"]
-            else:
-                x_train = _load_data(data, n_train)["x"] if from_store and n_train else None
+    if not joint:
+        for name in names:
+            if not name.endswith(".safetensors"):
+                encoder_class(name)
+    params = _parse_sets(set_, names)
+    if data is not None:
+        from_store = str(data).startswith("activations:")
+        source = _load_data(data, n_samples, start=n_train if from_store else 0)
+        if dictionary == "true" and not joint:
+            _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
+        if train_data is not None:
+            x_train = _load_data(train_data, n_train)["x"]
         else:
-            kk = 3 if k is None else k
-            both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
-                                    positive=not signed, seed=seed)
-            x_train, source = (both.split(n_train) if n_train else (None, both))
-            x_train = None if x_train is None else x_train.x
-        if dictionary != "true" and Path(dictionary).is_dir():
-            dictionary = load_sae_dictionary(dictionary, allow_pickle=allow_pickle)
-        with _progress_bars(len(names), "methods" if joint else "encoders") as on_item:
-            result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
-                                 target_l0=target_l0, x_train=x_train, joint=joint,
-                                 n_atoms=n_atoms if joint else None, seed=train_seed, repeats=repeats,
-                                 device=device, callback=on_item)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
-        _fail(str(err))
+            x_train = _load_data(data, n_train)["x"] if from_store and n_train else None
+    else:
+        kk = 3 if k is None else k
+        both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
+                                positive=not signed, seed=seed)
+        x_train, source = (both.split(n_train) if n_train else (None, both))
+        x_train = None if x_train is None else x_train.x
+    if dictionary != "true" and Path(dictionary).is_dir():
+        dictionary = load_sae_dictionary(dictionary, allow_pickle=allow_pickle)
+    with _progress_bars(len(names), "methods" if joint else "encoders") as on_item:
+        result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
+                             target_l0=target_l0, x_train=x_train, joint=joint,
+                             n_atoms=n_atoms if joint else None, seed=train_seed, repeats=repeats,
+                             device=device, callback=on_item)
     s = result.settings
     print_table(result.rows, [c for c in result.columns() if c in SHOWN],
                 title=f"{s['n_samples']} signals, d={s['d']}, n_atoms={s['n_atoms']}"
                       + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}"))
     if out is not None:
-        try:
-            result.save(out)
-        except ValueError as err:
-            _fail(str(err))
+        result.save(out)
         console.print(f"saved {out}")
 
 
@@ -268,35 +311,38 @@ def train_cmd(
 ) -> None:
     """Learn a dictionary (and its encoder) from signals and save them."""
     _setup_logging(verbose)
-    try:
-        if method not in learning_methods():
-            raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
-                             f"Methods: {', '.join(learning_methods())}")
-        params = _method_options(method, set_)
-        truth = None
-        if data is not None and str(data).startswith("activations:"):
-            from .activations import ActivationStore
-            store = ActivationStore(str(data).removeprefix("activations:"))
-            loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
-            x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
-        elif data is not None:
-            tensors = _io.read_tensors(data, "data")
-            if "x" not in tensors:
-                raise ValueError(f"{data} has no tensor 'x'; found {sorted(tensors)}")
-            x, y = tensors["x"], tensors.get("y")
-        else:
-            truth = make_sparse_data(n_samples, d, true_atoms, k, noise=noise, seed=seed)
-            x, y = truth.x, None
-        with _progress_bars(1, "train") as on_item:
-            on_item(method, "start")
-            learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, **params)
-            on_item(method, "done")
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
-        _fail(str(err))
+    encoder_out = _io.sibling(out, "-encoder")
+    for path, kind, what in ((out, "sparsecode.dictionary", "sparsecode dictionary"),
+                             (encoder_out, training.ENCODER_FORMAT, "sparsecode encoder")):
+        for file in _io.paired(path):
+            _io.check_writable(file, "--out")
+        _io.check_replaceable(path, kind, what)
+    if method not in learning_methods():
+        raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
+                         f"Methods: {', '.join(learning_methods())}")
+    params = _method_options(method, set_)
+    truth = None
+    if data is not None and str(data).startswith("activations:"):
+        from .activations import ActivationStore
+        store = ActivationStore(str(data).removeprefix("activations:"))
+        loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
+        x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+    elif data is not None:
+        tensors = _io.read_tensors(data, "data")
+        if "x" not in tensors:
+            raise ValueError(f"{data} has no tensor 'x'; found {sorted(tensors)}")
+        x, y = tensors["x"], tensors.get("y")
+    else:
+        truth = make_sparse_data(n_samples, d, true_atoms, k, noise=noise, seed=seed)
+        x, y = truth.x, None
+    with _progress_bars(1, "train") as on_item:
+        on_item(method, "start")
+        learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, **params)
+        on_item(method, "done")
     path = learned.dictionary.save(out)
     console.print(f"saved dictionary {path}")
     if isinstance(learned.encoder, training.TrainableEncoder):
-        enc_path = learned.encoder.save(out.with_name(out.with_suffix("").name + "-encoder"))
+        enc_path = learned.encoder.save(encoder_out)
         console.print(f"saved encoder {enc_path}")
     codes = learned.encoder.encode(x)
     target = x if y is None else y
@@ -335,27 +381,25 @@ def extract_cmd(
     """Extract LLM activations at a hookpoint into a resumable sharded store."""
     from .activations import ExtractConfig, compute_normalization, extract, load_model, read_corpus
     _setup_logging(verbose)
-    try:
-        cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
-                            n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype, seed=seed)
-        corpus_name, docs = read_corpus(corpus, text_field)
-        console.print(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}...")
-        loaded = load_model(model, device=device)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            task = progress.add_task("extracting", total=n_tokens, rate="")
-            t0 = time.perf_counter()
+    _io.check_writable(out, "--out", folder=True)
+    cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
+                        n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype, seed=seed)
+    corpus_name, docs = read_corpus(corpus, text_field)
+    console.print(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}...")
+    loaded = load_model(model, device=device)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("extracting", total=n_tokens, rate="")
+        t0 = time.perf_counter()
 
-            def on_tokens(done: int, total: int) -> None:
-                elapsed = time.perf_counter() - t0
-                progress.update(task, completed=min(done, total), rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
+        def on_tokens(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - t0
+            progress.update(task, completed=min(done, total), rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
 
-            stats = extract(loaded, corpus_name, docs, out, cfg, progress=on_tokens, measure_overhead=measure_overhead)
-        if normalize:
-            compute_normalization(out)
-    except (ValueError, TypeError, ImportError, FileNotFoundError, OSError) as err:
-        _fail(str(err))
+        stats = extract(loaded, corpus_name, docs, out, cfg, progress=on_tokens, measure_overhead=measure_overhead)
+    if normalize:
+        compute_normalization(out)
     line = (f"stored {stats.tokens:,} tokens ({stats.resumed_from:,} were there already) in {out} at "
             f"{stats.tokens_per_s:,.0f} tokens/s")
     if stats.overhead is not None:
@@ -386,28 +430,28 @@ def evaluate_cmd(
     from .registry import get_encoder
     from .training import load_encoder
     from .dictionary import as_dictionary
-    try:
-        meta = ActivationStore(store).manifest if store is not None else {}
-        scale = float((meta.get("normalization") or {}).get("scale", 1.0))
-        D = as_dictionary(dictionary)
-        if encoder.endswith(".safetensors"):
-            enc = load_encoder(encoder)
+    for path, what in ((out, "--out"), (histogram, "--histogram")):
+        if path is not None:
+            _io.check_writable(path, what)
+    meta = ActivationStore(store).manifest if store is not None else {}
+    scale = float((meta.get("normalization") or {}).get("scale", 1.0))
+    D = as_dictionary(dictionary)
+    if encoder.endswith(".safetensors"):
+        enc = load_encoder(encoder)
+    else:
+        enc = get_encoder(encoder, **_method_options(encoder, set_))
+        if enc.trainable:
+            if store is None:
+                raise ValueError(f"encoder {encoder!r} is trained: give --store to train it on")
+            enc.fit(D, ActivationStore(store).load(8192, normalize=True))
         else:
-            enc = get_encoder(encoder, **_method_options(encoder, set_))
-            if enc.trainable:
-                if store is None:
-                    raise ValueError(f"encoder {encoder!r} is trained: give --store to train it on")
-                enc.fit(D, ActivationStore(store).load(8192, normalize=True))
-            else:
-                enc.fit(D)
-        name = model or (None if meta.get("model", "").startswith("SmolLM2-135M-Instruct (embedded") else meta.get("model"))
-        loaded = load_model(name, device=device)
-        _, docs = read_corpus(corpus)
-        result = evaluate(loaded, enc, D, docs, layer=layer if layer is not None else meta.get("layer", 15),
-                          site=site or meta.get("site", "resid"), context_length=context_length, n_tokens=n_tokens,
-                          scale=scale, seed=meta.get("seed", 0) + 1)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
-        _fail(str(err))
+            enc.fit(D)
+    name = model or (None if meta.get("model", "").startswith("SmolLM2-135M-Instruct (embedded") else meta.get("model"))
+    loaded = load_model(name, device=device)
+    _, docs = read_corpus(corpus)
+    result = evaluate(loaded, enc, D, docs, layer=layer if layer is not None else meta.get("layer", 15),
+                      site=site or meta.get("site", "resid"), context_length=context_length, n_tokens=n_tokens,
+                      scale=scale, seed=meta.get("seed", 0) + 1)
     shown = {k: v for k, v in result.items() if k != "firing_rates"}
     print_table([{"encoder": enc.name, **shown}], ["encoder", *shown],
                 title=f"spliced into the model at layer {layer if layer is not None else meta.get('layer')}")
@@ -429,14 +473,12 @@ def export_cmd(
     """Export a ReLU/TopK SAE encoder and its dictionary in SAELens's format."""
     from .training import load_encoder
     from .registry import get_encoder
-    try:
-        if Path(encoder).is_dir():
-            enc = get_encoder("sae-file", allow_pickle=allow_pickle).fit(load_sae_dictionary(encoder, allow_pickle))
-        else:
-            enc = load_encoder(encoder)
-        folder = export_saelens(enc, out)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
-        _fail(str(err))
+    _io.check_writable(out, "--out", folder=True)
+    if Path(encoder).is_dir():
+        enc = get_encoder("sae-file", allow_pickle=allow_pickle).fit(load_sae_dictionary(encoder, allow_pickle))
+    else:
+        enc = load_encoder(encoder)
+    folder = export_saelens(enc, out)
     console.print(f"saved SAELens folder {folder}")
 
 
@@ -455,11 +497,10 @@ def bench_speed(
     """Throughput of our OMP and FISTA against SPAMS and scikit-learn on one problem, as ratios."""
     from .bench import speed
     _setup_logging(False)
-    try:
-        rows = speed(n_samples=n_samples, d=d, n_atoms=n_atoms, k=k, lam=lam, repeats=repeats, threads=threads,
-                     device=device, callback=lambda name: console.print(f"[dim]timing {name}...[/]"))
-    except (ValueError, ImportError) as err:
-        _fail(str(err))
+    if out is not None:
+        _io.check_writable(out, "--out", suffixes=(".json", ".csv"))
+    rows = speed(n_samples=n_samples, d=d, n_atoms=n_atoms, k=k, lam=lam, repeats=repeats, threads=threads,
+                 device=device, callback=lambda name: console.print(f"[dim]timing {name}...[/]"))
     print_table(rows, ["encoder", "reference", "signals_per_s", "ratio", "f1", "l0", "objective_gap"],
                 title=f"speed: {n_samples} signals, d={d}, n_atoms={n_atoms}, k={k}, lam={lam}")
     if out is not None:
@@ -481,12 +522,14 @@ def _grid(items: list[str]) -> dict:
 @bench_app.command("recovery")
 def bench_recovery(
     preset: str = typer.Option("paper-c", help="paper-c, compressed-sensing or sae-realistic."),
-    out: Path = typer.Option(Path("recovery.jsonl"), help="Results, one JSON line per cell; an existing file is "
-                                                           "resumed (finished cells are skipped)."),
+    out: Optional[Path] = typer.Option(None, help="Results, one JSON line per cell after a settings header; an "
+                                                  "existing results file is resumed (finished cells are skipped), "
+                                                  "one with other settings is refused [default: "
+                                                  "recovery-PRESET.jsonl]."),
     encoders: Optional[str] = typer.Option(None, help="Comma-separated encoders instead of the preset's."),
     grid: list[str] = typer.Option([], help="Replace a grid axis: AXIS=V1,V2 (axes: n_atoms, d, k, snr_db, "
                                             "coherence, power_law). Repeatable."),
-    seeds: Optional[int] = typer.Option(None, help="Seeds per grid point instead of the preset's."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds per grid point (>= 1) instead of the preset's."),
     n_samples: Optional[int] = typer.Option(None, help="Test signals per cell instead of the preset's."),
     match: str = typer.Option("l0", help="'l0': every encoder at the planted k (k set, lam calibrated); 'none'."),
     budget: Optional[int] = typer.Option(None, help="Iterations per signal for iterative encoders (matched compute)."),
@@ -494,24 +537,23 @@ def bench_recovery(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Sweep planted problems over a grid and record how each encoder recovers the codes."""
-    from .recovery import cells as preset_cells, preset as get_preset, recovery
+    from .recovery import default_out, preset as get_preset, recovery
     _setup_logging(verbose)
-    try:
-        names = None if encoders is None else [n.strip() for n in encoders.split(",") if n.strip()]
-        axes = _grid(grid)
-        get_preset(preset)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            task = progress.add_task(f"{preset} cells", total=None)
+    out = out or default_out(preset)
+    _io.check_writable(out, "--out")
+    names = None if encoders is None else [n.strip() for n in encoders.split(",") if n.strip()]
+    axes = _grid(grid)
+    get_preset(preset)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(f"{preset} cells", total=None)
 
-            def on_cell(done: int, total: int, record: dict) -> None:
-                progress.update(task, completed=done, total=total,
-                                description=f"{preset} cells ({', '.join(f'{k}={v}' for k, v in record['cell'].items())})")
+        def on_cell(done: int, total: int, record: dict) -> None:
+            progress.update(task, completed=done, total=total,
+                            description=f"{preset} cells ({', '.join(f'{k}={v}' for k, v in record['cell'].items())})")
 
-            records = recovery(preset, out=out, encoders=names, grid=axes, seeds=seeds, n_samples=n_samples,
-                               match=match, budget=budget, device=device, callback=on_cell)
-    except (ValueError, TypeError, ImportError) as err:
-        _fail(str(err))
+        records = recovery(preset, out=out, encoders=names, grid=axes, seeds=seeds, n_samples=n_samples,
+                           match=match, budget=budget, device=device, callback=on_cell)
     from .report import _rows, ranking
     rows = ranking(_rows(records))
     print_table(rows, ["encoder", "cells", "code_mcc", "f1", "exact_support", "fvu", "l0", "flops_per_signal"],
@@ -530,11 +572,9 @@ def report_cmd(
 ) -> None:
     """Render phase-transition maps, MCC-vs-N curves, Pareto fronts and a ranking table."""
     from .report import report
-    folder = out or results.with_name(results.stem + "-report")
-    try:
-        summary = report(results, folder)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    folder = out or _io.sibling(results, "-report", suffixes=(".jsonl",))
+    _io.check_writable(folder, "--out", folder=True)
+    summary = report(results, folder)
     console.print(f"wrote {summary} and {len(list(folder.glob('*.png')))} figures in {folder}")
 
 

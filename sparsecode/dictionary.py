@@ -1,7 +1,6 @@
 """The shared dictionary: atoms as rows, decoding `x_hat = z @ atoms + bias`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -112,16 +111,12 @@ class Dictionary:
         return Dictionary(self.atoms.to(device=device, dtype=dtype), bias, metadata=self.metadata)
 
     # --- files -----------------------------------------------------------------------------
-    @staticmethod
-    def _paths(path) -> tuple[Path, Path]:
-        path = Path(path)
-        if path.suffix in (".safetensors", ".json"):
-            path = path.with_suffix("")
-        return path.with_suffix(".safetensors"), path.with_suffix(".json")
-
     def save(self, path) -> Path:
-        """Write `PATH.safetensors` (atoms, bias) and `PATH.json` (metadata) atomically."""
-        tensors_path, meta_path = self._paths(path)
+        """Write `PATH.safetensors` (atoms, bias) and `PATH.json` (metadata) atomically; `PATH` may
+        hold dots (`sae.v1`), only `.safetensors`/`.json` are taken as suffixes. Refuses to replace
+        files that are not a saved dictionary."""
+        tensors_path, meta_path = _io.paired(path)
+        _io.check_replaceable(path, FORMAT, "sparsecode dictionary")
         tensors = {"atoms": self.atoms}
         if self.bias is not None:
             tensors["bias"] = self.bias
@@ -134,22 +129,26 @@ class Dictionary:
     @classmethod
     def load(cls, path) -> "Dictionary":
         """Read a dictionary written by `save` (either file name, or the stem, may be given)."""
-        tensors_path, meta_path = cls._paths(path)
+        given = Path(path)
+        tensors_path, meta_path = _io.paired(given)
+        if given.is_file() and given.suffix not in _io.OWN_SUFFIXES:
+            raise ValueError(f"{given} is a {given.suffix or 'suffix-less'} file, not a sparsecode dictionary: "
+                             "expected STEM.safetensors (+ STEM.json) written by Dictionary.save, or an SAE folder"
+                             + ("; pickles are never read" if given.suffix in (".pt", ".pth", ".pkl", ".bin") else ""))
+        metadata = {}
+        if meta_path.is_file():
+            meta = _io.read_json(meta_path, "sparsecode dictionary description", {"metadata": dict}, format=FORMAT)
+            metadata = meta["metadata"]
+        elif given.suffix == ".json":
+            raise FileNotFoundError(f"dictionary description not found: {given}")
+        if not tensors_path.is_file() and meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} describes a dictionary but its tensors file {tensors_path.name} "
+                                    "is missing")
         tensors = _io.read_tensors(tensors_path, "dictionary")
         if "atoms" not in tensors or tensors["atoms"].ndim != 2:
             found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()) or "nothing"
             raise ValueError(f"{tensors_path} is not a dictionary: expected a 2-D tensor 'atoms' "
                              f"(n_atoms, d), found {found}")
-        metadata = {}
-        if meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{meta_path} is not a sparsecode dictionary description "
-                                 f"(format={meta.get('format')!r})")
-            metadata = meta.get("metadata", {})
         return cls(tensors["atoms"], tensors.get("bias"), metadata=metadata)
 
 

@@ -11,6 +11,7 @@ Methods:
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -80,11 +81,22 @@ def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed
         if y is not None:
             raise ValueError(f"method {method!r} learns an autoencoding dictionary; transcoders (y) need a "
                              "trainable method")
-        return {"sparse-coding": _alternating, "sklearn": _sklearn, "spams": _spams}[method](
-            x, n_atoms, seed=seed, **params)
+        learn = {"sparse-coding": _alternating, "sklearn": _sklearn, "spams": _spams}[method]
+        _check_options(method, learn, params)
+        return learn(x, n_atoms, seed=seed, **params)
     enc = get_encoder(method, seed=seed, **params)
     dictionary = enc.learn(x, n_atoms, y)
     return LearnedDictionary(dictionary, enc, enc.losses)
+
+
+def _check_options(method: str, learn, params: dict) -> None:
+    """A reference method's options are its keyword-only parameters: name an unknown one, with the list."""
+    valid = [name for name, p in inspect.signature(learn).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "seed"]
+    for name in params:
+        if name not in valid:
+            raise ValueError(f"method {method!r} has no option {name!r}.{suggest(name, valid)} "
+                             f"Options: {', '.join(valid)}")
 
 
 def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_iter=30, resample=True,

@@ -5,6 +5,12 @@ on its training split and compares every encoder on its test split. Comparisons 
 by default every encoder's sparsity knob is calibrated so its mean L0 equals the planted k
 (``match="l0"``); ``budget=T`` instead gives every iterative encoder T iterations per signal.
 Cells append to a JSON-lines file as they finish, so an interrupted sweep resumes where it stopped.
+
+A results file starts with a header line (``format``, the preset and the settings that shape every
+cell: sample counts, matching, budget, device); each record after it holds one cell and the
+encoders run on it, with their options. A resume appends what is missing (other grid values,
+seeds or encoders) and stops, naming the difference, when the settings or an encoder's options
+differ from those recorded. A file without the header is not ours: it is never appended to.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import _io
+from ._validation import check_int_range, resolve_device
 from .compare import compare
 from .encoder import suggest
 from .registry import encoder_class
@@ -90,29 +97,120 @@ def cell_key(cell: dict) -> str:
     return json.dumps(cell, sort_keys=True)
 
 
-def read_results(path) -> list[dict]:
-    """The finished cells of a results file; a line cut short by an interruption is dropped."""
+FORMAT = "sparsecode.recovery"
+
+
+@dataclass
+class ResultsFile:
+    """What a results file holds: its header lines (one per sweep, more if files were concatenated),
+    the cell records, and where an interrupted last line starts (None when the file ends cleanly)."""
+
+    headers: list
+    records: list
+    cut_at: int | None = None
+    needs_newline: bool = False
+
+
+def _is_record(obj) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("cell"), dict) and isinstance(obj.get("rows", []), list)
+
+
+def _is_header(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def parse_results(path) -> ResultsFile:
+    """Read a results file without changing it. Its first line must be our header (or, for files
+    written before headers existed, a cell record); an unfinished last line is left out."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a results file")
     if not path.is_file():
-        return []
-    records, lines = [], path.read_text().splitlines()
-    for i, line in enumerate(lines):
+        raise FileNotFoundError(f"results file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a sparsecode recovery results file (not text)") from None
+    lines = text.split("\n")
+    tail = lines.pop()                     # "" when the file ends with a newline
+    found = ResultsFile([], [])
+    offset = 0
+    for i, line in enumerate([*lines, tail] if tail else lines):
+        last_unterminated = bool(tail) and i == len(lines)
         try:
-            records.append(json.loads(line))
+            obj = json.loads(line)
         except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON; this is not a results file") from None
-            log.warning("%s: dropping an incomplete last line (interrupted write)", path)
-            _io.write_text(path, "".join(line_ + "\n" for line_ in lines[:-1]))
-    return records
+            obj = None
+        if i == 0 and not (_is_header(obj) or _is_record(obj)):
+            raise ValueError(f"{path} is not a sparsecode recovery results file (its first line is not a "
+                             "results header)")
+        if _is_header(obj):
+            found.headers.append(obj)
+        elif _is_record(obj):
+            found.records.append(obj)
+        elif last_unterminated:
+            log.warning("%s: leaving out an unfinished last line (an interrupted write)", path)
+            found.cut_at = offset
+        else:
+            raise ValueError(f"{path}: line {i + 1} is not a results record; this is not a sparsecode recovery "
+                             "results file (or it was edited)")
+        offset += len(line.encode("utf-8")) + 1
+    found.needs_newline = bool(tail) and found.cut_at is None
+    return found
+
+
+def read_results(path) -> list[dict]:
+    """The finished cell records of a results file (it is only read)."""
+    return parse_results(path).records
+
+
+def _prepare_append(path: Path, found: ResultsFile | None, header: dict) -> None:
+    """Make our own file ready for appending: start it with the header, or cut an interrupted last
+    line and end the last record with its newline."""
+    if found is None:
+        _io.write_text(path, json.dumps(header) + "\n")
+        return
+    if found.cut_at is not None:
+        os.truncate(path, found.cut_at)
+    elif found.needs_newline:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write("\n")
 
 
 def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=float) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _differences(recorded: dict, asked: dict) -> list[str]:
+    return [f"{key}={recorded.get(key)!r} there, {asked.get(key)!r} now" for key in sorted(set(recorded) | set(asked))
+            if recorded.get(key) != asked.get(key)]
+
+
+def _check_resumable(path: Path, found: ResultsFile, header: dict, params: dict) -> None:
+    """Refuse a file whose recorded settings or encoder options differ from this run's."""
+    if not found.headers:
+        raise ValueError(f"{path} was written without a settings header (an older sparsecode): it can be "
+                         "reported but not resumed; give another --out")
+    for recorded in found.headers:
+        diff = _differences({"preset": recorded.get("preset"), **recorded.get("settings", {})},
+                            {"preset": header["preset"], **header["settings"]})
+        if diff:
+            raise ValueError(f"{path} holds a sweep with other settings ({'; '.join(diff)}): resume with the same "
+                             "settings or give another --out")
+    for rec in found.records:
+        for name, recorded in (rec.get("encoder_params") or {}).items():
+            if name in params and recorded != params[name]:
+                raise ValueError(f"{path} holds {name} run with options {recorded}, not {params[name]}: resume with "
+                                 "the same options or give another --out")
+
+
+def default_out(preset_name: str) -> Path:
+    """Each preset has its own default results file, so two sweeps never share one by accident."""
+    return Path(f"recovery-{preset_name}.jsonl")
 
 
 def _impossible(name: str, cell: dict) -> str | None:
@@ -177,7 +275,9 @@ def recovery(preset_name: str = "paper-c", *, out=None, encoders=None, grid: dic
     Parameters
     ----------
     preset_name : "paper-c", "compressed-sensing" or "sae-realistic".
-    out : JSON-lines file; cells already in it are skipped, new ones appended as they finish.
+    out : JSON-lines results file (see the module docstring); cells and encoders already in it are
+        skipped, the others appended as they finish. A file that is not a results file, or that
+        holds a sweep with other settings or encoder options, is refused.
     encoders, grid, seeds, n_samples, n_train : override the preset's (grid: axis -> list of
         values, replacing those axes).
     encoder_params : per-encoder options, merged over the preset's.
@@ -188,30 +288,55 @@ def recovery(preset_name: str = "paper-c", *, out=None, encoders=None, grid: dic
     p = preset(preset_name)
     if match not in ("l0", "none"):
         raise ValueError(f"match must be 'l0' or 'none', got {match!r}")
-    if budget is not None and budget < 1:
-        raise ValueError(f"budget must be >= 1 iteration, got {budget}")
+    for name, value, low in (("budget", budget, 1), ("seeds", seeds, 1), ("n_samples", n_samples, 1),
+                             ("n_train", n_train, 0)):
+        if value is not None:
+            check_int_range(name, value, low)
     params = {name: {**p.encoder_params.get(name, {}), **(encoder_params or {}).get(name, {})}
               for name in set(p.encoder_params) | set(encoder_params or {})}
     p = replace(p, grid={**p.grid, **(grid or {})}, encoders=tuple(encoders or p.encoders),
-                seeds=seeds or p.seeds, n_samples=n_samples or p.n_samples,
+                seeds=p.seeds if seeds is None else seeds, n_samples=p.n_samples if n_samples is None else n_samples,
                 n_train=p.n_train if n_train is None else n_train, encoder_params=params)
     for name in p.encoders:
         encoder_class(name)
     todo = cells(p)
+    # as they will read back from the file, so that a resume compares like with like
+    run_params = json.loads(json.dumps({name: p.encoder_params.get(name, {}) for name in p.encoders}, default=float))
+    header = {"format": FORMAT, "version": 1, "preset": p.name,
+              "settings": {"n_samples": p.n_samples, "n_train": p.n_train, "match": match, "budget": budget,
+                           "device": resolve_device(device).type}}
     path = None if out is None else Path(out)
-    done = {cell_key(r["cell"]): r for r in (read_results(path) if path else [])}
+    found = None
+    if path is not None and (path.is_dir() or (path.exists() and path.stat().st_size)):
+        found = parse_results(path)
+        _check_resumable(path, found, header, run_params)
+    done: dict[str, dict] = {}          # cell key -> {"skipped": why} or {"rows": {encoder: row}}
+    for rec in found.records if found else []:
+        entry = done.setdefault(cell_key(rec["cell"]), {"rows": {}})
+        if "skipped" in rec:
+            entry["skipped"] = rec["skipped"]
+        entry["rows"].update({row["encoder"]: row for row in rec["rows"]})
+    prepared = path is None
     records = []
     for i, cell in enumerate(todo):
-        key = cell_key(cell)
-        if key in done:
-            record = done[key]
-        else:
-            record = run_cell(cell, p.encoders, p, match, budget, device)
-            record["preset"] = p.name
-            record["match"] = match
-            record["budget"] = budget
-            if path:
-                _append(path, record)
+        entry = done.setdefault(cell_key(cell), {"rows": {}})
+        missing = [] if "skipped" in entry else [name for name in p.encoders if name not in entry["rows"]]
+        if missing:
+            new = run_cell(cell, missing, p, match, budget, device)
+            new.update(preset=p.name, match=match, budget=budget,
+                       encoder_params={name: run_params[name] for name in missing})
+            if not prepared:
+                _prepare_append(path, found, header)
+                prepared = True
+            if path is not None:
+                _append(path, new)
+            if "skipped" in new:
+                entry["skipped"] = new["skipped"]
+            entry["rows"].update({row["encoder"]: row for row in new["rows"]})
+        record = {"cell": cell, "rows": [] if "skipped" in entry else [entry["rows"][name] for name in p.encoders],
+                  "preset": p.name, "match": match, "budget": budget}
+        if "skipped" in entry:
+            record["skipped"] = entry["skipped"]
         records.append(record)
         if callback:
             callback(i + 1, len(todo), record)

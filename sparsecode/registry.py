@@ -28,7 +28,11 @@ def encoder_class(name: str) -> type[Encoder]:
     if name not in eps:
         raise ValueError(f"unknown encoder {name!r}.{suggest(name, eps)} "
                          f"Available: {', '.join(sorted(eps))}")
-    cls = eps[name].load()
+    try:
+        cls = eps[name].load()
+    except Exception as err:  # a third-party plug-in can fail in any way; say which one and how
+        raise ImportError(f"encoder {name!r} failed to load from {eps[name].value}: "
+                          f"{type(err).__name__}: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, Encoder)):
         raise TypeError(f"entry point {name!r} ({eps[name].value}) is not a sparsecode Encoder subclass")
     return cls

@@ -32,6 +32,11 @@ def _rows(records: list[dict]) -> list[dict]:
     return out
 
 
+def _having(rows: list[dict], *keys: str) -> list[dict]:
+    """The rows that hold every one of `keys` (a file may mix presets whose cells have other axes)."""
+    return [r for r in rows if all(r.get(key) is not None for key in keys)]
+
+
 def colors(encoders) -> dict:
     """One colour per encoder, the same in every figure."""
     cmap = plt.get_cmap("tab10")
@@ -88,11 +93,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def phase_transition(rows, palette, out: Path) -> Path | None:
+def phase_transition(rows, palette, out: Path, prefix: str = "") -> Path | None:
     """Exact-support success rate over (M/N, K/M), one panel per encoder (Donoho-Tanner picture)."""
-    if len({(r.get("n_atoms"), r.get("d"), r.get("k")) for r in rows}) < 2:
+    rows = _having(rows, "n_atoms", "d", "k", "exact_support")
+    if len({(r["n_atoms"], r["d"], r["k"]) for r in rows}) < 2:
         return None
-    names = sorted({r["encoder"] for r in rows if r.get("exact_support") is not None})
+    names = sorted({r["encoder"] for r in rows})
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False, sharex=True, sharey=True)
@@ -101,7 +107,7 @@ def phase_transition(rows, palette, out: Path) -> Path | None:
     for ax, name in zip(axes.ravel(), names):
         points = defaultdict(list)
         for r in rows:
-            if r["encoder"] == name and r.get("exact_support") is not None:
+            if r["encoder"] == name:
                 points[(r["d"] / r["n_atoms"], r["k"] / r["d"])].append(r["exact_support"])
         delta, rho = zip(*points)
         rate = [np.mean(v) for v in points.values()]
@@ -112,16 +118,17 @@ def phase_transition(rows, palette, out: Path) -> Path | None:
         ax.set_xscale("log", base=2)
     fig.colorbar(sc, ax=axes.ravel().tolist(), label="exact support recovery rate")
     fig.suptitle("Phase transition: fraction of signals whose support is recovered exactly")
-    path = out / "phase_transition.png"
+    path = out / f"{prefix}phase_transition.png"
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def mcc_vs_n(rows, palette, out: Path) -> Path | None:
+def mcc_vs_n(rows, palette, out: Path, prefix: str = "") -> Path | None:
     """Code MCC against the number of atoms N, one line per encoder, one panel per (M, K)."""
-    if len({r.get("n_atoms") for r in rows}) < 2:
+    rows = _having(rows, "n_atoms", "d", "k")
+    if len({r["n_atoms"] for r in rows}) < 2:
         return None
     panels = sorted({(r["d"], r["k"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
@@ -142,10 +149,10 @@ def mcc_vs_n(rows, palette, out: Path) -> Path | None:
         ax.set_title(f"M = {d}, K = {k}")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    return _save(fig, out / "mcc_vs_n.png")
+    return _save(fig, out / f"{prefix}mcc_vs_n.png")
 
 
-def pareto(rows, palette, out: Path) -> Path:
+def pareto(rows, palette, out: Path, prefix: str = "") -> Path:
     """FVU vs L0, code MCC vs FLOPs per signal, code MCC vs wall time: every cell, every encoder."""
     specs = [("l0", "fvu", "mean L0 (active atoms per signal)", "FVU", False, True),
              ("flops_per_signal", "code_mcc", "FLOPs per signal", "code MCC", True, False),
@@ -168,12 +175,13 @@ def pareto(rows, palette, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Trade-offs: each point is one cell (grid point and seed)")
-    return _save(fig, out / "pareto.png")
+    return _save(fig, out / f"{prefix}pareto.png")
 
 
-def snr_curves(rows, palette, out: Path) -> Path | None:
+def snr_curves(rows, palette, out: Path, prefix: str = "") -> Path | None:
     """NMSE (dB) of the codes against SNR, one line per encoder (compressed-sensing preset)."""
-    if len({r.get("snr_db") for r in rows if r.get("snr_db") is not None}) < 2:
+    rows = _having(rows, "snr_db")
+    if len({r["snr_db"] for r in rows}) < 2:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.8))
     for name in sorted({r["encoder"] for r in rows}):
@@ -188,33 +196,48 @@ def snr_curves(rows, palette, out: Path) -> Path | None:
     ax.set_ylabel("code NMSE (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / "nmse_vs_snr.png")
+    return _save(fig, out / f"{prefix}nmse_vs_snr.png")
 
 
 def report(results, out) -> Path:
-    """Render every figure that the results support and a Markdown summary; returns the summary path."""
+    """Render every figure that the results support and a Markdown summary; returns the summary path.
+    The results file is only read. A file holding sweeps of several presets gets one section (and
+    one set of figures, named by preset) per preset."""
     results, out = Path(results), Path(out)
     records = read_results(results)
     if not records:
         raise ValueError(f"{results} holds no finished cells")
-    rows = _rows(records)
-    if not rows:
+    if not _rows(records):
         raise ValueError(f"{results}: every cell was skipped; nothing to plot")
-    palette = colors({r["encoder"] for r in rows})
-    figures = [f for f in (phase_transition(rows, palette, out), mcc_vs_n(rows, palette, out),
-                           snr_curves(rows, palette, out), pareto(rows, palette, out)) if f is not None]
-    table = ranking(rows)
-    skipped = [(rec["cell"], row["encoder"], row["skipped"]) for rec in records for row in rec.get("rows", [])
-               if "skipped" in row] + [(rec["cell"], "all", rec["skipped"]) for rec in records if "skipped" in rec]
-    preset = records[0].get("preset", "?")
-    lines = [f"# Recovery benchmark: {preset}", "",
-             f"{len(records)} cells (grid points x seeds), {len(rows)} encoder runs, from `{results.name}`.",
-             f"Matching: {records[0].get('match', '?')}; budget: {records[0].get('budget') or 'none'}.", "",
-             "## Ranking (means over all cells)", "", markdown_ranking(table), ""]
-    for f in figures:
-        lines += [f"![{f.stem}]({f.name})", ""]
-    if skipped:
-        lines += ["## Skipped", ""] + [f"- {enc} at {cell}: {why}" for cell, enc, why in skipped] + [""]
+    palette = colors({r["encoder"] for r in _rows(records)})
+    by_preset: dict[str, list] = defaultdict(list)
+    for rec in records:
+        by_preset[rec.get("preset", "?")].append(rec)
+    several = len(by_preset) > 1
+    lines = [f"# Recovery benchmark: {', '.join(by_preset)}", ""]
+    for preset, recs in by_preset.items():
+        if several:
+            lines += [f"## {preset}", ""]
+        lines += _section(recs, results, out, palette, prefix=f"{preset}-" if several else "",
+                          level="###" if several else "##")
     summary = out / "report.md"
     _io.write_text(summary, "\n".join(lines))
     return summary
+
+
+def _section(records: list[dict], results: Path, out: Path, palette: dict, prefix: str, level: str) -> list[str]:
+    rows = _rows(records)
+    skipped = [(rec["cell"], row["encoder"], row["skipped"]) for rec in records for row in rec.get("rows", [])
+               if "skipped" in row] + [(rec["cell"], "all", rec["skipped"]) for rec in records if "skipped" in rec]
+    lines = [f"{len(records)} cells (grid points x seeds), {len(rows)} encoder runs, from `{results.name}`.",
+             f"Matching: {records[0].get('match', '?')}; budget: {records[0].get('budget') or 'none'}.", ""]
+    if rows:
+        figures = [f for f in (phase_transition(rows, palette, out, prefix), mcc_vs_n(rows, palette, out, prefix),
+                               snr_curves(rows, palette, out, prefix), pareto(rows, palette, out, prefix))
+                   if f is not None]
+        lines += [f"{level} Ranking (means over all cells)", "", markdown_ranking(ranking(rows)), ""]
+        for f in figures:
+            lines += [f"![{f.stem}]({f.name})", ""]
+    if skipped:
+        lines += [f"{level} Skipped", ""] + [f"- {enc} at {cell}: {why}" for cell, enc, why in skipped] + [""]
+    return lines

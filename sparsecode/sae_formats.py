@@ -16,7 +16,6 @@ Write: `save_saelens` exports a dictionary and a ReLU/TopK encoder in SAELens's 
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +87,15 @@ def detect_format(folder) -> str:
                      f"Expected {expected}")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+def _read_json(path: Path, what: str = "SAE config", required: dict | None = None) -> dict:
+    return _io.read_json(path, what, required)
+
+
+def _check_k(k, n: int, where) -> int:
+    """A top-k SAE keeps k of its n latents: 1 <= k <= n."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"{where}: k={k!r} must be an integer between 1 and the number of latents ({n})")
+    return k
 
 
 def _shape(name: str, tensor: torch.Tensor, shape: tuple, path: Path) -> torch.Tensor:
@@ -128,7 +131,7 @@ def load_sae_dictionary(folder, allow_pickle: bool = False) -> Dictionary:
 
 
 def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
-    cfg = _read_json(folder / "cfg.json")
+    cfg = _read_json(folder / "cfg.json", "SAELens config", {"d_in": int, "d_sae": int})
     tensors = _io.read_tensors(folder / "sae_weights.safetensors", "SAELens weights")
     _need(tensors, ("W_enc", "W_dec", "b_dec"), folder / "sae_weights.safetensors")
     arch = cfg.get("architecture", "standard")
@@ -152,6 +155,7 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
         k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
         if k is None:
             raise ValueError(f"{folder}: a topk SAE config needs k (or activation_fn_kwargs.k)")
+        k = _check_k(k, n, folder / "cfg.json")
     threshold = None
     if arch == "jumprelu":
         if "threshold" in tensors:
@@ -169,7 +173,7 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
 
 
 def _sparsify(folder: Path, allow_pickle: bool) -> ImportedSAE:
-    cfg = _read_json(folder / "cfg.json")
+    cfg = _read_json(folder / "cfg.json", "sparsify config", {"d_in": int, "k": int})
     path = folder / "sae.safetensors"
     tensors = _io.read_tensors(path, "sparsify weights")
     _need(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path)
@@ -186,12 +190,15 @@ def _sparsify(folder: Path, allow_pickle: bool) -> ImportedSAE:
     return ImportedSAE("sparsify", "topk", _shape("encoder.weight", tensors["encoder.weight"], (n, d), path),
                        _shape("encoder.bias", tensors["encoder.bias"], (n,), path),
                        _shape("W_dec", tensors["W_dec"], (n, d), path), _shape("b_dec", tensors["b_dec"], (d,), path),
-                       not cfg.get("transcode", False), int(cfg["k"]), None, str(folder))
+                       not cfg.get("transcode", False), _check_k(cfg["k"], n, folder / "cfg.json"), None, str(folder))
 
 
 def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
-    cfg = _read_json(folder / "config.json")
+    cfg = _read_json(folder / "config.json", "dictionary_learning config")
     trainer = cfg.get("trainer", cfg)
+    if not isinstance(trainer, dict):
+        raise ValueError(f"{folder / 'config.json'}: 'trainer' must be an object, got {trainer!r}")
+    _io.check_keys(trainer, {"activation_dim": int, "dict_size": int}, f"{folder / 'config.json'} (trainer)")
     cls = trainer.get("dict_class", "AutoEncoder")
     if (folder / "ae.safetensors").is_file():
         path = folder / "ae.safetensors"
@@ -203,9 +210,15 @@ def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
                              "allow it explicitly (allow_pickle=True, --allow-pickle): it is then read with "
                              "torch.load(weights_only=True)")
         log.warning("reading %s with torch.load(weights_only=True)", path)
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(tensors, dict):
-            raise ValueError(f"{path} does not hold a state dict")
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle and torch raise many types for a file that is not plain tensors
+            raise ValueError(f"{path} cannot be read safely with torch.load(weights_only=True) (it holds more than "
+                             f"tensors, or is not a torch file): {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}. Convert it to ae.safetensors") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise ValueError(f"{path} does not hold a state dict (names to tensors)")
+        _io.check_finite(tensors, path)
     d, n = int(trainer["activation_dim"]), int(trainer["dict_size"])
     _need(tensors, ("encoder.weight", "encoder.bias", "decoder.weight"), path)
     w_enc = _shape("encoder.weight", tensors["encoder.weight"], (n, d), path)
@@ -220,6 +233,7 @@ def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
         k = int(tensors["k"]) if "k" in tensors else trainer.get("k")
         if k is None:
             raise ValueError(f"{folder}: AutoEncoderTopK needs k (buffer 'k' or trainer.k)")
+        k = _check_k(k, n, path)
         return ImportedSAE("dictionary_learning", "topk", w_enc, b_enc, atoms,
                            _shape("b_dec", tensors["b_dec"], (d,), path), True, int(k), None, str(folder))
     raise ValueError(f"{folder}: dictionary_learning class {cls!r} is not supported (AutoEncoder, AutoEncoderTopK)")

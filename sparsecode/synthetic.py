@@ -1,6 +1,8 @@
 """Planted sparse-coding problems with known dictionary and codes (the paper-c generator)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,9 @@ def make_sparse_data(n_samples: int = 1024, d: int = 8, n_atoms: int = 16, k: in
     check_int_range("k", k, 1, n_atoms, why=f" (n_atoms={n_atoms})")
     check_positive("noise", noise)
     check_positive("power_law", power_law)
+    if snr_db is not None and (isinstance(snr_db, bool) or not isinstance(snr_db, numbers.Real)
+                               or not math.isfinite(snr_db)):
+        raise ValueError(f"snr_db must be a finite number of decibels, got {snr_db!r}")
     if snr_db is not None and noise:
         raise ValueError(f"give either noise={noise} or snr_db={snr_db}, not both")
     if firing not in ("uniform", "power-law"):

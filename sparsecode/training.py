@@ -11,7 +11,6 @@ import abc
 import contextlib
 import contextvars
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,20 +319,20 @@ class TrainableEncoder(Encoder):
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name and config)."""
+        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name and config); the
+        path rule is `_io.paired`'s. Refuses to replace files that are not a saved encoder."""
         if self.net is None:
             raise RuntimeError(f"encoder {self.name!r} is not trained: nothing to save")
-        path = Path(path)
-        stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+        tensors_path, meta_path = _io.paired(path)
+        _io.check_replaceable(path, ENCODER_FORMAT, "sparsecode encoder")
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         tensors["dictionary.atoms"] = self.dictionary.atoms
         if self.dictionary.bias is not None:
             tensors["dictionary.bias"] = self.dictionary.bias
-        _io.write_tensors(stem.with_suffix(".safetensors"), tensors)
-        _io.write_json(stem.with_suffix(".json"), {"format": ENCODER_FORMAT, "encoder": self.name, "d_in": self.d_in,
-                                                   "n_atoms": self.dictionary.n_atoms,
-                                                   "config": dataclasses.asdict(self.config)})
-        return stem.with_suffix(".safetensors")
+        _io.write_tensors(tensors_path, tensors)
+        _io.write_json(meta_path, {"format": ENCODER_FORMAT, "encoder": self.name, "d_in": self.d_in,
+                                   "n_atoms": self.dictionary.n_atoms, "config": dataclasses.asdict(self.config)})
+        return tensors_path
 
 
 ENCODER_FORMAT = "sparsecode.encoder"
@@ -343,27 +342,36 @@ def load_encoder(path) -> TrainableEncoder:
     """Rebuild a trained encoder written by `TrainableEncoder.save` (safetensors + JSON only)."""
     from .registry import get_encoder       # the registry imports nothing from here: no cycle at import
 
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-    meta_path = stem.with_suffix(".json")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"encoder description not found: {meta_path}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path} is not valid JSON: {err}") from None
-    if meta.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{meta_path} is not a sparsecode encoder description (format={meta.get('format')!r})")
-    tensors = _io.read_tensors(stem.with_suffix(".safetensors"), "encoder")
+    tensors_path, meta_path = _io.paired(path)
+    meta = _io.read_json(meta_path, "sparsecode encoder description",
+                         {"encoder": str, "d_in": int, "n_atoms": int, "config": dict}, format=ENCODER_FORMAT)
+    tensors = _io.read_tensors(tensors_path, "encoder")
+    if "dictionary.atoms" not in tensors:
+        raise ValueError(f"{tensors_path} lacks its dictionary (tensor 'dictionary.atoms'); it has "
+                         f"{', '.join(sorted(tensors)) or 'nothing'}")
     enc = get_encoder(meta["encoder"], **meta["config"])
     if not isinstance(enc, TrainableEncoder):
-        raise ValueError(f"{meta['encoder']!r} is not a trained encoder")
+        raise ValueError(f"{meta_path}: {meta['encoder']!r} is not a trained encoder")
     atoms = tensors["dictionary.atoms"]
+    if atoms.ndim != 2 or atoms.shape[0] != meta["n_atoms"]:
+        raise ValueError(f"{tensors_path}: dictionary.atoms has shape {tuple(atoms.shape)} but {meta_path.name} "
+                         f"says n_atoms={meta['n_atoms']}")
     enc.dictionary = Dictionary(atoms, tensors.get("dictionary.bias"))
     enc.d_in = meta["d_in"]
     x_like = torch.zeros(1, enc.d_in, dtype=atoms.dtype)
     enc.net = enc._build(enc.d_in, atoms.shape[0], x_like, atoms)
     state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+    expected = enc.net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{tensors_path} does not hold a {meta['encoder']} network: "
+                         + "; ".join(f"{what} {', '.join(names)}" for what, names in
+                                     (("missing", missing), ("unexpected", unexpected)) if names))
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{tensors_path}: net.{name} has shape {tuple(tensor.shape)}, but a {meta['encoder']} "
+                             f"encoder with d_in={enc.d_in}, n_atoms={atoms.shape[0]} needs "
+                             f"{tuple(expected[name].shape)}")
     enc.net.load_state_dict(state)
     enc.net.to(atoms.dtype).eval()
     return enc

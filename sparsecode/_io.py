@@ -120,8 +120,8 @@ def check_writable(path, what: str = "output file", *, folder: bool = False,
             raise IsADirectoryError(f"{what} {path} is a folder; give a file name")
         if not os.access(path, os.W_OK):
             raise PermissionError(f"{what} {path} is not writable")
-    parent = path.parent if not path.exists() else path
-    parent = Path(os.path.abspath(parent))
+    # where the file (or the folder's files) will be created: rename needs write access there
+    parent = Path(os.path.abspath(path if folder and path.is_dir() else path.parent))
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():

@@ -261,3 +261,65 @@ def test_embedded_smollm2_extracts(tmp_path):
     assert store.n_tokens == 300 and store.d == 576 and stats.tokens == 300
     assert store.manifest["revision"].startswith("sha256:")
     assert torch.isfinite(store.load()).all()
+
+
+def test_killed_before_the_first_manifest_resumes_and_foreign_folders_are_refused(tmp_path, tiny, loaded,
+                                                                                   monkeypatch):
+    folder, corpus = tiny
+    name, docs = act.read_corpus(str(corpus))
+    cfg = act.ExtractConfig(**CFG)
+    # what a process killed between renaming its first shard and writing the manifest leaves behind
+    act.extract(loaded, name, docs, tmp_path / "full", cfg)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "shard-00000.safetensors").write_bytes((tmp_path / "full" / "shard-00000.safetensors").read_bytes())
+    (cut / ".shard-00001.safetensors.abc123.tmp").write_bytes(b"half a shard")
+    stats = act.extract(loaded, name, docs, cut, cfg)
+    assert stats.resumed_from == 0 and stats.tokens == 300
+    assert torch.equal(act.ActivationStore(cut).load(), act.ActivationStore(tmp_path / "full").load())
+    # the manifest is written before the first shard, so an early kill leaves a recognisable store
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(act._io, "write_tensors", killed)
+        with pytest.raises(KeyboardInterrupt):
+            act.extract(loaded, name, docs, tmp_path / "early", cfg)
+    assert act.ActivationStore(tmp_path / "early").n_tokens == 0
+    assert act.extract(loaded, name, docs, tmp_path / "early", cfg).tokens == 300
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files other than a store's"):
+        act.extract(loaded, name, docs, foreign, cfg)
+    assert (foreign / "notes.txt").read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_store_files_keep_the_umask(tmp_path, tiny, loaded):
+    import os
+    folder, corpus = tiny
+    name, docs = act.read_corpus(str(corpus))
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        old = os.umask(mask)
+        try:
+            act.extract(loaded, name, docs, tmp_path / f"s{mask:o}", act.ExtractConfig(**CFG))
+        finally:
+            os.umask(old)
+        files = list((tmp_path / f"s{mask:o}").iterdir())
+        assert len(files) == 4 and {f.stat().st_mode & 0o777 for f in files} == {mode}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("shards"), "lacks 'shards'"),
+    (lambda m: m.update(shards={"file": "x"}), "'shards' must be a list"),
+    (lambda m: m["shards"][0].pop("n_tokens"), r"shards\[0\] lacks 'n_tokens'"),
+])
+def test_almost_right_manifests_are_named(tmp_path, tiny, loaded, edit, message):
+    folder, corpus = tiny
+    name, docs = act.read_corpus(str(corpus))
+    act.extract(loaded, name, docs, tmp_path / "s", act.ExtractConfig(**CFG))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"manifest.json.*{message}"):
+        act.ActivationStore(tmp_path / "s")

@@ -28,7 +28,8 @@ def sweep(tmp_path_factory):
 
 def test_sweep_writes_every_cell_and_skips_impossible_ones(sweep):
     path, records = sweep
-    lines = path.read_text().splitlines()
+    header, *lines = path.read_text().splitlines()
+    assert json.loads(header)["format"] == "sparsecode.recovery"
     assert len(lines) == len(records) == 2 * 2 * 2          # n_atoms x k x seeds
     cells = [json.loads(line)["cell"] for line in lines]
     assert {(c["n_atoms"], c["k"], c["seed"]) for c in cells} == {(n, k, s) for n in (8, 16) for k in (2, 5)
@@ -53,12 +54,12 @@ def test_resume_skips_finished_cells_and_matches(sweep, tmp_path):
     path, records = sweep
     lines = path.read_text().splitlines()
     partial = tmp_path / "partial.jsonl"
-    partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])   # interrupted mid-write
+    partial.write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])   # header, 3 cells, half a cell
     seen = []
     resumed = recovery("paper-c", out=partial, callback=lambda i, n, rec: seen.append(rec), **TINY)
     assert _stable(resumed) == _stable(records)
     assert len(partial.read_text().splitlines()) == len(lines)
-    for first, again in zip(lines[:3], partial.read_text().splitlines()[:3]):
+    for first, again in zip(lines[:4], partial.read_text().splitlines()[:4]):
         assert first == again                                # finished cells were not rerun
 
 

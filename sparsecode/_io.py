@@ -106,6 +106,14 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _atomic(path, lambda tmp: save_file(tensors, tmp))
 
 
+def write_figure(fig, path: Path, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure atomically (the format comes from `path`'s suffix, not the temporary name's)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))
+    return path
+
+
 # --- checking outputs before any work ------------------------------------------------------------
 def check_writable(path, what: str = "output file", *, folder: bool = False,
                    suffixes: tuple[str, ...] | None = None) -> Path:

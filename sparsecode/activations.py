@@ -647,8 +647,6 @@ def firing_histogram(rates, path, title: str = "") -> Path:
     ax.set_title(f"{title} ({int((rates == 0).sum())} dead of {rates.size})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = _io.write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -86,9 +86,8 @@ def markdown_ranking(table: list[dict]) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _io.write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -119,8 +118,7 @@ def phase_transition(rows, palette, out: Path, prefix: str = "") -> Path | None:
     fig.colorbar(sc, ax=axes.ravel().tolist(), label="exact support recovery rate")
     fig.suptitle("Phase transition: fraction of signals whose support is recovered exactly")
     path = out / f"{prefix}phase_transition.png"
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _io.write_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 

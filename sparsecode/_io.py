@@ -209,10 +209,13 @@ def check_finite(tensors: dict, path) -> dict:
     return tensors
 
 
-def check_replaceable(path, format: str, what: str) -> None:
-    """A writer replaces only a file of its own kind: an existing `STEM.json` must carry `format`,
-    and an existing `STEM.safetensors` needs that description beside it (else it is someone's data)."""
+def check_pair(path, format: str, what: str) -> None:
+    """Before saving the pair `STEM.safetensors` + `STEM.json`: both can be written, and a writer
+    replaces only its own kind: an existing `STEM.json` must carry `format`, and an existing
+    `STEM.safetensors` needs that description beside it (else it is someone's data)."""
     tensors_path, meta_path = paired(path)
+    for file in (tensors_path, meta_path):
+        check_writable(file, what)
     if meta_path.exists():
         try:
             read_json(meta_path, what, format=format)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,6 +18,7 @@ from rich.table import Table
 from . import _io, metrics, training
 from ._validation import check_int_range
 from .compare import Comparison, compare as run_compare
+from .dictionary import FORMAT as DICTIONARY_FORMAT
 from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods
 from .registry import available_encoders, encoder_class
@@ -50,7 +50,7 @@ class _Commands(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except (*EXPECTED_ERRORS, KeyboardInterrupt) as err:
-            if ctx.meta.get(DEBUG_KEY) or os.environ.get("SPARSECODE_DEBUG", "") not in ("", "0"):
+            if ctx.meta.get(DEBUG_KEY):
                 raise
             if isinstance(err, KeyboardInterrupt):
                 _error_line("interrupted (files written so far are complete; rerun the command to resume where "
@@ -312,11 +312,8 @@ def train_cmd(
     """Learn a dictionary (and its encoder) from signals and save them."""
     _setup_logging(verbose)
     encoder_out = _io.sibling(out, "-encoder")
-    for path, kind, what in ((out, "sparsecode.dictionary", "sparsecode dictionary"),
-                             (encoder_out, training.ENCODER_FORMAT, "sparsecode encoder")):
-        for file in _io.paired(path):
-            _io.check_writable(file, "--out")
-        _io.check_replaceable(path, kind, what)
+    _io.check_pair(out, DICTIONARY_FORMAT, "sparsecode dictionary")
+    _io.check_pair(encoder_out, training.ENCODER_FORMAT, "sparsecode encoder")
     if method not in learning_methods():
         raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
                          f"Methods: {', '.join(learning_methods())}")

@@ -116,7 +116,7 @@ class Dictionary:
         hold dots (`sae.v1`), only `.safetensors`/`.json` are taken as suffixes. Refuses to replace
         files that are not a saved dictionary."""
         tensors_path, meta_path = _io.paired(path)
-        _io.check_replaceable(path, FORMAT, "sparsecode dictionary")
+        _io.check_pair(path, FORMAT, "sparsecode dictionary")
         tensors = {"atoms": self.atoms}
         if self.bias is not None:
             tensors["bias"] = self.bias

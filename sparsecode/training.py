@@ -324,7 +324,7 @@ class TrainableEncoder(Encoder):
         if self.net is None:
             raise RuntimeError(f"encoder {self.name!r} is not trained: nothing to save")
         tensors_path, meta_path = _io.paired(path)
-        _io.check_replaceable(path, ENCODER_FORMAT, "sparsecode encoder")
+        _io.check_pair(path, ENCODER_FORMAT, "sparsecode encoder")
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         tensors["dictionary.atoms"] = self.dictionary.atoms
         if self.dictionary.bias is not None:

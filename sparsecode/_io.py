@@ -204,8 +204,12 @@ def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 def check_finite(tensors: dict, path) -> dict:
     """Refuse weights or signals holding NaN or Inf where they are read, naming the file and tensor."""
     for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{path}: tensor {name!r} contains NaN or Inf")
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            continue
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            row = f" (first at row {int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0])})" if bad.ndim > 1 else ""
+            raise ValueError(f"{path}: tensor {name!r} contains NaN or Inf{row}")
     return tensors
 
 

@@ -162,9 +162,9 @@ def test_encoder_files_with_nan_wrong_shapes_or_no_dictionary(tmp_path, small):
     name = next(k for k in tensors if k.startswith("net.") and tensors[k].ndim == 2)
     bad = dict(tensors)
     bad[name] = bad[name].clone()
-    bad[name][0, 0] = float("nan")
+    bad[name][1, 0] = float("nan")
     save_file(bad, str(path))
-    with pytest.raises(ValueError, match=f"enc.safetensors: tensor '{name}' contains NaN or Inf"):
+    with pytest.raises(ValueError, match=f"enc.safetensors: tensor '{name}' contains NaN or Inf \\(first at row 1\\)"):
         load_encoder(path)
     bad = dict(tensors)
     bad[name] = torch.zeros(bad[name].shape[0] + 1, bad[name].shape[1], dtype=bad[name].dtype)

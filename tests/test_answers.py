@@ -1,0 +1,218 @@
+"""Every answer is what it claims: objective gaps, typed configs, the comparison's reference,
+reachability of a target L0, planted signals for a saved dictionary."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+
+import sparsecode as sc
+import sys
+
+from sparsecode import metrics, registry
+
+compare_mod = sys.modules["sparsecode.compare"]
+from sparsecode.encoder import Encoder, EncoderConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sc.synthetic.make_sparse_data(n_samples=200, d=16, n_atoms=32, k=3, seed=5, noise=0.01)
+
+
+# --- objective gaps ---------------------------------------------------------------------------
+def test_relative_gap_is_relative_to_the_optimum_and_absent_when_the_optimum_is_zero():
+    obj, ref = torch.tensor([1.5, 2.5]), torch.tensor([1.0, 2.0])
+    trivial = torch.tensor([10.0, 10.0])
+    assert metrics.relative_gap(obj, ref, trivial) == pytest.approx(1.0 / 3.0)
+    assert metrics.excess_objective(obj, ref) == pytest.approx(0.5)
+    # optimum 1e-12 against a zero-code objective of 20: the ratio would be 1e11, it is undefined instead
+    assert math.isnan(metrics.relative_gap(torch.tensor([1e-3, 0.0]), torch.tensor([1e-12, 0.0]), trivial))
+    assert metrics.excess_objective(torch.tensor([1e-3, 0.0]), torch.tensor([0.0, 0.0])) == pytest.approx(5e-4)
+
+
+def test_lam_zero_reports_the_absolute_gap_not_a_huge_ratio(caplog):
+    tiny = sc.synthetic.make_sparse_data(n_samples=8, d=6, n_atoms=12, k=2, seed=5, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING):
+        row = sc.compare(["fista"], tiny, lam=0.0, reference="sklearn-lasso").row("fista")
+    assert "objective_gap" not in row
+    # 12 atoms in 6 dimensions reconstruct exactly at lam=0: both objectives are ~0 per signal
+    trivial = float((0.5 * tiny.x ** 2).sum(1).mean())
+    assert 0 <= row["objective"] < 1e-6 * trivial
+    assert abs(row["objective_excess"]) < 1e-6 * trivial
+    assert "relative gap is undefined" in caplog.text
+
+
+# --- typed configs -----------------------------------------------------------------------------
+def test_config_fields_are_type_checked_at_construction():
+    with pytest.raises(TypeError, match="option positive takes True or False, got 'no'"):
+        sc.get_encoder("fista", positive="no")
+    with pytest.raises(TypeError, match=r"option k takes an integer, got 3\.0"):
+        sc.get_encoder("omp", k=3.0)
+    with pytest.raises(TypeError, match="option k takes an integer, got True"):
+        sc.get_encoder("omp", k=True)
+    with pytest.raises(TypeError, match="option lam takes a number, got '0.1'"):
+        sc.get_encoder("fista", lam="0.1")
+    with pytest.raises(TypeError, match="option memory takes str or None, got 4"):
+        sc.encoder.MemoryConfig(memory=4)
+    # the config class itself checks, not only get_encoder
+    with pytest.raises(TypeError, match="option steps takes an integer"):
+        sc.encoder_class("topk").Config(steps=10.0)
+    # lossless conversions: numpy integers to int, ints to float
+    enc = sc.get_encoder("omp", k=np.int64(3))
+    assert enc.config.k == 3 and type(enc.config.k) is int
+    enc = sc.get_encoder("fista", lam=1, positive=np.bool_(True))
+    assert enc.config.lam == 1.0 and type(enc.config.lam) is float and enc.config.positive is True
+
+
+@dataclass(frozen=True)
+class _PluginConfig(EncoderConfig):
+    mode: Literal["fast", "exact"] = "fast"
+    """A choice."""
+    limit: int | None = None
+    """An optional integer."""
+    ratio: float = 0.5
+    """A number."""
+
+
+def test_a_third_party_config_gets_the_same_checks():
+    assert _PluginConfig(mode="exact", limit=None, ratio=1).ratio == 1.0
+    with pytest.raises(TypeError, match="option mode takes one of 'fast', 'exact', got 'slow'"):
+        _PluginConfig(mode="slow")
+    with pytest.raises(TypeError, match=r"option limit takes int or None, got 2\.5"):
+        _PluginConfig(limit=2.5)
+    # --set parses text by the same annotations
+    assert sc.encoder.coerce_field(_PluginConfig, "mode", "exact") == "exact"
+    with pytest.raises(ValueError, match="mode takes one of"):
+        sc.encoder.coerce_field(_PluginConfig, "mode", "slow")
+    with pytest.raises(TypeError, match="option ratio"):
+        dataclasses.replace(_PluginConfig(), ratio="x")
+
+
+# --- the reference of the objective gap ---------------------------------------------------------
+def test_solves_lasso_is_a_capability_of_the_class():
+    assert sc.encoder_class("fista").solves_lasso and sc.encoder_class("sklearn-lasso").solves_lasso
+    assert not sc.encoder_class("omp").solves_lasso and not sc.encoder_class("lista").solves_lasso
+
+    class Lasso2(Encoder):
+        family = "lasso"
+
+    class NotQuite(Encoder):
+        family = "lasso"
+        solves_lasso = False
+
+    class Custom(Encoder):
+        family = "mine"
+        solves_lasso = True
+
+    assert Lasso2.solves_lasso and not NotQuite.solves_lasso and Custom.solves_lasso
+
+
+def _count_reference_steps():
+    seen = []
+
+    def on_step(what, step, steps, loss):
+        if what.startswith("reference") and step == steps:
+            seen.append(what)
+    return seen, on_step
+
+
+def test_auto_reference_is_computed_once_per_lam_and_only_for_lasso_rows(data):
+    seen, on_step = _count_reference_steps()
+    with sc.training.progress(on_step):
+        res = sc.compare(["fista", "ista", "omp"], data, lam=0.05)
+    assert res.settings["reference"] == "fista"
+    assert seen == ["reference fista (lam=0.05)"]              # one solve, shared by both lasso rows
+    assert abs(res.row("fista")["objective_gap"]) < 1e-4
+    assert res.row("ista")["objective_gap"] >= -1e-6
+    assert "objective" not in res.row("omp")
+
+
+def test_reference_matches_each_rows_positivity(data):
+    res = sc.compare(["fista"], data, lam=0.05, encoder_params={"fista": {"positive": True}})
+    # the reference solves the constrained problem too; against the unconstrained one the gap would be > 0
+    assert abs(res.row("fista")["objective_gap"]) < 1e-4
+
+
+def test_reference_choices(data, monkeypatch):
+    res = sc.compare(["omp"], data)
+    assert res.settings["reference"] is None                      # no lasso encoder: nothing to refer to
+    res = sc.compare(["fista"], data, reference="none")
+    row = res.row("fista")
+    assert "objective" in row and "objective_gap" not in row and res.settings["reference"] is None
+    monkeypatch.setattr(compare_mod, "AUTO_REFERENCE_MAX", 100)
+    res = sc.compare(["fista"], data)
+    assert res.settings["reference"] is None and "objective_gap" not in res.row("fista")
+    with pytest.raises(ValueError, match="reference 'omp' does not solve the lasso objective; lasso solvers: .*fista"):
+        sc.compare(["fista"], data, reference="omp")
+    with pytest.deprecated_call():
+        res = sc.compare(["fista"], data, gap_reference=None)
+    assert res.settings["reference"] is None
+
+
+# --- reachability of a target L0 ----------------------------------------------------------------
+class _EP:
+    def __init__(self, cls):
+        self.cls, self.value = cls, f"tests:{cls.__name__}"
+
+    def load(self):
+        return self.cls
+
+
+@dataclass(frozen=True)
+class _CappedConfig(EncoderConfig):
+    lam: float = 0.1
+    """Threshold."""
+
+
+class _Capped(Encoder):
+    """Soft-thresholded correlations, at most two non-zeros per signal, whatever lam."""
+
+    name = "capped"
+    family = "test"
+    knob = "lam"
+    Config = _CappedConfig
+    fits = 0
+
+    def _fit(self, x):
+        type(self).fits += 1
+
+    def _encode(self, x):
+        c = x @ self.dictionary.atoms_as(x.dtype, x.device).T
+        c = torch.sign(c) * torch.clamp_min(c.abs() - self.config.lam, 0)
+        keep = c.abs().topk(2, dim=1).indices
+        return torch.zeros_like(c).scatter_(1, keep, c.gather(1, keep))
+
+
+@pytest.fixture
+def capped(monkeypatch):
+    eps = dict(registry._entry_points())
+    eps["capped"] = _EP(_Capped)
+    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    _Capped.fits = 0
+    return _Capped
+
+
+def test_unreachable_target_is_refused_before_searching(data, capped):
+    with pytest.raises(compare_mod.Unreachable, match=r"out of capped's reach: .* its mean L0 is 2 "):
+        sc.calibrate("capped", data.dictionary, data.x, 5.0)
+    assert capped.fits == 1                                        # the densest end only, no bisection
+    enc, l0 = sc.calibrate("capped", data.dictionary, data.x, 1.5)   # reachable: searched as before
+    assert abs(l0 - 1.5) <= 0.05 and capped.fits > 2
+
+
+def test_lasso_target_above_d_is_refused_without_solving(data, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare_mod, "get_encoder", lambda *a, **k: calls.append(a) or sc.get_encoder(*a, **k))
+    with pytest.raises(compare_mod.Unreachable, match="more than d=16: a lasso solution has at most d non-zeros"):
+        sc.calibrate("fista", data.dictionary, data.x, 20.0)
+    assert calls == []
+    res = sc.compare(["fista", "omp"], data, target_l0=20.0)      # the reachable rows still run
+    assert "more than d=16" in res.row("fista")["skipped"]
+    assert "more than omp can reach here" in res.row("omp")["skipped"]

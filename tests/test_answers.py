@@ -216,3 +216,34 @@ def test_lasso_target_above_d_is_refused_without_solving(data, monkeypatch):
     res = sc.compare(["fista", "omp"], data, target_l0=20.0)      # the reachable rows still run
     assert "more than d=16" in res.row("fista")["skipped"]
     assert "more than omp can reach here" in res.row("omp")["skipped"]
+
+
+# --- a saved dictionary without data: signals are planted in it ----------------------------------
+def test_planted_signals_decode_with_the_given_dictionary_and_its_bias():
+    atoms = sc.synthetic.random_dictionary(24, 12, seed=3).atoms * 2.0      # non-unit atoms, as SAE decoders
+    bias = torch.linspace(-1, 1, 12)
+    D = sc.Dictionary(atoms, bias)
+    data = sc.synthetic.make_sparse_data(50, 12, 24, 2, dictionary=D, seed=4)
+    torch.testing.assert_close(data.x, data.codes @ atoms + bias)
+    assert ((data.codes != 0).sum(1) == 2).all()
+
+
+def test_cli_compare_with_a_dictionary_and_no_data_plants_in_it(tmp_path):
+    from typer.testing import CliRunner
+    from sparsecode.cli import app
+    D = sc.synthetic.random_dictionary(24, 12, seed=3)
+    D.save(tmp_path / "dict")
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["compare", "--encoders", "omp,fista", "--dictionary",
+                                      str(tmp_path / "dict.safetensors"), "--k", "2", "--n-samples", "200",
+                                      "--n-train", "0", "--reference", "none", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "planted in" in result.output and "the codes are the truth for it" in " ".join(result.output.split())
+    import json
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["d"] == 12 and saved["settings"]["n_atoms"] == 24 and saved["settings"]["reference"] is None
+    omp = {r["encoder"]: r for r in saved["rows"]}["omp"]
+    # the codes are the truth for this dictionary: OMP at the planted k recovers nearly every support
+    assert omp["f1"] > 0.95 and omp["fvu"] < 0.05
+    result = CliRunner().invoke(app, ["compare", "--encoders", "fista", "--reference", "omp"])
+    assert result.exit_code == 2 and "does not solve the lasso objective" in result.output

@@ -15,6 +15,7 @@ import torch
 import sparsecode as sc
 import sys
 
+import sparsecode.sae_formats  # noqa: F401  (sc.sae_formats below)
 from sparsecode import metrics, registry
 
 compare_mod = sys.modules["sparsecode.compare"]
@@ -247,3 +248,196 @@ def test_cli_compare_with_a_dictionary_and_no_data_plants_in_it(tmp_path):
     assert omp["f1"] > 0.95 and omp["fvu"] < 0.05
     result = CliRunner().invoke(app, ["compare", "--encoders", "fista", "--reference", "omp"])
     assert result.exit_code == 2 and "does not solve the lasso objective" in result.output
+
+
+# --- imported SAE flags: each honoured (against the tool's own maths, written out) or refused -------
+D_IN, N_SAE = 6, 10
+
+
+@pytest.fixture
+def sae_weights():
+    g = torch.Generator().manual_seed(3)
+    w = {"W_enc": torch.randn(D_IN, N_SAE, generator=g), "b_enc": 0.1 * torch.randn(N_SAE, generator=g),
+         "W_dec": torch.randn(N_SAE, D_IN, generator=g) * torch.linspace(0.3, 3.0, N_SAE)[:, None],
+         "b_dec": torch.randn(D_IN, generator=g), "threshold": 0.2 * torch.rand(N_SAE, generator=g)}
+    return w, 2.0 * torch.randn(60, D_IN, generator=g)
+
+
+def _saelens_folder(folder, tensors, **cfg):
+    from safetensors.torch import save_file
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": D_IN, "d_sae": N_SAE, "dtype": "float32",
+                                                 "apply_b_dec_to_input": True, **cfg}))
+    return folder
+
+
+def _ours(folder, x):
+    D = sc.sae_formats.load_sae_dictionary(folder)
+    codes = sc.get_encoder("sae-file").fit(D).encode(x)
+    return codes, D.decode(codes)
+
+
+def _saelens_topk_rescaled(w, x, k):
+    """SAELens's TopK SAE with rescale_acts_by_decoder_norm=True, as its encode/decode read."""
+    norms = w["W_dec"].norm(dim=-1)
+    hidden_pre = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
+    top = hidden_pre.topk(k, dim=-1)
+    acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
+    return acts, (acts / norms) @ w["W_dec"] + w["b_dec"]
+
+
+def test_saelens_topk_rescaled_by_decoder_norm_equals_saelens(tmp_path, sae_weights):
+    w, x = sae_weights
+    tensors = {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    folder = _saelens_folder(tmp_path / "sae", tensors, architecture="topk", k=3, rescale_acts_by_decoder_norm=True)
+    codes, recon = _ours(folder, x)
+    acts, ref = _saelens_topk_rescaled(w, x, 3)
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, ref, atol=1e-5, rtol=1e-5)
+    # the flag matters here: the plain top-k of the same weights keeps other latents on some signals
+    plain = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).topk(3, dim=-1).indices
+    plain_support = torch.zeros_like(codes, dtype=torch.bool).scatter(1, plain, True)
+    assert ((codes != 0) != plain_support).any()
+
+
+def test_saelens_expected_average_only_in(tmp_path, sae_weights):
+    import json
+    w, x = sae_weights
+    tensors = {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    # without a stored factor: SAELens's encode is unchanged by this setting (it scales inputs in training only)
+    folder = _saelens_folder(tmp_path / "plain", tensors, architecture="standard",
+                             normalize_activations="expected_average_only_in")
+    codes, recon = _ours(folder, x)
+    acts = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, acts @ w["W_dec"] + w["b_dec"], atol=1e-5, rtol=1e-5)
+    # with the factor kept beside a checkpoint: trained on s * x, so on raw x the SAE is SAE(s x) / s
+    folder = _saelens_folder(tmp_path / "scaled", tensors, architecture="standard",
+                             normalize_activations="expected_average_only_in")
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.25}))
+    codes, recon = _ours(folder, x)
+    acts = torch.relu((0.25 * x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, (acts @ w["W_dec"] + w["b_dec"]) / 0.25, atol=1e-4, rtol=1e-5)
+
+
+def test_saelens_finetuning_scaling_factor_is_folded_into_the_atoms(tmp_path, sae_weights):
+    w, x = sae_weights
+    s = torch.linspace(0.5, 1.5, N_SAE)
+    tensors = {**{k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, "finetuning_scaling_factor": s}
+    folder = _saelens_folder(tmp_path / "ft", tensors, architecture="standard", finetuning_scaling_factor=True)
+    codes, recon = _ours(folder, x)
+    acts = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, (acts * s) @ w["W_dec"] + w["b_dec"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"architecture": "standard", "normalize_activations": "constant_norm_rescale"},
+     "rescales each input by its own norm"),
+    ({"architecture": "standard", "normalize_activations": "layer_norm"}, "do not decode linearly"),
+    ({"architecture": "gated"}, "two encoder paths"),
+    ({"architecture": "batchtopk", "k": 2}, "across a whole batch"),
+    ({"architecture": "jumprelu_transcoder"}, "is a transcoder"),
+    ({"architecture": "jumprelu", "rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm is set on a"),
+])
+def test_saelens_settings_that_cannot_be_reproduced_are_refused_by_name(tmp_path, sae_weights, cfg, message):
+    w, _ = sae_weights
+    folder = _saelens_folder(tmp_path / "sae", dict(w), **cfg)
+    with pytest.raises(ValueError, match=message):
+        sc.sae_formats.load_sae(folder)
+
+
+def test_saelens_hook_z_and_half_precision_weights(tmp_path, sae_weights):
+    w, x = sae_weights
+    tensors = {k: w[k].to(torch.bfloat16) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    folder = _saelens_folder(tmp_path / "z", tensors, architecture="standard", reshape_activations="hook_z",
+                             dtype="bfloat16")
+    codes, recon = _ours(folder, x)
+    w16 = {k: v.float() for k, v in tensors.items()}       # the stored values, run in the input's precision
+    acts = torch.relu((x - w16["b_dec"]) @ w16["W_enc"] + w16["b_enc"])
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, acts @ w16["W_dec"] + w16["b_dec"], atol=1e-4, rtol=1e-5)
+
+
+def _dl_folder(folder, state, cls, **trainer):
+    from safetensors.torch import save_file
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "ae.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": cls, "activation_dim": D_IN,
+                                                                "dict_size": N_SAE, **trainer}}))
+    return folder
+
+
+def test_dictionary_learning_jumprelu_autoencoder(tmp_path, sae_weights):
+    w, x = sae_weights
+    folder = _dl_folder(tmp_path / "jr", {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")},
+                        "JumpReluAutoEncoder")
+    codes, recon = _ours(folder, x)
+    # dictionary_learning: pre = x @ W_enc + b_enc (no b_dec subtracted); f = ReLU(pre * (pre > threshold))
+    pre = x @ w["W_enc"] + w["b_enc"]
+    acts = torch.relu(pre * (pre > w["threshold"]))
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, acts @ w["W_dec"] + w["b_dec"], atol=1e-5, rtol=1e-5)
+    assert ((codes > 0) & (codes < w["threshold"])).sum() == 0 and (codes > 0).any()
+
+
+def test_dictionary_learning_batch_topk_runs_its_inference_threshold(tmp_path, sae_weights):
+    w, x = sae_weights
+    state = {"encoder.weight": w["W_enc"].T, "encoder.bias": w["b_enc"], "decoder.weight": w["W_dec"].T,
+             "b_dec": w["b_dec"], "k": torch.tensor(3, dtype=torch.int32), "threshold": torch.tensor(0.5)}
+    folder = _dl_folder(tmp_path / "btk", state, "BatchTopKSAE", k=3)
+    codes, recon = _ours(folder, x)
+    post = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    acts = post * (post > 0.5)
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, acts @ w["W_dec"] + w["b_dec"], atol=1e-5, rtol=1e-5)
+    state["threshold"] = torch.tensor(-1.0)
+    folder = _dl_folder(tmp_path / "unset", state, "BatchTopKSAE", k=3)
+    with pytest.raises(ValueError, match="inference threshold was never set"):
+        sc.sae_formats.load_sae(folder)
+    folder = _dl_folder(tmp_path / "gated", state, "GatedAutoEncoder")
+    with pytest.raises(ValueError, match="class 'GatedAutoEncoder' is not supported.*JumpReluAutoEncoder"):
+        sc.sae_formats.load_sae(folder)
+
+
+def test_sparsify_flags(tmp_path, sae_weights):
+    from safetensors.torch import save_file
+    import json
+    w, x = sae_weights
+    folder = tmp_path / "sp"
+    folder.mkdir()
+    save_file({"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
+               "b_dec": w["b_dec"]}, str(folder / "sae.safetensors"))
+    # multi_topk is a training loss only: encoding is TopK of ReLU on x - b_dec
+    (folder / "cfg.json").write_text(json.dumps({"d_in": D_IN, "k": 3, "multi_topk": True, "num_latents": N_SAE}))
+    codes, recon = _ours(folder, x)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    top = pre.topk(3, dim=1)
+    acts = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+    torch.testing.assert_close(codes, acts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recon, acts @ w["W_dec"] + w["b_dec"], atol=1e-5, rtol=1e-5)
+    for flag, message in (("signed", "signed=True is not supported"), ("embed_skip", "embed_skip=True"),
+                          ("skip_connection", "skip connections")):
+        (folder / "cfg.json").write_text(json.dumps({"d_in": D_IN, "k": 3, flag: True}))
+        with pytest.raises(ValueError, match=message):
+            sc.sae_formats.load_sae(folder)
+
+
+@pytest.mark.slow
+def test_saelens_itself_agrees_on_a_rescaled_topk_folder(tmp_path, sae_weights):
+    """SAELens's own forward pass on the folder we read (skipped where sae-lens is not installed)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    w, x = sae_weights
+    tensors = {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    folder = _saelens_folder(tmp_path / "sae", tensors, architecture="topk", k=3, rescale_acts_by_decoder_norm=True,
+                             normalize_activations="none", device="cpu")
+    sae = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    codes, recon = _ours(folder, x)
+    with torch.no_grad():
+        theirs = sae.encode(x)
+        torch.testing.assert_close(codes, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(recon, sae.decode(theirs), atol=1e-5, rtol=1e-5)

@@ -298,11 +298,12 @@ def train_cmd(
             raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
                              f"Methods: {', '.join(learning_methods())}")
         params = _method_options(method, set_)
-        truth = None
+        truth, input_scale = None, 1.0
         if data is not None and str(data).startswith("activations:"):
             from .activations import ActivationStore
             store = ActivationStore(str(data).removeprefix("activations:"))
             loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
+            input_scale = store.scale          # recorded with the dictionary: evaluate and export need it
             x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
         elif data is not None:
             tensors = _io.read_tensors(data, "data")
@@ -314,7 +315,7 @@ def train_cmd(
             x, y = truth.x, None
         with _progress_bars(1, "train") as on_item:
             on_item(method, "start")
-            learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, **params)
+            learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, input_scale=input_scale, **params)
             on_item(method, "done")
     except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
         _fail(str(err))
@@ -413,8 +414,9 @@ def evaluate_cmd(
     from .dictionary import as_dictionary
     try:
         meta = ActivationStore(store).manifest if store is not None else {}
-        scale = float((meta.get("normalization") or {}).get("scale", 1.0))
         D = as_dictionary(dictionary)
+        # the dictionary's own record of its input scale wins; a store's normalisation otherwise
+        scale = D.metadata.get("input_scale") or float((meta.get("normalization") or {}).get("scale", 1.0))
         if encoder.endswith(".safetensors"):
             enc = load_encoder(encoder)
         else:

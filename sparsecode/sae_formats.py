@@ -357,7 +357,12 @@ def save_saelens(folder, dictionary: Dictionary, encoder_rows: torch.Tensor, b_e
 
 
 def export_saelens(encoder, folder) -> Path:
-    """Export a fitted encoder that is an SAE encoder (relu, topk, sae-file) with its dictionary."""
+    """Export a fitted encoder that is an SAE encoder (relu, topk, sae-file) with its dictionary.
+
+    A dictionary learned on normalised activations (`Dictionary.input_scale` s != 1) is exported
+    with s folded into the weights, so the SAELens folder takes raw activations and its
+    reconstructions are ours divided by s.
+    """
     weights = getattr(encoder, "sae_weights", None)
     if weights is None:
         raise ValueError(f"encoder {encoder.name!r} is not an SAE encoder; SAELens can hold relu, topk and "
@@ -365,5 +370,14 @@ def export_saelens(encoder, folder) -> Path:
     if encoder.dictionary is None:
         raise ValueError(f"encoder {encoder.name!r} is not fitted: nothing to export")
     w = weights()
-    return save_saelens(folder, encoder.dictionary, w["encoder_rows"], w["b_enc"], w["architecture"], w["k"],
-                        w["center"], w["threshold"], metadata={"exported_by": "sparsecode", "encoder": encoder.name})
+    dictionary, rows = encoder.dictionary, w["encoder_rows"]
+    s = dictionary.input_scale
+    if s != 1.0:
+        # Trained on s * raw: SAE(s x) / s is the same SAE on raw x with W_enc * s, W_dec / s, b_dec / s
+        # (SAELens's fold_activation_norm_scaling_factor); thresholds and top-k act on unchanged
+        # pre-activations. The exported SAE takes raw activations: normalize_activations "none".
+        bias = None if dictionary.bias is None else dictionary.bias / s
+        dictionary, rows = Dictionary(dictionary.atoms / s, bias, metadata=dictionary.metadata), rows * s
+    return save_saelens(folder, dictionary, rows, w["b_enc"], w["architecture"], w["k"], w["center"], w["threshold"],
+                        metadata={"exported_by": "sparsecode", "encoder": encoder.name,
+                                  "input_scale_folded": s})

@@ -320,7 +320,8 @@ class TrainableEncoder(Encoder):
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name and config)."""
+        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name, config and the
+        dictionary's `input_scale`, the factor its training signals were multiplied by)."""
         if self.net is None:
             raise RuntimeError(f"encoder {self.name!r} is not trained: nothing to save")
         path = Path(path)
@@ -332,6 +333,7 @@ class TrainableEncoder(Encoder):
         _io.write_tensors(stem.with_suffix(".safetensors"), tensors)
         _io.write_json(stem.with_suffix(".json"), {"format": ENCODER_FORMAT, "encoder": self.name, "d_in": self.d_in,
                                                    "n_atoms": self.dictionary.n_atoms,
+                                                   "input_scale": self.dictionary.input_scale,
                                                    "config": dataclasses.asdict(self.config)})
         return stem.with_suffix(".safetensors")
 
@@ -359,7 +361,9 @@ def load_encoder(path) -> TrainableEncoder:
     if not isinstance(enc, TrainableEncoder):
         raise ValueError(f"{meta['encoder']!r} is not a trained encoder")
     atoms = tensors["dictionary.atoms"]
-    enc.dictionary = Dictionary(atoms, tensors.get("dictionary.bias"))
+    scale = meta.get("input_scale", 1.0)
+    enc.dictionary = Dictionary(atoms, tensors.get("dictionary.bias"),
+                                metadata={} if scale == 1.0 else {"input_scale": float(scale)})
     enc.d_in = meta["d_in"]
     x_like = torch.zeros(1, enc.d_in, dtype=atoms.dtype)
     enc.net = enc._build(enc.d_in, atoms.shape[0], x_like, atoms)

@@ -441,3 +441,42 @@ def test_saelens_itself_agrees_on_a_rescaled_topk_folder(tmp_path, sae_weights):
         theirs = sae.encode(x)
         torch.testing.assert_close(codes, theirs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(recon, sae.decode(theirs), atol=1e-5, rtol=1e-5)
+
+
+# --- the input scale of a dictionary learned on normalised activations ------------------------------
+@pytest.mark.parametrize("method", ["topk", "relu"])
+def test_export_folds_the_input_scale_so_saelens_on_raw_inputs_matches(tmp_path, method):
+    import json
+    from safetensors.torch import load_file
+    g = torch.Generator().manual_seed(8)
+    raw = 40.0 * torch.randn(256, 8, generator=g) + 5.0          # raw activations: large, off-centre
+    s = 1.0 / float((raw ** 2).sum(1).mean().sqrt())             # a store's unit-mean-squared-norm scale
+    params = {"k": 3} if method == "topk" else {"lam": 0.01, "bias": True}
+    learned = sc.learn_dictionary(raw * s, method, n_atoms=12, input_scale=s, steps=60, **params)
+    assert learned.dictionary.input_scale == pytest.approx(s)
+    learned.encoder.save(tmp_path / "enc")
+    learned.dictionary.save(tmp_path / "dict")
+    assert sc.Dictionary.load(tmp_path / "dict").input_scale == pytest.approx(s)
+    enc = sc.load_encoder(tmp_path / "enc.safetensors")
+    assert enc.dictionary.input_scale == pytest.approx(s)
+    sc.sae_formats.export_saelens(enc, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    t = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    assert cfg["normalize_activations"] == "none"
+    # SAELens's forward pass, by hand, on the raw activations
+    sae_in = raw - t["b_dec"] * cfg["apply_b_dec_to_input"]
+    pre = sae_in @ t["W_enc"] + t["b_enc"]
+    if method == "topk":
+        top = pre.topk(cfg["k"], dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    else:
+        acts = torch.relu(pre)
+    theirs = acts @ t["W_dec"] + t["b_dec"]
+    codes = enc.encode(raw * s)
+    ours = enc.dictionary.decode(codes) / s                       # our reconstruction, back in raw units
+    torch.testing.assert_close(acts, codes, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-4)
+    assert metrics.fvu(raw, theirs) < 1.0
+    # and the folder reads back to the same SAE on raw inputs
+    back = sc.get_encoder("sae-file").fit(sc.sae_formats.load_sae_dictionary(tmp_path / "sae"))
+    torch.testing.assert_close(back.encode(raw), codes, atol=1e-4, rtol=1e-4)

@@ -480,3 +480,42 @@ def test_export_folds_the_input_scale_so_saelens_on_raw_inputs_matches(tmp_path,
     # and the folder reads back to the same SAE on raw inputs
     back = sc.get_encoder("sae-file").fit(sc.sae_formats.load_sae_dictionary(tmp_path / "sae"))
     torch.testing.assert_close(back.encode(raw), codes, atol=1e-4, rtol=1e-4)
+
+
+# --- spams-omp is ORMP, omp is OMP: both checked against brute force ---------------------------------
+def _brute_greedy(atoms, x, k, rule):
+    """Greedy selection, all coefficients refitted by least squares after each step. "omp": the atom
+    most correlated with the residual; "ormp": the atom that leaves the smallest refitted residual."""
+    chosen, r = [], x.copy()
+    for _ in range(k):
+        scores = {}
+        for j in range(atoms.shape[0]):
+            if j in chosen:
+                continue
+            if rule == "omp":
+                scores[j] = abs(atoms[j] @ r)
+            else:
+                basis = atoms[chosen + [j]].T
+                scores[j] = -np.linalg.norm(x - basis @ np.linalg.lstsq(basis, x, rcond=None)[0])
+        chosen.append(max(scores, key=scores.get))
+        basis = atoms[chosen].T
+        r = x - basis @ np.linalg.lstsq(basis, x, rcond=None)[0]
+    return frozenset(chosen)
+
+
+def test_spams_omp_is_order_recursive_matching_pursuit_and_omp_is_omp():
+    pytest.importorskip("spams")
+    rng = np.random.default_rng(0)
+    atoms = rng.standard_normal((24, 12))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    x = rng.standard_normal((40, 12))                      # dense signals: the rules disagree here
+    D = sc.Dictionary(torch.from_numpy(atoms))
+    support = lambda name: [frozenset(np.flatnonzero(z)) for z in
+                            sc.get_encoder(name, k=4).fit(D).encode(torch.from_numpy(x)).numpy()]
+    omp_truth = [_brute_greedy(atoms, row, 4, "omp") for row in x]
+    ormp_truth = [_brute_greedy(atoms, row, 4, "ormp") for row in x]
+    assert support("omp") == omp_truth
+    assert support("sklearn-omp") == omp_truth
+    assert support("spams-omp") == ormp_truth
+    agreement = np.mean([a == b for a, b in zip(support("omp"), support("spams-omp"))])
+    assert agreement < 0.9                                  # other algorithms, not noise

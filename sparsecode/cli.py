@@ -242,6 +242,9 @@ def compare_cmd(
             # Signals are planted in the dictionary the encoders use, so the codes are the truth for it.
             planted = None if dictionary == "true" or joint else dictionary
             if planted is not None:
+                if (d, n_atoms) not in ((8, 16), (planted.d, planted.n_atoms)):     # set, and not the defaults
+                    raise ValueError(f"--d {d} --n-atoms {n_atoms} differ from the dictionary's d={planted.d}, "
+                                     f"n_atoms={planted.n_atoms}; signals are planted in the given dictionary")
                 d, n_atoms = planted.d, planted.n_atoms
             both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
                                     positive=not signed, seed=seed, dictionary=planted)
@@ -260,6 +263,7 @@ def compare_cmd(
     where = ""
     if data is None and planted_in is not None and not joint:
         where = f" planted in {planted_in} ({kk} non-zeros per code: the codes are the truth for it)"
+        s["data"] = f"synthetic, planted in {planted_in}"
     print_table(result.rows, [c for c in result.columns() if c in SHOWN],
                 title=f"{s['n_samples']} signals{where}, d={s['d']}, n_atoms={s['n_atoms']}"
                       + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}"))

@@ -246,6 +246,10 @@ def test_cli_compare_with_a_dictionary_and_no_data_plants_in_it(tmp_path):
     omp = {r["encoder"]: r for r in saved["rows"]}["omp"]
     # the codes are the truth for this dictionary: OMP at the planted k recovers nearly every support
     assert omp["f1"] > 0.95 and omp["fvu"] < 0.05
+    assert saved["settings"]["data"].startswith("synthetic, planted in")
+    result = CliRunner().invoke(app, ["compare", "--encoders", "omp", "--dictionary",
+                                      str(tmp_path / "dict.safetensors"), "--d", "20"])
+    assert result.exit_code == 2 and "differ from the dictionary's d=12" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["compare", "--encoders", "fista", "--reference", "omp"])
     assert result.exit_code == 2 and "does not solve the lasso objective" in result.output
 

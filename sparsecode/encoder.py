@@ -95,15 +95,15 @@ def _check_type(name: str, kind, value):
         options = typing.get_args(kind)
         if value is None and type(None) in options:
             return None
-        errors = []
+        allowed = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _check_type(name, option, value)
-            except TypeError as err:
-                errors.append(_type_name(option))
-        allowed = " or ".join(errors + (["None"] if type(None) in options else []))
+            except TypeError:
+                allowed.append(_type_name(option))
+        allowed = " or ".join(allowed + (["None"] if type(None) in options else []))
         raise TypeError(f"option {name} takes {allowed}, got {value!r} ({type(value).__name__})")
     if origin is typing.Literal:
         choices = typing.get_args(kind)

@@ -1,11 +1,21 @@
 """Reference solvers from other libraries, adapted to sparsecode's conventions.
 
-Each adapter solves exactly the problem our encoder of the same family solves for the same knob:
-OMP with `k` atoms, or the lasso ``0.5 ||x - z D||^2 + lam ||z||_1`` per signal. The traps:
+Each adapter solves the problem our encoder of the same family solves for the same knob: `k`
+atoms chosen greedily and refitted by least squares, or the lasso ``0.5 ||x - z D||^2 + lam ||z||_1`` per signal. The traps:
 scikit-learn's `sparse_encode` divides `alpha` by the number of features internally, which turns
 its objective into ours times 1/d, so `alpha=lam` is the same problem; SPAMS wants float64,
 Fortran-ordered arrays with signals as columns and returns scipy sparse matrices; both OMPs
 assume unit-norm atoms, so other dictionaries are normalised and the codes rescaled.
+
+The greedy rule differs: scikit-learn's `orthogonal_mp_gram` is OMP, like our `omp` (the next
+atom is the one most correlated with the residual, max_j |<r, d_j>|), but SPAMS's `omp` is
+*order-recursive* matching pursuit (ORMP, also called orthogonal least squares or forward
+selection: its C++ core is `coreORMP`): the next atom is the one whose addition leaves the
+smallest least-squares residual, max_j |<r, P d_j>| / ||P d_j|| with P the projection away from
+the selected atoms. Both refit all selected coefficients, so both reach L0 = k, and on sparse
+problems with incoherent atoms both recover the planted support; on dense signals they choose
+other supports (about 40% of signals agree at k=8, d=32, 64 atoms; ORMP's residuals are a little
+smaller). SPAMS also needs float64 here: in float32 it returned other (all-zero) codes.
 """
 from __future__ import annotations
 
@@ -142,7 +152,11 @@ class _Spams(_Reference):
 
 
 class SpamsOMP(_Spams):
-    """SPAMS `omp` (C++ Cholesky batch OMP)."""
+    """SPAMS `omp`: order-recursive matching pursuit (ORMP) with Cholesky updates, in C++.
+
+    Not OMP's selection rule: each step adds the atom that minimises the refitted residual (see
+    the module docstring); with unit-norm atoms and incoherent sparse problems it agrees with OMP.
+    """
 
     name = "spams-omp"
     family = "greedy"

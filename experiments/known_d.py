@@ -32,7 +32,7 @@ def run(steps: int, seeds: int) -> list[dict]:
         data = sc.synthetic.make_sparse_data(n_samples=2048, d=M, n_atoms=N, k=K, seed=seed)
         train, test = data.split(1024)
         res = sc.compare(encoders, test, k=K, lam=LASSO_LAM, x_train=train.x, encoder_params=params, seed=seed,
-                         gap_reference=None, device="cpu")
+                         reference=None, device="cpu")
         for row in res.rows:
             rows.append({"seed": seed, **row})
         print(f"seed {seed}: " + ", ".join(f"{r['encoder']} {r['code_mcc']:.3f}" for r in res.rows), flush=True)

@@ -75,12 +75,12 @@ def main() -> None:
         print(f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
 
     shared = sc.compare([topk.encoder, "omp", "fista"], x_test, topk.dictionary, k=args.k,
-                        encoder_params={"fista": {"lam": 0.05}}, gap_reference=None, device=device)
+                        encoder_params={"fista": {"lam": 0.05}}, reference=None, device=device)
     fista = sc.calibrate("fista", topk.dictionary.to(device), x_test[:1024], float(args.k))[0]
     rows = [{**r, "dictionary": "topk SAE"} for r in shared.rows if r["encoder"] != "fista"]
-    rows += [{**sc.compare([fista], x_test, topk.dictionary, gap_reference=None, device=device).rows[0],
+    rows += [{**sc.compare([fista], x_test, topk.dictionary, reference=None, device=device).rows[0],
               "dictionary": "topk SAE"}]
-    rows += [{**sc.compare([binary.encoder], x_test, binary.dictionary, gap_reference=None, device=device).rows[0],
+    rows += [{**sc.compare([binary.encoder], x_test, binary.dictionary, reference=None, device=device).rows[0],
               "encoder": "binary-topk", "dictionary": "binary SAE"}]
 
     on_model = {"topk": (topk.encoder, topk.dictionary), "omp": (sc.get_encoder("omp", k=args.k).fit(topk.dictionary),

@@ -18,7 +18,7 @@ from rich.table import Table
 from . import _io, metrics, training
 from ._validation import check_int_range
 from .compare import Comparison, compare as run_compare
-from .dictionary import FORMAT as DICTIONARY_FORMAT
+from .dictionary import FORMAT as DICTIONARY_FORMAT, Dictionary
 from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods
 from .registry import available_encoders, encoder_class
@@ -181,7 +181,8 @@ def _progress_bars(total: int, label: str):
                     progress.remove_task(old)
                 steps.clear()
                 steps[what] = progress.add_task(what, total=n_steps, loss="")
-            progress.update(steps[what], completed=step, loss=f"loss {loss:.4g}")
+            # steps without a loss (a reference solve) show none
+            progress.update(steps[what], completed=step, loss="" if math.isnan(loss) else f"loss {loss:.4g}")
 
         with training.progress(on_step):
             yield on_item
@@ -222,7 +223,9 @@ def compare_cmd(
                                                    "(n, n_atoms), or activations:STORE (--n-train tokens to train "
                                                    "on, then --n-samples to compare on); default: synthetic data."),
     dictionary: str = typer.Option("true", help="'true' (the synthetic data's own), a saved dictionary path, or an "
-                                                "SAE folder (SAELens, sparsify, dictionary_learning: its decoder)."),
+                                                "SAE folder (SAELens, sparsify, dictionary_learning: its decoder). "
+                                                "Without --data, synthetic signals are planted in this dictionary "
+                                                "(its n_atoms and d; --k non-zeros per code)."),
     n_samples: int = typer.Option(1024, help="Synthetic signals."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
     n_atoms: int = typer.Option(16, help="Atoms of the synthetic dictionary."),
@@ -244,6 +247,10 @@ def compare_cmd(
     train_seed: int = typer.Option(0, help="Seed of training runs."),
     allow_pickle: bool = typer.Option(False, help="Allow reading a pickle SAE weights file (dictionary_learning's "
                                                   "ae.pt), with torch.load(weights_only=True)."),
+    reference: str = typer.Option("auto", help="Lasso solver whose optimum is the reference of the objective gap "
+                                               "(rows of encoders that solve the lasso): an encoder name, 'none', or "
+                                               "'auto' (fista, only when a lasso encoder is compared and n_atoms * "
+                                               "n_samples is small)."),
     repeats: int = typer.Option(1, help="Encode this many times; the median time is reported."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
     out: Optional[Path] = typer.Option(None, help="Save results to this .json or .csv file."),
@@ -270,23 +277,44 @@ def compare_cmd(
             x_train = _load_data(train_data, n_train)["x"]
         else:
             x_train = _load_data(data, n_train)["x"] if from_store and n_train else None
-    else:
+    planted_in = None
+    if dictionary != "true" and Path(dictionary).is_dir():
+        planted_in = dictionary
+        dictionary = load_sae_dictionary(dictionary, allow_pickle=allow_pickle)
+    elif dictionary != "true":
+        planted_in = dictionary
+        dictionary = Dictionary.load(dictionary)
+    if data is None:
         kk = 3 if k is None else k
+        # Signals are planted in the dictionary the encoders use, so the codes are the truth for it.
+        planted = None if dictionary == "true" or joint else dictionary
+        if planted is not None:
+            if (d, n_atoms) not in ((8, 16), (planted.d, planted.n_atoms)):     # set, and not the defaults
+                raise ValueError(f"--d {d} --n-atoms {n_atoms} differ from the dictionary's d={planted.d}, "
+                                 f"n_atoms={planted.n_atoms}; signals are planted in the given dictionary")
+            d, n_atoms = planted.d, planted.n_atoms
         both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
-                                positive=not signed, seed=seed)
+                                positive=not signed, seed=seed, dictionary=planted)
         x_train, source = (both.split(n_train) if n_train else (None, both))
         x_train = None if x_train is None else x_train.x
-    if dictionary != "true" and Path(dictionary).is_dir():
-        dictionary = load_sae_dictionary(dictionary, allow_pickle=allow_pickle)
+        if planted is not None:
+            source = {"x": source.x, "codes": source.codes}
     with _progress_bars(len(names), "methods" if joint else "encoders") as on_item:
         result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
                              target_l0=target_l0, x_train=x_train, joint=joint,
                              n_atoms=n_atoms if joint else None, seed=train_seed, repeats=repeats,
-                             device=device, callback=on_item)
+                             reference=None if joint else reference, device=device, callback=on_item)
     s = result.settings
+    where = ""
+    if data is None and planted_in is not None and not joint:
+        where = f" planted in {planted_in} ({kk} non-zeros per code: the codes are the truth for it)"
+        s["data"] = f"synthetic, planted in {planted_in}"
     print_table(result.rows, [c for c in result.columns() if c in SHOWN],
-                title=f"{s['n_samples']} signals, d={s['d']}, n_atoms={s['n_atoms']}"
+                title=f"{s['n_samples']} signals{where}, d={s['d']}, n_atoms={s['n_atoms']}"
                       + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}"))
+    for row in result.rows:
+        if "skipped" in row:
+            console.print(f"[yellow]skipped[/] {row['encoder']}: {row['skipped']}")
     if out is not None:
         result.save(out)
         console.print(f"saved {out}")
@@ -318,11 +346,12 @@ def train_cmd(
         raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
                          f"Methods: {', '.join(learning_methods())}")
     params = _method_options(method, set_)
-    truth = None
+    truth, input_scale = None, 1.0
     if data is not None and str(data).startswith("activations:"):
         from .activations import ActivationStore
         store = ActivationStore(str(data).removeprefix("activations:"))
         loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
+        input_scale = store.scale          # recorded with the dictionary: evaluate and export need it
         x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
     elif data is not None:
         tensors = _io.read_tensors(data, "data")
@@ -334,7 +363,7 @@ def train_cmd(
         x, y = truth.x, None
     with _progress_bars(1, "train") as on_item:
         on_item(method, "start")
-        learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, **params)
+        learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, input_scale=input_scale, **params)
         on_item(method, "done")
     path = learned.dictionary.save(out)
     console.print(f"saved dictionary {path}")
@@ -431,8 +460,9 @@ def evaluate_cmd(
         if path is not None:
             _io.check_writable(path, what)
     meta = ActivationStore(store).manifest if store is not None else {}
-    scale = float((meta.get("normalization") or {}).get("scale", 1.0))
     D = as_dictionary(dictionary)
+    # the dictionary's own record of its input scale wins; a store's normalisation otherwise
+    scale = D.metadata.get("input_scale") or float((meta.get("normalization") or {}).get("scale", 1.0))
     if encoder.endswith(".safetensors"):
         enc = load_encoder(encoder)
     else:

@@ -6,6 +6,7 @@ import io
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,13 +20,15 @@ from .dictionary import Dictionary, as_dictionary
 from .encoder import Encoder, suggest
 from .registry import encoder_class, get_encoder
 from .synthetic import SparseData
+from .training import _progress
 
 log = logging.getLogger(__name__)
+_UNSET = object()
 
 #: Column order of a comparison table (a row omits what is undefined for it).
 COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "exact_support", "code_mcc",
            "nmse_db", "dictionary_mcc",
-           "objective", "objective_gap", "dead", "dense", "encode_s", "signals_per_s",
+           "objective", "objective_gap", "objective_excess", "dead", "dense", "encode_s", "signals_per_s",
            "flops_per_signal", "fit_s")
 
 
@@ -106,6 +109,14 @@ def _as_data(data, dictionary, device) -> _Data:
     return _Data(x, codes, dictionary)
 
 
+class Unreachable(ValueError):
+    """A target L0 the encoder cannot reach with any value of its knob (found before searching)."""
+
+
+#: Signals on which `calibrate` checks, before searching, that the target L0 is reachable at all.
+REACH_SAMPLE = 256
+
+
 def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: float, *, params: dict | None = None,
               x_train: torch.Tensor | None = None, rel_tol: float = 0.02, max_steps: int = 40) -> tuple[Encoder, float]:
     """Set an encoder's sparsity knob (`k` or `lam`) so its mean L0 on `x` is `target_l0`.
@@ -114,6 +125,13 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     log(lam) between lam_max = max |x D^T| (all codes zero) and lam_max * 1e-6. Stops when the
     L0 is within `rel_tol` of the target (at least 0.05 absolute), or returns the closest value
     found. Returns the fitted encoder and its mean L0.
+
+    Before searching, the target is checked against what the encoder can reach: above n_atoms,
+    above `max_k` (k knob), above d for an encoder that solves the lasso (its solution is unique
+    with at most d non-zeros for data in general position, and about min(d, n_atoms) as lam -> 0),
+    and, for other encoders, above the L0 at the densest end of the knob's range, measured on
+    `REACH_SAMPLE` signals. An unreachable target raises
+    `Unreachable` (a ValueError) at once, with the reason.
     """
     check_positive("target_l0", target_l0, allow_zero=False)
     params = dict(params or {})
@@ -121,19 +139,28 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     if cls.knob is None:
         raise ValueError(f"encoder {name!r} has no sparsity knob to calibrate (knob is None)")
     tol = max(rel_tol * target_l0, 0.05)
+    fitted: dict = {}
     cache: dict = {}
+
+    def fit_at(value):
+        if value not in fitted:
+            fitted[value] = get_encoder(name, **{**params, cls.knob: value}).fit(dictionary, x_train)
+        return fitted[value]
 
     def l0_at(value):
         if value not in cache:
-            enc = get_encoder(name, **{**params, cls.knob: value}).fit(dictionary, x_train)
+            enc = fit_at(value)
             cache[value] = (enc, metrics.mean_l0(enc.encode(x)))
         return cache[value][1]
 
     if cls.knob == "k":
-        high = cls.max_k(dictionary.n_atoms, dictionary.d)
-        if target_l0 > high:
-            raise ValueError(f"target_l0={target_l0} is more than {name} can reach here (at most {high})")
-        low = 1
+        densest = cls.max_k(dictionary.n_atoms, dictionary.d)
+    else:
+        scale = float((x @ dictionary.atoms_as(x.dtype, x.device).T).abs().max())
+        densest = scale * 1e-6
+    _check_reachable(name, cls, dictionary, x, target_l0, tol, fit_at, densest)
+    if cls.knob == "k":
+        low, high = 1, densest
         while high - low > 1:
             mid = (low + high) // 2
             if l0_at(mid) < target_l0:
@@ -142,8 +169,7 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
                 high = mid
         candidates = [low, high]
     else:
-        scale = float((x @ dictionary.atoms_as(x.dtype, x.device).T).abs().max())
-        lo, hi = math.log(scale * 1e-6), math.log(scale)        # L0 falls as lam grows
+        lo, hi = math.log(densest), math.log(scale)        # L0 falls as lam grows
         candidates = []
         for _ in range(max_steps):
             mid = math.exp((lo + hi) / 2)
@@ -162,11 +188,34 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     return enc, l0
 
 
+def _check_reachable(name, cls, dictionary: Dictionary, x, target_l0, tol, fit_at, densest) -> None:
+    """Raise `Unreachable` when no knob value can give `target_l0` (see `calibrate`)."""
+    n_atoms, d = dictionary.n_atoms, dictionary.d
+    if target_l0 > n_atoms:
+        raise Unreachable(f"target_l0={target_l0:g} is more than the dictionary's n_atoms={n_atoms}")
+    if cls.knob == "k" and target_l0 > densest:
+        raise Unreachable(f"target_l0={target_l0:g} is more than {name} can reach here (k is at most {densest})")
+    if cls.solves_lasso and target_l0 > d:
+        raise Unreachable(f"target_l0={target_l0:g} is more than d={d}: a lasso solution has at most d non-zeros "
+                          f"(data in general position), whatever lam")
+    if cls.solves_lasso:
+        return       # near lam = 0 the lasso keeps min(d, n_atoms) atoms: nothing to measure, and slow to solve
+    sample = x[:REACH_SAMPLE]
+    per_signal = (fit_at(densest).encode(sample) != 0).sum(1).double()
+    # a margin of three standard errors keeps a subsample's noise from refusing a reachable target
+    margin = 3 * float(per_signal.std()) / math.sqrt(len(per_signal)) if len(per_signal) > 1 else 0.0
+    reach = float(per_signal.mean())
+    if reach + tol + margin < target_l0:
+        knob = f"k={densest}" if cls.knob == "k" else f"lam={densest:.3g} (lam_max * 1e-6)"
+        raise Unreachable(f"target_l0={target_l0:g} is out of {name}'s reach: at its densest setting, {knob}, "
+                          f"its mean L0 is {reach:.3g} (on {len(per_signal)} signals)")
+
+
 def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, lam: float = 0.1,
             encoder_params: dict[str, dict] | None = None, target_l0: float | None = None,
             x_train=None, joint: bool = False, n_atoms: int | None = None, seed: int = 0,
-            gap_reference: str | None = "fista", repeats: int = 1, device=None,
-            callback: Callable[[str, str], None] | None = None) -> Comparison:
+            reference: str | None = "auto", repeats: int = 1, device=None,
+            callback: Callable[[str, str], None] | None = None, gap_reference=_UNSET) -> Comparison:
     """Encode `data` with every encoder on one shared dictionary and measure each.
 
     Parameters
@@ -186,8 +235,16 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         default the true dictionary's) from x_train, then encodes the data; rows report dictionary
         MCC and code MCC against the truth (latents matched), FVU and L0.
     seed : seed of every training run.
-    gap_reference : lasso solver whose objective at each row's lam is the reference for
-        `objective_gap` (a tightly converged "fista" by default); None to skip.
+    reference : the lasso solver whose optimum at each row's (lam, positive) is the reference of
+        `objective_gap` and `objective_excess`: an encoder name that solves the lasso (run tightly
+        converged: tol 1e-9 on the duality gap where it has those options), "none"/None for no
+        reference, or "auto" (the default): "fista", but only when an encoder of the comparison
+        solves the lasso and the problem is small (n_atoms * n_samples <= `AUTO_REFERENCE_MAX`).
+        Each reference solve runs once per (lam, positive) and is reused by every row; it is shown
+        as its own step in a progress display (`training.progress`). Only rows of encoders that
+        solve the lasso (`Encoder.solves_lasso`) get `objective`, `objective_gap` and
+        `objective_excess`: for other encoders the lasso objective is not what they minimise.
+        `gap_reference` is the former name of this argument.
     repeats : encode this many times and report the median time.
     callback : called as ``callback(encoder, "start"|"done")`` for progress display.
 
@@ -195,6 +252,9 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     -------
     Comparison with one row per encoder.
     """
+    if gap_reference is not _UNSET:
+        warnings.warn("compare(gap_reference=...) is now compare(reference=...)", DeprecationWarning, stacklevel=2)
+        reference = gap_reference
     items = list(encoders)
     if not items:
         raise ValueError("no encoders given")
@@ -218,25 +278,78 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         k = data.k
     if x_train is not None:
         x_train = as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)
+    solver = _choose_reference(reference, items, names, d)
     settings = {"encoders": names, "n_samples": d.x.shape[0], "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
                 "k": k, "lam": lam, "target_l0": target_l0, "device": str(device), "dtype": str(d.x.dtype),
-                "encoder_params": encoder_params or {}, "gap_reference": gap_reference, "seed": seed}
-    references: dict[float, torch.Tensor] = {}
+                "encoder_params": encoder_params or {}, "reference": solver, "seed": seed}
+    references: dict[tuple, torch.Tensor] = {}
     rows = []
     for item, name in zip(items, names):
         if callback:
             callback(name, "start")
         if isinstance(item, str) and not item.endswith(".safetensors"):
-            enc, fit_s = _prepare(name, d, k, lam, (encoder_params or {}).get(name, {}), target_l0, x_train, seed)
+            try:
+                enc, fit_s = _prepare(name, d, k, lam, (encoder_params or {}).get(name, {}), target_l0, x_train,
+                                      seed)
+            except Unreachable as err:
+                log.warning("%s skipped: %s", name, err)
+                rows.append({"encoder": name, "skipped": str(err)})
+                if callback:
+                    callback(name, "done")
+                continue
         else:
             enc, fit_s = _loaded(item), 0.0
             if enc.dictionary.n_atoms != d.dictionary.n_atoms or enc.dictionary.d != d.dictionary.d:
                 raise ValueError(f"encoder {name!r} was fitted to a ({enc.dictionary.n_atoms}, {enc.dictionary.d}) "
                                  f"dictionary, the comparison uses ({d.dictionary.n_atoms}, {d.dictionary.d})")
-        rows.append(_measure(enc, d, lam, gap_reference, references, repeats, fit_s))
+        rows.append(_measure(enc, d, lam, solver, references, repeats, fit_s))
         if callback:
             callback(name, "done")
     return Comparison(rows, settings)
+
+
+#: `reference="auto"` runs the reference solver only up to this many n_atoms * n_samples (a
+#: tightly converged FISTA on 1,024 atoms and 4,096 signals takes seconds on a CPU; on an imported
+#: SAE of 16k latents, minutes).
+AUTO_REFERENCE_MAX = 1 << 22
+AUTO_REFERENCE = "fista"
+
+
+def _choose_reference(reference, items, names, d: _Data) -> str | None:
+    """The reference solver's name, or None (see `compare`'s `reference`)."""
+    if reference is None or reference == "none":
+        return None
+    if not isinstance(reference, str):
+        raise TypeError(f"reference takes an encoder name, 'auto' or 'none', got {reference!r}")
+    if reference == "auto":
+        lasso_rows = [n for item, n in zip(items, names) if _solves_lasso(item, n)]
+        size = d.dictionary.n_atoms * d.x.shape[0]
+        if not lasso_rows:
+            return None
+        if size > AUTO_REFERENCE_MAX:
+            log.warning("no objective gap: the reference solver is off for n_atoms * n_samples = %d > %d "
+                        "(reference='auto'); ask for one with reference=%r (--reference %s)",
+                        size, AUTO_REFERENCE_MAX, AUTO_REFERENCE, AUTO_REFERENCE)
+            return None
+        return AUTO_REFERENCE
+    cls = encoder_class(reference)
+    if not cls.solves_lasso:
+        from .registry import encoder_names
+        lasso = [n for n in encoder_names() if _solves_lasso(n, n)]
+        raise ValueError(f"reference {reference!r} does not solve the lasso objective; lasso solvers: "
+                         f"{', '.join(lasso)} (or 'auto', 'none')")
+    return reference
+
+
+def _solves_lasso(item, name) -> bool:
+    if isinstance(item, Encoder):
+        return bool(item.solves_lasso)
+    if isinstance(item, str) and not item.endswith(".safetensors"):
+        try:
+            return bool(encoder_class(name).solves_lasso)
+        except Exception:      # a broken plug-in solves nothing
+            return False
+    return False               # trained encoders (saved files) are amortised, not solvers
 
 
 def _shared_knobs(method: str, k, lam) -> dict:
@@ -343,7 +456,7 @@ def timed_encode(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool =
     return float(np.median(times)), codes
 
 
-def _measure(enc: Encoder, d: _Data, lam, gap_reference, references, repeats, fit_s) -> dict:
+def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s) -> dict:
     name = enc.name
     encode_s, codes = timed_encode(enc, d.x, repeats)
     x_hat = d.dictionary.decode(codes)
@@ -358,11 +471,21 @@ def _measure(enc: Encoder, d: _Data, lam, gap_reference, references, repeats, fi
         row["exact_support"] = metrics.exact_support_rate(d.codes, codes)
         row["code_mcc"] = metrics.code_mcc(d.codes, codes)
         row["nmse_db"] = metrics.nmse_db(d.codes, codes)        # of the codes (compressed-sensing convention)
-    objective = metrics.lasso_objective(d.x, codes, d.dictionary.atoms, row_lam, d.dictionary.bias)
-    row["objective"] = float(objective.mean())
-    if gap_reference is not None:
-        row["objective_gap"] = metrics.relative_gap(objective, _reference_objective(d, row_lam, gap_reference,
-                                                                                    references))
+    if enc.solves_lasso:
+        objective = metrics.lasso_objective(d.x, codes, d.dictionary.atoms, row_lam, d.dictionary.bias)
+        row["objective"] = float(objective.mean())
+        if reference is not None:
+            positive = bool(getattr(enc.config, "positive", False))
+            ref = _reference_objective(d, row_lam, positive, reference, references)
+            trivial = metrics.lasso_objective(d.x, torch.zeros_like(codes), d.dictionary.atoms, 0.0, d.dictionary.bias)
+            gap = metrics.relative_gap(objective, ref, trivial)
+            row["objective_excess"] = metrics.excess_objective(objective, ref)
+            if not math.isnan(gap):
+                row["objective_gap"] = gap
+            else:
+                log.warning("%s: the lasso optimum at lam=%g is ~0 (exact reconstruction), so a relative gap is "
+                            "undefined; objective_excess (%.3g per signal) is the absolute gap", name, row_lam,
+                            row["objective_excess"])
     row.update(dead=metrics.dead_fraction(codes), dense=metrics.dense_fraction(codes), encode_s=encode_s,
                signals_per_s=d.x.shape[0] / encode_s if encode_s > 0 else float("inf"),
                flops_per_signal=enc.flops_per_signal(), fit_s=fit_s)
@@ -370,13 +493,34 @@ def _measure(enc: Encoder, d: _Data, lam, gap_reference, references, repeats, fi
     return row
 
 
-def _reference_objective(d: _Data, lam: float, solver: str, cache: dict) -> torch.Tensor:
-    if lam not in cache:
+def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cache: dict) -> torch.Tensor:
+    """Per-signal lasso objective of the reference solver at (lam, positive), computed once per comparison."""
+    key = (lam, positive)
+    if key not in cache:
+        cls = encoder_class(solver)
+        fields = cls.Config.__dataclass_fields__
         params = {"lam": lam}
-        if solver in ("fista", "ista"):
-            params.update(tol=1e-9, max_iter=20000, criterion="gap")
+        if "positive" in fields:
+            params["positive"] = positive
+        elif positive:
+            raise ValueError(f"reference {solver!r} has no positive option, but a row constrains codes to be >= 0")
+        # tight convergence where the solver has these knobs (shared meaning across configs)
+        if "tol" in fields:
+            params["tol"] = 1e-9
+        if "criterion" in fields:
+            params["criterion"] = "gap"
+        if "max_iter" in fields:
+            params["max_iter"] = max(20000, fields["max_iter"].default)
+        what = f"reference {solver} (lam={lam:g}{', positive' if positive else ''})"
+        report = _progress.get()
+        if report is not None:
+            report(what, 0, 1, float("nan"))
+        start = time.perf_counter()
         ref = get_encoder(solver, **params)
         x64 = d.x.to(torch.float64)
         codes = ref.fit(d.dictionary.to(dtype=torch.float64)).encode(x64)
-        cache[lam] = metrics.lasso_objective(x64, codes, d.dictionary.atoms, lam, d.dictionary.bias)
-    return cache[lam]
+        cache[key] = metrics.lasso_objective(x64, codes, d.dictionary.atoms, lam, d.dictionary.bias)
+        if report is not None:
+            report(what, 1, 1, float("nan"))
+        log.info("%s: %.3g s", what, time.perf_counter() - start)
+    return cache[key]

@@ -60,6 +60,17 @@ class Dictionary:
         tol = 1e-3 if self.atoms.dtype in (torch.float16, torch.bfloat16) else 1e-5
         return bool(((self.norms - 1).abs() <= tol).all())
 
+    @property
+    def input_scale(self) -> float:
+        """The factor its signals were multiplied by when it was learned (metadata `input_scale`).
+
+        A dictionary learned on a normalised activation store records the store's scale s: its
+        atoms and codes live in the space of s * (raw activations). Encoders take signals in that
+        space; `evaluate` multiplies raw activations by s before encoding and divides
+        reconstructions by s; `export` folds s into the exported weights. 1.0 when not recorded.
+        """
+        return float(self.metadata.get("input_scale", 1.0))
+
     def normalized(self) -> "Dictionary":
         return Dictionary(self.atoms, self.bias, normalize=True, metadata=self.metadata)
 

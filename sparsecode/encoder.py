@@ -7,7 +7,9 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import os
 import textwrap
+import types
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +25,30 @@ from .memory import memory_budget, parse_memory
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Base of every encoder's config. Field docstrings become CLI help (see `field_docs`)."""
+    """Base of every encoder's config. Field docstrings become CLI help (see `field_docs`).
+
+    Every field is type-checked against its annotation when the config is built (`check_types`),
+    so a subclass, a built-in or a plug-in's, gets the check by declaring its fields' types.
+    """
+
+    def __post_init__(self) -> None:
+        self.check_types()
+
+    def check_types(self) -> None:
+        """Refuse a field value whose type is not its annotation's, naming the field and the value.
+
+        bool fields take only True/False (a string such as "no" would otherwise read as true);
+        int fields take ints (numpy integers too), never bools or floats such as 3.0; float fields
+        take ints and floats (stored as float); str fields take strings or paths (stored as str);
+        ``X | None`` adds None and ``Literal[...]`` lists the accepted values. Fields annotated
+        with other types are not checked here. Text from the command line is parsed first
+        (`coerce_field`).
+        """
+        for name, kind in _field_types(type(self)):
+            value = getattr(self, name)
+            converted = _check_type(name, kind, value)
+            if converted is not value:
+                object.__setattr__(self, name, converted)
 
     def validate(self) -> None:
         """Reject values no encoder could use; fields with these names share one meaning everywhere."""
@@ -45,6 +70,65 @@ class MemoryConfig(EncoderConfig):
 
     memory: str | None = None
     """Working-memory budget for encoding, e.g. '4GB' or '512MiB' [default: half the device's free memory]."""
+
+
+@lru_cache(maxsize=None)
+def _field_types(config_cls: type) -> tuple:
+    """(name, annotation) of each init field, with annotations resolved from their module."""
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except (NameError, TypeError):     # an annotation that cannot be resolved is left unchecked
+        hints = {}
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(config_cls) if f.init and f.name in hints)
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(kind))
+    return getattr(kind, "__name__", str(kind))
+
+
+def _check_type(name: str, kind, value):
+    """`value` (converted to the field's exact type where lossless) or a TypeError naming both."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        allowed = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(name, option, value)
+            except TypeError:
+                allowed.append(_type_name(option))
+        allowed = " or ".join(allowed + (["None"] if type(None) in options else []))
+        raise TypeError(f"option {name} takes {allowed}, got {value!r} ({type(value).__name__})")
+    if origin is typing.Literal:
+        choices = typing.get_args(kind)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise TypeError(f"option {name} takes {_type_name(kind)}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise TypeError(f"option {name} takes True or False, got {value!r} ({type(value).__name__})")
+    if kind is int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            return int(value) if type(value) is not int else value
+        raise TypeError(f"option {name} takes an integer, got {value!r} ({type(value).__name__})")
+    if kind is float:
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+            return float(value) if type(value) is not float else value
+        raise TypeError(f"option {name} takes a number, got {value!r} ({type(value).__name__})")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise TypeError(f"option {name} takes a string, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def field_docs(config_cls: type) -> dict[str, str]:
@@ -76,10 +160,15 @@ def coerce_field(config_cls: type, name: str, text: str):
     hints = typing.get_type_hints(config_cls)
     kind = hints[name]
     args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if args:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
         kind = args[0]
         if text.lower() in ("none", "null"):
             return None
+    if typing.get_origin(kind) is typing.Literal:
+        choices = {str(c): c for c in typing.get_args(kind)}
+        if text not in choices:
+            raise ValueError(f"{name} takes {_type_name(kind)}, got {text!r}")
+        return choices[text]
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -113,6 +202,15 @@ class Encoder(abc.ABC):
     trainable: ClassVar[bool] = False
     #: k may not exceed d either: the method refits the selected atoms by least squares (OMP)
     k_within_d: ClassVar[bool] = False
+    #: The codes minimise the lasso objective 0.5||x - z D||^2 + lam ||z||_1 at the config's `lam`
+    #: (and `positive`), so comparisons report that objective and its gap to a reference solver.
+    #: Left unset, a class that declares its `family` gets True exactly when the family is "lasso".
+    solves_lasso: ClassVar[bool | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "solves_lasso" not in cls.__dict__ and "family" in cls.__dict__:
+            cls.solves_lasso = cls.family == "lasso"
 
     def __init__(self, config: EncoderConfig | None = None, **fields):
         config = config if config is not None else self.Config()

@@ -53,7 +53,7 @@ def _learns(name: str) -> bool:
 
 
 def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed: int = 0,
-                     **params) -> LearnedDictionary:
+                     input_scale: float = 1.0, **params) -> LearnedDictionary:
     """Learn `n_atoms` atoms from signals x (n, d).
 
     Parameters
@@ -63,6 +63,9 @@ def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed
     n_atoms : atoms to learn.
     y : (n, d_out) targets for a transcoder (trainable methods only); default x.
     seed : seed of the initialisation and of the data order.
+    input_scale : the factor x was multiplied by (an activation store's normalisation scale, when
+        x comes from ``store.load(normalize=True)``); recorded as the dictionary's `input_scale`
+        (and so the trained encoder's), for `evaluate` and `export` on raw activations.
     params : the method's options: the encoder's config fields for trainable methods; for
         "sparse-coding" `inference` ("fista"/"omp"), `k`, `lam`, `n_iter`, `resample`; for
         "sklearn" and "spams" `lam`, `n_iter`, `batch_size`.
@@ -73,6 +76,14 @@ def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed
     """
     x = as_tensor(x, "x")
     check_int_range("n_atoms", n_atoms, 1)
+    check_positive("input_scale", input_scale, allow_zero=False)
+    learned = _learn(x, method, n_atoms, y, seed, params)
+    if input_scale != 1.0:
+        learned.dictionary.metadata["input_scale"] = float(input_scale)
+    return learned
+
+
+def _learn(x, method, n_atoms, y, seed, params) -> LearnedDictionary:
     methods = learning_methods()
     if method not in methods:
         raise ValueError(f"unknown dictionary learning method {method!r}.{suggest(method, methods)} "

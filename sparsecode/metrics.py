@@ -117,11 +117,34 @@ def lasso_objective(x, codes, atoms, lam: float, bias=None) -> torch.Tensor:
     return 0.5 * (r * r).sum(1) + lam * z.abs().sum(1)
 
 
-def relative_gap(objective, reference) -> float:
-    """(total objective - total reference objective) / total reference objective over the set."""
+#: A reference objective below this fraction of the objective at z = 0 counts as zero: the optimum
+#: then reconstructs the signals exactly (lam = 0, or lam tiny with n_atoms >= d), and a ratio to it
+#: measures round-off, not distance from the optimum.
+ZERO_OPTIMUM = 1e-9
+
+
+def relative_gap(objective, reference, trivial=None) -> float:
+    """How far a set of codes is from the lasso optimum, relative to the optimum:
+    ``(sum objective - sum reference) / sum reference`` over the set.
+
+    `trivial` is the objective of the zero code, ``0.5 ||x - bias||^2`` per signal (or its total):
+    it is the scale of the problem. Where the reference total is below `ZERO_OPTIMUM` times it
+    (the optimum is ~0), a relative gap is meaningless and NaN is returned; use `excess_objective`,
+    the absolute gap per signal, instead. Without `trivial`, only a reference of exactly 0 gives NaN.
+    """
     objective, reference = torch.as_tensor(objective), torch.as_tensor(reference)
     ref = float(reference.sum())
-    return float(objective.sum() - ref) / ref if ref else float("nan")
+    floor = 0.0 if trivial is None else ZERO_OPTIMUM * float(torch.as_tensor(trivial).sum())
+    if ref <= floor or ref == 0:
+        return float("nan")
+    return float(objective.sum() - ref) / ref
+
+
+def excess_objective(objective, reference) -> float:
+    """Mean per-signal objective above the reference, ``mean(objective - reference)``: the absolute
+    gap, defined also where the optimum is ~0 (then the relative gap is not)."""
+    objective, reference = torch.as_tensor(objective), torch.as_tensor(reference)
+    return float((objective.to(torch.float64) - reference.to(torch.float64)).mean())
 
 
 def binary_entropy_bits(p: torch.Tensor) -> torch.Tensor:
@@ -153,4 +176,4 @@ def dense_fraction(codes, threshold: float = 0.5) -> float:
 
 
 __all__ = ["mse", "fvu", "nmse_db", "mean_l0", "support_scores", "exact_support_rate", "code_mcc", "dictionary_mcc",
-           "lasso_objective", "relative_gap", "binary_entropy_bits", "code_entropy", "firing_rates", "dead_fraction", "dense_fraction"]
+           "lasso_objective", "relative_gap", "excess_objective", "binary_entropy_bits", "code_entropy", "firing_rates", "dead_fraction", "dense_fraction"]

@@ -245,10 +245,11 @@ def run_cell(cell: dict, encoders, p: Preset, match: str, budget: int | None, de
         target = k if match == "l0" and cls.knob == "lam" and not cls.trainable else None
         try:
             res = compare([name], test, k=k, encoder_params={name: params} if params else None, target_l0=target,
-                          x_train=None if train is None else train.x, seed=cell["seed"], gap_reference=None,
+                          x_train=None if train is None else train.x, seed=cell["seed"], reference=None,
                           device=device)
             row = res.rows[0]
-            row["matched_l0"] = match == "l0" and (target is not None or cls.knob == "k")
+            if "skipped" not in row:        # an unreachable target: compare skipped the row, with its reason
+                row["matched_l0"] = match == "l0" and (target is not None or cls.knob == "k")
             rows.append(row)
         except (ValueError, ImportError) as err:
             rows.append({"encoder": name, "skipped": str(err)})

@@ -7,8 +7,13 @@ Read (the folder's files tell the format):
 - EleutherAI sparsify: ``cfg.json`` + ``sae.safetensors`` with ``encoder.weight (n, d)``,
   ``encoder.bias``, ``W_dec (n, d)``, ``b_dec``; ReLU then TopK on ``x - b_dec``.
 - dictionary_learning: ``config.json`` + ``ae.safetensors`` or ``ae.pt`` (a pickle: read only when
-  allowed, and then with ``torch.load(weights_only=True)``); ``AutoEncoder`` (ReLU on ``x - bias``)
-  and ``AutoEncoderTopK`` (ReLU, TopK on ``x - b_dec``), decoder ``decoder.weight (d, n)``.
+  allowed, and then with ``torch.load(weights_only=True)``); ``AutoEncoder`` (ReLU on ``x - bias``),
+  ``AutoEncoderTopK`` (ReLU, TopK on ``x - b_dec``) and ``BatchTopKSAE`` (its inference path: ReLU
+  on ``x - b_dec`` kept above one global threshold), decoder ``decoder.weight (d, n)``; and
+  ``JumpReluAutoEncoder`` (``W_enc (d, n)``, ``W_dec (n, d)``, a threshold per latent).
+
+Every flag of a format that changes the maths is either reproduced (folded into the weights
+where the tool itself folds it; see `_saelens` and `_sparsify`) or refused by name with the reason.
 
 Every format maps to one `ImportedSAE`: encoder rows, biases, decoder atoms as rows (norms kept as
 they are: a non-unit decoder is valid and every encoder accounts for it), activation.
@@ -130,7 +135,39 @@ def load_sae_dictionary(folder, allow_pickle: bool = False) -> Dictionary:
     return load_sae(folder, allow_pickle).dictionary(allow_pickle)
 
 
+#: SAELens architectures and why they are not run here (the others: standard, topk, jumprelu).
+_SAELENS_REFUSED = {
+    "gated": "its codes come from two encoder paths (a gate, and magnitudes scaled by exp(r_mag)); sae-file runs "
+             "single-path encoders only",
+    "batchtopk": "its top-k is taken across a whole batch, so a signal's code depends on the others; SAELens saves "
+                 "it for inference as a jumprelu SAE with a threshold (save_inference_model): load that folder",
+    "matryoshka_batchtopk": "its top-k is taken across a whole batch; SAELens saves it for inference as a jumprelu "
+                            "SAE with a threshold (save_inference_model): load that folder",
+}
+
+
 def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
+    """SAELens's maths, each flag of cfg.json honoured or refused by name:
+
+    - apply_b_dec_to_input: b_dec is subtracted before encoding;
+    - rescale_acts_by_decoder_norm (topk; SAELens's training default, kept by `save_model`): the
+      pre-activations are multiplied by the decoder row norms before the top-k and decoding
+      divides by them again; folded as SAELens's `fold_W_dec_norm` does (encoder rows and b_enc
+      times the norms, atoms normalised), so codes and reconstructions equal SAELens's; absent,
+      it is False (SAELens versions before the flag did not rescale);
+    - normalize_activations: "expected_average_only_in" leaves SAELens's `encode` unchanged (it
+      scales inputs during training only); where the folder keeps the factor
+      (activation_scaler.json), it is folded in as SAELens's `fold_activation_norm_scaling_factor`
+      does, so the SAE takes raw activations; "constant_norm_rescale" and "layer_norm" rescale each
+      input and then each output by that input's own norm, so codes do not decode linearly: refused;
+    - finetuning_scaling_factor (older SAELens): the codes are multiplied per latent before
+      decoding: folded into the atoms;
+    - reshape_activations="hook_z" (or a hook_z hook name): SAELens flattens (n_heads, d_head)
+      into d_in; signals here are rows of that flattened width already, so the maths is unchanged;
+    - dtype: the weights are read as stored and run in the input's precision (float32 or float64),
+      so a bfloat16 SAE differs from SAELens's own bfloat16 pass by rounding only;
+    - architecture: standard (ReLU), topk, jumprelu; gated, batchtopk and transcoders refused.
+    """
     cfg = _read_json(folder / "cfg.json", "SAELens config", {"d_in": int, "d_sae": int})
     tensors = _io.read_tensors(folder / "sae_weights.safetensors", "SAELens weights")
     _need(tensors, ("W_enc", "W_dec", "b_dec"), folder / "sae_weights.safetensors")
@@ -138,16 +175,31 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
     act = cfg.get("activation_fn_str", "relu")
     if arch == "standard" and act == "topk":
         arch = "topk"                      # older SAELens configs name TopK through the activation
+    if arch in _SAELENS_REFUSED:
+        raise ValueError(f"{folder}: SAELens architecture {arch!r} is not supported: {_SAELENS_REFUSED[arch]}")
+    if "transcoder" in str(arch):
+        raise ValueError(f"{folder}: SAELens architecture {arch!r} is a transcoder: its decoder predicts another "
+                         "site's activations, so its atoms are not a dictionary of its inputs")
     if arch not in ("standard", "topk", "jumprelu"):
         raise ValueError(f"{folder}: SAELens architecture {arch!r} is not supported "
                          "(supported: standard, topk, jumprelu)")
     if arch == "standard" and act != "relu":
         raise ValueError(f"{folder}: SAELens activation {act!r} is not supported (relu or topk)")
     norm = cfg.get("normalize_activations", "none")
-    if norm not in ("none", None):
-        raise ValueError(f"{folder}: normalize_activations={norm!r} rescales each input, so the codes do not decode "
-                         "linearly with W_dec; fold the scaling into the weights (SAELens: "
-                         "fold_activation_norm_scaling_factor) and save again")
+    factor = None
+    if norm == "expected_average_only_in":
+        scaler = folder / "activation_scaler.json"
+        if scaler.is_file():
+            factor = _read_json(scaler).get("scaling_factor")
+            if factor is not None and not (isinstance(factor, (int, float)) and factor > 0):
+                raise ValueError(f"{scaler}: scaling_factor must be a positive number, got {factor!r}")
+    elif norm in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(f"{folder}: normalize_activations={norm!r} rescales each input by its own norm and the "
+                         "reconstruction back by it, so the codes do not decode linearly with W_dec (x_hat != codes "
+                         "@ W_dec + b_dec); no fixed folding into the weights exists")
+    elif norm not in ("none", None):
+        raise ValueError(f"{folder}: normalize_activations={norm!r} is not a SAELens setting this reader knows "
+                         "(none, expected_average_only_in)")
     d, n = int(cfg["d_in"]), int(cfg["d_sae"])
     path = folder / "sae_weights.safetensors"
     k = None
@@ -156,6 +208,10 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
         if k is None:
             raise ValueError(f"{folder}: a topk SAE config needs k (or activation_fn_kwargs.k)")
         k = _check_k(k, n, folder / "cfg.json")
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
+    if rescale and arch != "topk":
+        raise ValueError(f"{folder}: rescale_acts_by_decoder_norm is set on a {arch!r} SAE; SAELens applies it in "
+                         "its TopK SAE, and this reader reproduces it there only")
     threshold = None
     if arch == "jumprelu":
         if "threshold" in tensors:
@@ -164,12 +220,30 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
             threshold = torch.exp(_shape("log_threshold", tensors["log_threshold"], (n,), path))
         else:
             raise ValueError(f"{path}: a jumprelu SAE needs 'threshold' (or 'log_threshold')")
-    b_enc = tensors.get("b_enc", torch.zeros(n, dtype=tensors["W_enc"].dtype))
-    return ImportedSAE("saelens", {"standard": "relu"}.get(arch, arch),
-                       _shape("W_enc", tensors["W_enc"], (d, n), path).T.contiguous(),
-                       _shape("b_enc", b_enc, (n,), path), _shape("W_dec", tensors["W_dec"], (n, d), path),
-                       _shape("b_dec", tensors["b_dec"], (d,), path), bool(cfg.get("apply_b_dec_to_input", True)),
-                       None if k is None else int(k), threshold, str(folder))
+    w_enc = _shape("W_enc", tensors["W_enc"], (d, n), path).T.contiguous()
+    b_enc = _shape("b_enc", tensors.get("b_enc", torch.zeros(n, dtype=w_enc.dtype)), (n,), path)
+    w_dec = _shape("W_dec", tensors["W_dec"], (n, d), path)
+    b_dec = _shape("b_dec", tensors["b_dec"], (d,), path)
+    folded = []
+    if rescale:
+        norms = w_dec.norm(dim=1)
+        w_enc, b_enc, w_dec = w_enc * norms[:, None], b_enc * norms, w_dec / norms[:, None]
+        folded.append("rescale_acts_by_decoder_norm")
+    if cfg.get("finetuning_scaling_factor") or "finetuning_scaling_factor" in tensors:
+        _need(tensors, ("finetuning_scaling_factor",), path)
+        w_dec = w_dec * _shape("finetuning_scaling_factor", tensors["finetuning_scaling_factor"], (n,), path)[:, None]
+        folded.append("finetuning_scaling_factor")
+    if factor is not None:
+        w_enc, w_dec, b_dec = w_enc * factor, w_dec / factor, b_dec / factor
+        folded.append(f"activation_scaler.json scaling_factor={factor:g}")
+    if folded:
+        log.info("%s: folded into the weights: %s", folder, ", ".join(folded))
+    hook = str(cfg.get("hook_name") or (cfg.get("metadata") or cfg.get("meta") or {}).get("hook_name") or "")
+    if cfg.get("reshape_activations") == "hook_z" or hook.endswith("hook_z"):
+        log.info("%s: a hook_z SAE: signals are the flattened (n_heads * d_head = %d) head outputs", folder, d)
+    return ImportedSAE("saelens", {"standard": "relu"}.get(arch, arch), w_enc, b_enc, w_dec, b_dec,
+                       bool(cfg.get("apply_b_dec_to_input", True)), None if k is None else int(k), threshold,
+                       str(folder))
 
 
 def _sparsify(folder: Path, allow_pickle: bool) -> ImportedSAE:
@@ -180,9 +254,20 @@ def _sparsify(folder: Path, allow_pickle: bool) -> ImportedSAE:
     if cfg.get("skip_connection") or "W_skip" in tensors:
         raise ValueError(f"{folder}: sparsify skip connections (W_skip) are not supported: the output is not "
                          "codes @ W_dec + b_dec")
+    for flag in ("embed_skip", "gram_lookup"):
+        if cfg.get(flag):
+            raise ValueError(f"{folder}: sparsify {flag}=True is not supported: the output adds a term that is not "
+                             "codes @ W_dec + b_dec")
+    if cfg.get("signed"):
+        raise ValueError(f"{folder}: sparsify signed=True is not supported: this reader runs the unsigned TopK "
+                         "activation (ReLU of the k largest pre-activations)")
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise ValueError(f"{folder}: sparsify activation {activation!r} is not supported (topk)")
+    # multi_topk adds a training loss at 4k only; normalize_decoder acts during training: encoding is plain TopK.
+    if cfg.get("transcode"):
+        log.warning("%s: a transcoder: its decoder predicts the module's output from its input, so errors measured "
+                    "against the input signals are not its reconstruction errors", folder)
     d = int(cfg["d_in"])
     n = tensors["encoder.weight"].shape[0]
     if cfg.get("num_latents") and int(cfg["num_latents"]) != n:
@@ -220,6 +305,13 @@ def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
             raise ValueError(f"{path} does not hold a state dict (names to tensors)")
         _io.check_finite(tensors, path)
     d, n = int(trainer["activation_dim"]), int(trainer["dict_size"])
+    if cls == "JumpReluAutoEncoder":
+        # its own layout: W_enc (d, n), W_dec (n, d); b_dec is subtracted first only when the config says so
+        _need(tensors, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), path)
+        return ImportedSAE("dictionary_learning", "jumprelu", _shape("W_enc", tensors["W_enc"], (d, n), path).T.contiguous(),
+                           _shape("b_enc", tensors["b_enc"], (n,), path), _shape("W_dec", tensors["W_dec"], (n, d), path),
+                           _shape("b_dec", tensors["b_dec"], (d,), path), bool(trainer.get("apply_b_dec_to_input", False)),
+                           None, _shape("threshold", tensors["threshold"], (n,), path), str(folder))
     _need(tensors, ("encoder.weight", "encoder.bias", "decoder.weight"), path)
     w_enc = _shape("encoder.weight", tensors["encoder.weight"], (n, d), path)
     b_enc = _shape("encoder.bias", tensors["encoder.bias"], (n,), path)
@@ -236,7 +328,19 @@ def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
         k = _check_k(k, n, path)
         return ImportedSAE("dictionary_learning", "topk", w_enc, b_enc, atoms,
                            _shape("b_dec", tensors["b_dec"], (d,), path), True, int(k), None, str(folder))
-    raise ValueError(f"{folder}: dictionary_learning class {cls!r} is not supported (AutoEncoder, AutoEncoderTopK)")
+    if cls == "BatchTopKSAE":
+        _need(tensors, ("b_dec", "threshold"), path)
+        threshold = float(tensors["threshold"])
+        if threshold < 0:
+            raise ValueError(f"{path}: BatchTopKSAE threshold is {threshold:g}: its inference threshold was never "
+                             "set (it is estimated during training), and its batch top-k makes a code depend on "
+                             "the other signals of the batch")
+        # inference: ReLU(W (x - b_dec) + b) kept where it exceeds one global threshold
+        return ImportedSAE("dictionary_learning", "jumprelu", w_enc, b_enc, atoms,
+                           _shape("b_dec", tensors["b_dec"], (d,), path), True, None,
+                           torch.full((n,), threshold, dtype=w_enc.dtype), str(folder))
+    raise ValueError(f"{folder}: dictionary_learning class {cls!r} is not supported (AutoEncoder, AutoEncoderTopK, "
+                     "BatchTopKSAE, JumpReluAutoEncoder)")
 
 
 def save_saelens(folder, dictionary: Dictionary, encoder_rows: torch.Tensor, b_enc: torch.Tensor | None,
@@ -267,7 +371,12 @@ def save_saelens(folder, dictionary: Dictionary, encoder_rows: torch.Tensor, b_e
 
 
 def export_saelens(encoder, folder) -> Path:
-    """Export a fitted encoder that is an SAE encoder (relu, topk, sae-file) with its dictionary."""
+    """Export a fitted encoder that is an SAE encoder (relu, topk, sae-file) with its dictionary.
+
+    A dictionary learned on normalised activations (`Dictionary.input_scale` s != 1) is exported
+    with s folded into the weights, so the SAELens folder takes raw activations and its
+    reconstructions are ours divided by s.
+    """
     weights = getattr(encoder, "sae_weights", None)
     if weights is None:
         raise ValueError(f"encoder {encoder.name!r} is not an SAE encoder; SAELens can hold relu, topk and "
@@ -275,5 +384,14 @@ def export_saelens(encoder, folder) -> Path:
     if encoder.dictionary is None:
         raise ValueError(f"encoder {encoder.name!r} is not fitted: nothing to export")
     w = weights()
-    return save_saelens(folder, encoder.dictionary, w["encoder_rows"], w["b_enc"], w["architecture"], w["k"],
-                        w["center"], w["threshold"], metadata={"exported_by": "sparsecode", "encoder": encoder.name})
+    dictionary, rows = encoder.dictionary, w["encoder_rows"]
+    s = dictionary.input_scale
+    if s != 1.0:
+        # Trained on s * raw: SAE(s x) / s is the same SAE on raw x with W_enc * s, W_dec / s, b_dec / s
+        # (SAELens's fold_activation_norm_scaling_factor); thresholds and top-k act on unchanged
+        # pre-activations. The exported SAE takes raw activations: normalize_activations "none".
+        bias = None if dictionary.bias is None else dictionary.bias / s
+        dictionary, rows = Dictionary(dictionary.atoms / s, bias, metadata=dictionary.metadata), rows * s
+    return save_saelens(folder, dictionary, rows, w["b_enc"], w["architecture"], w["k"], w["center"], w["threshold"],
+                        metadata={"exported_by": "sparsecode", "encoder": encoder.name,
+                                  "input_scale_folded": s})

@@ -63,7 +63,8 @@ def make_sparse_data(n_samples: int = 1024, d: int = 8, n_atoms: int = 16, k: in
     ``|N(0, 1)|`` (``positive=True``, paper c) or ``N(0, 1)``. Signals are ``codes @ atoms``, plus
     Gaussian noise of standard deviation `noise`, or of the level that gives `snr_db` (signal
     power over noise power, in dB, over the whole set). `coherence` correlates the atoms (see
-    `random_dictionary`).
+    `random_dictionary`). A given `dictionary` plants the codes in it instead (its bias, if any, is
+    added to every signal, so the codes decode to x with it).
 
     Returns
     -------
@@ -97,6 +98,8 @@ def make_sparse_data(n_samples: int = 1024, d: int = 8, n_atoms: int = 16, k: in
         values = values.abs()
     codes = torch.zeros(n_samples, n_atoms, dtype=torch.float64).scatter_(1, support, values)
     x = codes @ dictionary.atoms.to(torch.float64)
+    if dictionary.bias is not None:        # a given decoder with a bias (an SAE's) decodes to codes @ atoms + bias
+        x = x + dictionary.bias.to(torch.float64)
     if snr_db is not None:
         noise = float(((x ** 2).mean() / 10 ** (snr_db / 10)).sqrt())
     if noise:

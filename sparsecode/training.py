@@ -319,8 +319,9 @@ class TrainableEncoder(Encoder):
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name and config); the
-        path rule is `_io.paired`'s. Refuses to replace files that are not a saved encoder."""
+        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name, config and the
+        dictionary's `input_scale`, the factor its training signals were multiplied by); the path rule
+        is `_io.paired`'s. Refuses to replace files that are not a saved encoder."""
         if self.net is None:
             raise RuntimeError(f"encoder {self.name!r} is not trained: nothing to save")
         tensors_path, meta_path = _io.paired(path)
@@ -331,7 +332,8 @@ class TrainableEncoder(Encoder):
             tensors["dictionary.bias"] = self.dictionary.bias
         _io.write_tensors(tensors_path, tensors)
         _io.write_json(meta_path, {"format": ENCODER_FORMAT, "encoder": self.name, "d_in": self.d_in,
-                                   "n_atoms": self.dictionary.n_atoms, "config": dataclasses.asdict(self.config)})
+                                   "n_atoms": self.dictionary.n_atoms, "input_scale": self.dictionary.input_scale,
+                                   "config": dataclasses.asdict(self.config)})
         return tensors_path
 
 
@@ -356,7 +358,9 @@ def load_encoder(path) -> TrainableEncoder:
     if atoms.ndim != 2 or atoms.shape[0] != meta["n_atoms"]:
         raise ValueError(f"{tensors_path}: dictionary.atoms has shape {tuple(atoms.shape)} but {meta_path.name} "
                          f"says n_atoms={meta['n_atoms']}")
-    enc.dictionary = Dictionary(atoms, tensors.get("dictionary.bias"))
+    scale = meta.get("input_scale", 1.0)
+    enc.dictionary = Dictionary(atoms, tensors.get("dictionary.bias"),
+                                metadata={} if scale == 1.0 else {"input_scale": float(scale)})
     enc.d_in = meta["d_in"]
     x_like = torch.zeros(1, enc.d_in, dtype=atoms.dtype)
     enc.net = enc._build(enc.d_in, atoms.shape[0], x_like, atoms)

@@ -213,6 +213,20 @@ def check_finite(tensors: dict, path) -> dict:
     return tensors
 
 
+def check_replace(path, what: str, ours) -> Path:
+    """A writer replaces only its own kind of file: an existing `path` that `ours(path)` does not
+    recognise is refused (it is the user's, or another tool's)."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            recognised = bool(ours(path))
+        except (OSError, ValueError, UnicodeDecodeError):
+            recognised = False
+        if not recognised:
+            raise FileExistsError(f"{path} exists and is not a {what}; refusing to overwrite it")
+    return path
+
+
 def check_pair(path, format: str, what: str) -> None:
     """Before saving the pair `STEM.safetensors` + `STEM.json`: both can be written, and a writer
     replaces only its own kind: an existing `STEM.json` must carry `format`, and an existing

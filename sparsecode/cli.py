@@ -22,7 +22,7 @@ from .dictionary import FORMAT as DICTIONARY_FORMAT, Dictionary
 from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods
 from .registry import available_encoders, encoder_class
-from .sae_formats import export_saelens, load_sae_dictionary
+from .sae_formats import check_export_folder, export_saelens, load_sae_dictionary
 from .synthetic import make_sparse_data
 
 #: errors a user can act on: bad input, a file that cannot be read or written, a missing package
@@ -260,7 +260,7 @@ def compare_cmd(
     and print their metrics."""
     _setup_logging(verbose)
     if out is not None:
-        _io.check_writable(out, "--out", suffixes=(".json", ".csv"))
+        Comparison.check_out(out)
     check_int_range("--n-samples", n_samples, 1)
     names = [n.strip() for n in encoders.split(",") if n.strip()]
     if not joint:
@@ -500,7 +500,7 @@ def export_cmd(
     """Export a ReLU/TopK SAE encoder and its dictionary in SAELens's format."""
     from .training import load_encoder
     from .registry import get_encoder
-    _io.check_writable(out, "--out", folder=True)
+    check_export_folder(out)
     if Path(encoder).is_dir():
         enc = get_encoder("sae-file", allow_pickle=allow_pickle).fit(load_sae_dictionary(encoder, allow_pickle))
     else:
@@ -525,7 +525,7 @@ def bench_speed(
     from .bench import speed
     _setup_logging(False)
     if out is not None:
-        _io.check_writable(out, "--out", suffixes=(".json", ".csv"))
+        Comparison.check_out(out)
     rows = speed(n_samples=n_samples, d=d, n_atoms=n_atoms, k=k, lam=lam, repeats=repeats, threads=threads,
                  device=device, callback=lambda name: console.print(f"[dim]timing {name}...[/]"))
     print_table(rows, ["encoder", "reference", "signals_per_s", "ratio", "f1", "l0", "objective_gap"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import time
@@ -57,15 +58,34 @@ class Comparison:
         return buf.getvalue()
 
     def save(self, path) -> Path:
-        """Write `.json` (rows and settings) or `.csv` (rows), chosen by the suffix, atomically."""
-        path = Path(path)
+        """Write `.json` (rows and settings) or `.csv` (rows), chosen by the suffix, atomically.
+        An existing file is replaced only if it holds comparison results (see `check_out`)."""
+        path = self.check_out(path)
         if path.suffix == ".csv":
             _io.write_text(path, self.to_csv())
-        elif path.suffix == ".json":
-            _io.write_json(path, {"settings": self.settings, "rows": self.rows})
         else:
-            raise ValueError(f"results file must end in .json or .csv, got {path.name!r}")
+            _io.write_json(path, {"format": FORMAT, "settings": self.settings, "rows": self.rows})
         return path
+
+    @staticmethod
+    def check_out(path) -> Path:
+        """Check before any work that `path` can take comparison results: a writable `.json` or `.csv`
+        that is new or already holds results (ours: a JSON object with rows, a CSV starting with the
+        encoder column); anything else is the user's and is refused."""
+        path = _io.check_writable(path, "results file", suffixes=(".json", ".csv"))
+        return _io.check_replace(path, "comparison results file", _is_results)
+
+
+#: marker of a saved comparison's JSON
+FORMAT = "sparsecode.comparison"
+
+
+def _is_results(path: Path) -> bool:
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().startswith("encoder,")
+    obj = json.loads(path.read_text(encoding="utf-8"))
+    return isinstance(obj, dict) and (obj.get("format") == FORMAT or ("rows" in obj and "settings" in obj))
 
 
 @dataclass

@@ -21,6 +21,7 @@ Write: `save_saelens` exports a dictionary and a ReLU/TopK encoder in SAELens's 
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,8 +366,24 @@ def save_saelens(folder, dictionary: Dictionary, encoder_rows: torch.Tensor, b_e
     if k is not None:
         cfg["k"] = int(k)
         cfg["activation_fn_kwargs"] = {"k": int(k)}
+    check_export_folder(folder)
     _io.write_tensors(folder / "sae_weights.safetensors", tensors)
     _io.write_json(folder / "cfg.json", cfg)
+    return folder
+
+
+def check_export_folder(folder) -> Path:
+    """An export replaces only an earlier export of ours: a folder already holding another SAE's
+    cfg.json (for instance the very folder being converted) or weights without our cfg.json is refused."""
+    folder = _io.check_writable(folder, "export folder", folder=True)
+    cfg_path, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
+
+    def ours(path: Path) -> bool:
+        return (json.loads(path.read_text(encoding="utf-8")).get("metadata") or {}).get("exported_by") == "sparsecode"
+
+    _io.check_replace(cfg_path, "SAELens folder exported by sparsecode", ours)
+    if weights.exists() and not cfg_path.exists():
+        raise FileExistsError(f"{weights} exists without the cfg.json of a sparsecode export; refusing to overwrite it")
     return folder
 
 

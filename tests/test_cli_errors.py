@@ -162,3 +162,32 @@ def test_default_results_file_is_per_preset(tmp_path, monkeypatch):
                                "--grid", "d=4", "--grid", "n_atoms=8", "--grid", "k=2", "--seeds", "1",
                                "--encoders", "omp", "--n-samples", "16"]).exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recovery-compressed-sensing.jsonl", "recovery-paper-c.jsonl"]
+
+
+def test_results_and_exports_replace_only_their_own_kind(files):
+    """`compare --out` and `export --out` refuse files that are not theirs, before any work, and leave
+    them as they were; an earlier result of theirs is replaced."""
+    t = files
+    (t / "mine.json").write_text('{"my": "data"}')
+    (t / "mine.csv").write_text("a,b\n1,2\n")
+    for name in ("mine.json", "mine.csv"):
+        result = runner.invoke(app, ["compare", "--encoders", "omp", "--n-samples", "16", "--out", str(t / name)])
+        _one_line(result, name, "not a comparison results file")
+    assert (t / "mine.json").read_text() == '{"my": "data"}' and (t / "mine.csv").read_text() == "a,b\n1,2\n"
+    for name in ("ok.json", "ok.csv"):
+        for _ in range(2):           # the second run replaces the first run's results
+            result = runner.invoke(app, ["compare", "--encoders", "omp", "--n-samples", "16", "--out", str(t / name)])
+            assert result.exit_code == 0, result.output
+    assert json.loads((t / "ok.json").read_text())["format"] == "sparsecode.comparison"
+    # exporting an SAE folder into itself (or over another tool's SAE) is refused; an export of ours is replaced
+    sae = t / "sae"
+    sae.mkdir()
+    cfg = {"d_in": 4, "d_sae": 6, "architecture": "standard"}
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    save_file(load_file(str(t / "no-d-in" / "sae_weights.safetensors")), str(sae / "sae_weights.safetensors"))
+    before = (sae / "sae_weights.safetensors").read_bytes()
+    _one_line(runner.invoke(app, ["export", "--encoder", str(sae), "--out", str(sae)]), "cfg.json", "refusing")
+    assert (sae / "sae_weights.safetensors").read_bytes() == before and json.loads((sae / "cfg.json").read_text()) == cfg
+    for _ in range(2):
+        result = runner.invoke(app, ["export", "--encoder", str(sae), "--out", str(t / "exported")])
+        assert result.exit_code == 0, result.output

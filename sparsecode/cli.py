@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -433,6 +434,10 @@ def extract_cmd(
     console.print(line)
 
 
+#: marker of a saved `evaluate` result
+EVALUATION_FORMAT = "sparsecode.evaluation"
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     dictionary: str = typer.Option(..., help="A saved dictionary or SAE folder."),
@@ -456,9 +461,12 @@ def evaluate_cmd(
     from .registry import get_encoder
     from .training import load_encoder
     from .dictionary import as_dictionary
-    for path, what in ((out, "--out"), (histogram, "--histogram")):
-        if path is not None:
-            _io.check_writable(path, what)
+    if out is not None:
+        _io.check_replace(_io.check_writable(out, "--out", suffixes=(".json",)), "sparsecode evaluation",
+                          lambda p: json.loads(p.read_text(encoding="utf-8")).get("format") == EVALUATION_FORMAT)
+    if histogram is not None:
+        _io.check_replace(_io.check_writable(histogram, "--histogram", suffixes=(".png",)), "PNG figure",
+                          lambda p: p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
     meta = ActivationStore(store).manifest if store is not None else {}
     D = as_dictionary(dictionary)
     # the dictionary's own record of its input scale wins; a store's normalisation otherwise
@@ -486,7 +494,7 @@ def evaluate_cmd(
         firing_histogram(result["firing_rates"], histogram, title=enc.name)
         console.print(f"saved {histogram}")
     if out is not None:
-        _io.write_json(out, result)
+        _io.write_json(out, {"format": EVALUATION_FORMAT, **result})
         console.print(f"saved {out}")
 
 

@@ -25,8 +25,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
-	# the slow tests also read a folder written by EleutherAI's sparsify package itself
-	$(PY) -m pip install -q eai-sparsify
+	# the slow tests also check imports and exports against the peers themselves: a folder written
+	# by EleutherAI's sparsify, and SAELens's own forward pass on every SAELens flag we honour
+	$(PY) -m pip install -q eai-sparsify sae-lens
 	$(PY) -m pytest -q -m ""
 
 bench: $(STAMP)

@@ -431,20 +431,46 @@ def test_sparsify_flags(tmp_path, sae_weights):
             sc.sae_formats.load_sae(folder)
 
 
+SAELENS_CASES = {
+    "topk, rescaled by decoder norms": dict(architecture="topk", k=3, rescale_acts_by_decoder_norm=True),
+    "topk": dict(architecture="topk", k=3, rescale_acts_by_decoder_norm=False),
+    "standard, b_dec not subtracted": dict(architecture="standard", apply_b_dec_to_input=False),
+    "standard": dict(architecture="standard"),
+    "jumprelu": dict(architecture="jumprelu"),
+    "standard, expected_average_only_in": dict(architecture="standard", normalize_activations="expected_average_only_in"),
+}
+
+
 @pytest.mark.slow
-def test_saelens_itself_agrees_on_a_rescaled_topk_folder(tmp_path, sae_weights):
-    """SAELens's own forward pass on the folder we read (skipped where sae-lens is not installed)."""
+@pytest.mark.parametrize("case", list(SAELENS_CASES))
+def test_saelens_itself_agrees(tmp_path, sae_weights, case):
+    """SAELens's own forward pass on each kind of folder we read (`make test-all` installs sae-lens)."""
     sae_lens = pytest.importorskip("sae_lens")
     w, x = sae_weights
-    tensors = {k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    folder = _saelens_folder(tmp_path / "sae", tensors, architecture="topk", k=3, rescale_acts_by_decoder_norm=True,
-                             normalize_activations="none", device="cpu")
+    cfg = {"normalize_activations": "none", "device": "cpu", **SAELENS_CASES[case]}
+    keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if cfg["architecture"] == "jumprelu" else ())
+    folder = _saelens_folder(tmp_path / "sae", {k: w[k] for k in keys}, **cfg)
     sae = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
     codes, recon = _ours(folder, x)
     with torch.no_grad():
         theirs = sae.encode(x)
         torch.testing.assert_close(codes, theirs, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(recon, sae.decode(theirs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_saelens_itself_reads_our_export_on_raw_activations(tmp_path):
+    """A TopK SAE learned here on normalised activations, exported, then run by SAELens on raw ones."""
+    sae_lens = pytest.importorskip("sae_lens")
+    g = torch.Generator().manual_seed(8)
+    raw = 40.0 * torch.randn(256, 8, generator=g) + 5.0
+    s = 1.0 / float((raw ** 2).sum(1).mean().sqrt())
+    learned = sc.learn_dictionary(raw * s, "topk", n_atoms=12, input_scale=s, steps=60, k=3)
+    sc.sae_formats.export_saelens(learned.encoder, tmp_path / "sae")
+    sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+    ours = learned.dictionary.decode(learned.encoder.encode(raw * s)) / s
+    with torch.no_grad():
+        torch.testing.assert_close(sae.decode(sae.encode(raw)), ours, atol=1e-4, rtol=1e-4)
 
 
 # --- the input scale of a dictionary learned on normalised activations ------------------------------

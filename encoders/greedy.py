@@ -33,6 +33,8 @@ VARIANTS = ("auto", "gram", "gram-free")
 #: Bytes of per-block state a CPU worker aims for: its blocks then stay in its share of the last-level
 #: cache between steps instead of streaming from DRAM (the Gram variant is bound by memory traffic).
 CACHE_BLOCK_BYTES = 8 * 2 ** 20
+#: Signals per block on the CPU: one matrix product with all atoms per block runs at full speed from here.
+BLOCK = 256
 #: Fewest signals per block: below this, per-operation overhead outweighs what the cache saves.
 MIN_BLOCK = 8
 
@@ -65,7 +67,8 @@ class PursuitConfig(MemoryConfig):
 
 # --- kernels ----------------------------------------------------------------------------------
 def omp_chunk(alpha0: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: int,
-              unexplained: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              unexplained: torch.Tensor | None = None, workspace: dict | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch OMP from the Gram matrix with a progressive Cholesky factorisation.
 
     `alpha0` is ``x @ D.T`` (n, n_atoms). The Cholesky factor L of the selected atoms' Gram
@@ -77,14 +80,17 @@ def omp_chunk(alpha0: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: i
     residual's squared norm falls by ``u_j**2`` per step, so the test is free.
     Returns the selected indices (n, k) and their coefficients (n, k); a signal that stopped early
     (or whose residual lies in the span already) gets zero coefficients for its later picks.
+    `alpha0` is overwritten. `workspace` (a dict kept between calls of one thread) reuses the large
+    buffers: a fresh allocation of this size is new pages from the kernel, and faulting them in
+    cost more than the arithmetic that fills them.
     """
     n, n_atoms = alpha0.shape
     dtype, device = alpha0.dtype, alpha0.device
     rows = torch.arange(n, device=device)
     alpha = alpha0
     scale = _selection_scale(diag)
-    score = torch.empty_like(alpha)
-    C = torch.empty(n, max(k - 1, 1), n_atoms, dtype=dtype, device=device)
+    score = _buffer(workspace, "score", (n, n_atoms), dtype, device)
+    C = _buffer(workspace, "C", (n, max(k - 1, 1), n_atoms), dtype, device)
     state = _Cholesky(n, k, dtype, device, unexplained)
     for j in range(k):
         pick = _pick(alpha, scale, score)
@@ -105,7 +111,8 @@ def omp_chunk(alpha0: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: i
 
 
 def omp_gram_free(x: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: int,
-                  unexplained: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  unexplained: torch.Tensor | None = None, alpha: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP without the Gram matrix: the same picks and coefficients as `omp_chunk`.
 
     Each step computes the residual's correlations with every atom as one matrix product
@@ -113,12 +120,14 @@ def omp_gram_free(x: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: i
     those already taken (Gram-Schmidt, applied twice so float32 keeps Q orthonormal). Q's
     coefficients form the same Cholesky factor L of the selected atoms' Gram matrix as in
     `omp_chunk`, so the codes come from the same triangular solve. Memory per signal: n_atoms
-    correlations plus k x d for Q, independent of n_atoms^2.
+    correlations plus k x d for Q, independent of n_atoms^2. `alpha` (n, n_atoms), when given, holds
+    ``x @ atoms.T`` and is the buffer later correlations are computed in.
     """
     n, d = x.shape
     dtype, device = x.dtype, x.device
     scale = _selection_scale(diag)
-    alpha = x @ atoms.T
+    if alpha is None:
+        alpha = x @ atoms.T
     r = x.clone()
     Q = torch.zeros(n, k, d, dtype=dtype, device=device)
     state = _Cholesky(n, k, dtype, device, unexplained)
@@ -144,37 +153,53 @@ def omp_gram_free(x: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: i
 
 
 def mp_chunk(alpha: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: int,
-             unexplained: torch.Tensor | None = None) -> None:
+             unexplained: torch.Tensor | None = None, workspace: dict | None = None) -> None:
     """Matching pursuit from the Gram matrix: adds k steps into `codes` (n, n_atoms), in place.
 
     `alpha` (n, n_atoms) holds ``x @ D.T`` and is overwritten with the final residual correlations.
     """
     rows = torch.arange(alpha.shape[0], device=alpha.device)
     scale = _selection_scale(diag)
-    score = torch.empty_like(alpha)
+    score = _buffer(workspace, "score", alpha.shape, alpha.dtype, alpha.device)
+    row = _buffer(workspace, "row", alpha.shape, alpha.dtype, alpha.device)
     remaining = unexplained
     for _ in range(k):
         pick = _pick(alpha, scale, score)
         step, remaining = _mp_step(alpha[rows, pick], diag.index_select(0, pick), remaining)
         codes.index_put_((rows, pick), step, accumulate=True)
-        alpha.addcmul_(step[:, None], gram.index_select(0, pick), value=-1)
+        alpha.addcmul_(step[:, None], torch.index_select(gram, 0, pick, out=row), value=-1)
 
 
 def mp_gram_free(x: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: int,
-                 unexplained: torch.Tensor | None = None) -> None:
-    """Matching pursuit from the atoms (residual correlations recomputed each step): same steps as `mp_chunk`."""
+                 unexplained: torch.Tensor | None = None, alpha: torch.Tensor | None = None) -> None:
+    """Matching pursuit from the atoms (residual correlations recomputed each step): same steps as `mp_chunk`.
+
+    `alpha` (n, n_atoms), when given, holds ``x @ atoms.T`` and is the buffer later correlations go in."""
     rows = torch.arange(x.shape[0], device=x.device)
     scale = _selection_scale(diag)
     r = x.clone()
-    alpha = torch.empty(x.shape[0], atoms.shape[0], dtype=x.dtype, device=x.device)
+    if alpha is None:
+        alpha = x @ atoms.T
     remaining = unexplained
-    for _ in range(k):
-        torch.mm(r, atoms.T, out=alpha)
+    for step_no in range(k):
+        if step_no:
+            torch.mm(r, atoms.T, out=alpha)
         pick = _pick(alpha, scale, alpha)                  # recomputed next step: score in place
         atom = atoms.index_select(0, pick)
         step, remaining = _mp_step((r * atom).sum(1), diag.index_select(0, pick), remaining)
         codes.index_put_((rows, pick), step, accumulate=True)
         r.addcmul_(step[:, None], atom, value=-1)
+
+
+def _buffer(workspace: dict | None, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor, the leading rows of one kept in `workspace` when that has enough of them."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    buf = workspace.get(name)
+    if (buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != tuple(shape[1:]) or buf.dtype != dtype
+            or buf.device != torch.device(device)):
+        buf = workspace[name] = torch.empty(shape, dtype=dtype, device=device)
+    return buf[:shape[0]]
 
 
 def _selection_scale(diag: torch.Tensor) -> torch.Tensor | None:
@@ -297,18 +322,23 @@ class _Pursuit(Encoder):
             return None
         return (1 - self.config.tol ** 2) * (x * x).sum(1)
 
-    def _plan(self, x: torch.Tensor) -> tuple[str, int, int]:
-        """The variant, signals per block and worker threads for encoding `x`, from the memory budget."""
+    def _plan(self, x: torch.Tensor) -> tuple[str, int, int, int]:
+        """The variant, signals per block, per pursuit sub-block, and worker threads for `x`, from the budget.
+
+        A block's correlations with all atoms come from one matrix product (large enough to run at the
+        machine's arithmetic speed); the Gram variant then runs its pursuit on sub-blocks whose state
+        (k x n_atoms per signal) stays in cache between steps, since that variant is bound by memory traffic.
+        """
         n, n_atoms, itemsize = x.shape[0], self.dictionary.n_atoms, x.element_size()
         budget = self.memory_budget(x.device)
         gram_bytes = n_atoms * n_atoms * itemsize
-        cached = self.dictionary.has_gram(x.dtype, x.device)
         variant = self.config.variant
         if variant == "auto":
             # Computing the Gram matrix costs about n_atoms^2 d multiply-adds; without it every signal
             # costs about k d n_atoms more, so it pays once n * k reaches n_atoms (or is already there).
             fit = fits(budget, gram_bytes + MIN_BLOCK * self._row_items("gram") * itemsize)
-            variant = "gram" if fit and (cached or n * self.config.k >= n_atoms) else "gram-free"
+            pays = self.dictionary.has_gram(x.dtype, x.device) or n * self.config.k >= n_atoms
+            variant = "gram" if fit and pays else "gram-free"
         row_bytes = self._row_items(variant) * itemsize
         fixed = gram_bytes if variant == "gram" else 0
         if variant == "gram" and not fits(budget, gram_bytes):
@@ -317,22 +347,22 @@ class _Pursuit(Encoder):
                              "variant='gram-free'")
         rows = rows_within(budget, row_bytes, fixed, what=f"signal ({variant} {self.name}, {n_atoms} atoms)")
         if x.device.type == "cpu":
-            workers = self.config.threads or torch.get_num_threads()
-            # the Gram variant streams each block's state once per step: keep it within cache; the
-            # gram-free one multiplies the block by all atoms per step: larger blocks reuse them more
-            preferred = max(MIN_BLOCK, CACHE_BLOCK_BYTES // row_bytes) if variant == "gram" else 256
+            workers, preferred = self.config.threads or torch.get_num_threads(), BLOCK
+            inner = max(MIN_BLOCK, CACHE_BLOCK_BYTES // row_bytes) if variant == "gram" else preferred
         else:
-            workers, preferred = 1, n
+            workers, preferred, inner = 1, n, n
         workers = max(1, min(workers, rows, -(-n // MIN_BLOCK)))
         block = max(1, min(rows // workers, preferred, -(-n // workers), self.config.chunk or n))
+        inner = min(inner, block)
         self.variant_ = variant
         self.working_bytes_ = int(fixed + row_bytes * block * workers)
-        log.debug("%s: variant %s, %d signals per block, %d workers, %s working memory (budget %s)", self.name,
-                  variant, block, workers, format_bytes(self.working_bytes_), format_bytes(budget))
-        return variant, block, workers
+        log.debug("%s: variant %s, %d signals per block (%d per pursuit), %d workers, %s working memory "
+                  "(budget %s)", self.name, variant, block, inner, workers, format_bytes(self.working_bytes_),
+                  format_bytes(budget))
+        return variant, block, inner, workers
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        variant, block, workers = self._plan(x)
+        variant, block, inner, workers = self._plan(x)
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
         if variant == "gram":
             gram = self.dictionary.gram(x.dtype, x.device)
@@ -340,16 +370,24 @@ class _Pursuit(Encoder):
         else:
             gram, diag = None, self.dictionary.norms.to(device=x.device, dtype=x.dtype).square()
         codes = x.new_zeros(x.shape[0], self.dictionary.n_atoms)
+        workspaces: dict[int, dict] = {}          # per worker thread, freed when encoding ends
 
         def work(start: int, stop: int) -> None:
-            self._encode_block(x[start:stop], codes[start:stop], atoms, gram, diag)
+            workspace = workspaces.setdefault(threading.get_ident(), {})
+            xs = x[start:stop]
+            alpha = torch.mm(xs, atoms.T, out=_buffer(workspace, "alpha", (stop - start, atoms.shape[0]),
+                                                      x.dtype, x.device))
+            for s in range(0, stop - start, inner):
+                part = slice(s, s + inner)
+                self._encode_block(xs[part], alpha[part], codes[start:stop][part], atoms, gram, diag, workspace)
 
         run_blocks(x.shape[0], block, workers, work)
         self.n_iter_ = float(self.config.k)
         return codes
 
-    def _encode_block(self, x, codes, atoms, gram, diag) -> None:
-        """Write the codes of signals `x` into `codes` (zeros); `gram` is None for the gram-free variant."""
+    def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
+        """Write the codes of signals `x` into `codes` (zeros). `alpha` holds ``x @ atoms.T`` (overwritten);
+        `gram` is None for the gram-free variant."""
         raise NotImplementedError
 
 
@@ -365,12 +403,12 @@ class OMP(_Pursuit):
         # gram: correlations, their scores and the k-1 columns of C; gram-free: correlations and Q
         return (k + 1) * n_atoms + small if variant == "gram" else n_atoms + k * d + small
 
-    def _encode_block(self, x, codes, atoms, gram, diag) -> None:
+    def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
-            idx, coef = omp_gram_free(x, atoms, diag, self.config.k, energy)
+            idx, coef = omp_gram_free(x, atoms, diag, self.config.k, energy, alpha)
         else:
-            idx, coef = omp_chunk(x @ atoms.T, gram, diag, self.config.k, energy)
+            idx, coef = omp_chunk(alpha, gram, diag, self.config.k, energy, workspace)
         codes.scatter_add_(1, idx, coef)
 
     def flops_per_signal(self) -> float:
@@ -393,12 +431,12 @@ class MP(_Pursuit):
         # gram: correlations, scores and the gathered Gram rows; gram-free: correlations, residual, atoms
         return 3 * n_atoms + 2 * d if variant == "gram" else n_atoms + 3 * d
 
-    def _encode_block(self, x, codes, atoms, gram, diag) -> None:
+    def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
-            mp_gram_free(x, codes, atoms, diag, self.config.k, energy)
+            mp_gram_free(x, codes, atoms, diag, self.config.k, energy, alpha)
         else:
-            mp_chunk(x @ atoms.T, codes, gram, diag, self.config.k, energy)
+            mp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)
 
     def flops_per_signal(self) -> float:
         n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k

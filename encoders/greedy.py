@@ -14,17 +14,15 @@ Signals are encoded in blocks sized from the budget (`memory`), spread over work
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from sparsecode.encoder import Encoder, MemoryConfig
 from sparsecode.memory import fits, format_bytes, rows_within
+from sparsecode.parallel import run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -256,49 +254,6 @@ class _Cholesky:
     def coefficients(self) -> torch.Tensor:
         # The codes solve L^T gamma = u (upper triangular): D_I = L Q and x's projection is u Q.
         return torch.linalg.solve_triangular(self.L.transpose(1, 2), self.u.unsqueeze(-1), upper=True).squeeze(-1)
-
-
-# --- running blocks of signals on worker threads ------------------------------------------------
-_threads_lock = threading.Lock()
-_threads_users = [0, 0]          # encodes running in workers now, torch's thread count before the first
-
-
-@contextlib.contextmanager
-def _one_thread_per_op():
-    """Run torch operations single-threaded while worker threads run blocks of signals in parallel.
-
-    Why: torch's CPU operations use an OpenMP pool of one thread per core, and every operation ends
-    at a barrier where all of them meet. A pursuit runs many small operations (a few per step per
-    block), so when another process takes a core, the thread descheduled there holds every barrier
-    for a scheduler time slice and throughput collapses (measured: omp at 0.08x spams.omp with one
-    core busy, 1.35x when quiet). With one thread per operation there are no barriers: each worker
-    pulls the next block when it finishes its own, so a slow core slows only its own blocks.
-    torch releases the GIL inside its operations, so the workers do run in parallel.
-    """
-    with _threads_lock:
-        if _threads_users[0] == 0:
-            _threads_users[1] = torch.get_num_threads()
-            torch.set_num_threads(1)    # new threads take this count when they first run an operation
-        _threads_users[0] += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users[0] -= 1
-            if _threads_users[0] == 0:
-                torch.set_num_threads(_threads_users[1])
-
-
-def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None]) -> None:
-    """Call ``work(start, stop)`` for consecutive blocks of range(n), on `workers` threads when > 1."""
-    spans = [(s, min(s + block, n)) for s in range(0, n, block)]
-    if workers <= 1 or len(spans) == 1:
-        for span in spans:
-            work(*span)
-        return
-    with _one_thread_per_op(), ThreadPoolExecutor(min(workers, len(spans)), "sparsecode-pursuit") as pool:
-        for future in [pool.submit(work, *span) for span in spans]:
-            future.result()
 
 
 # --- the encoders -------------------------------------------------------------------------------

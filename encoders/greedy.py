@@ -85,7 +85,6 @@ def omp_chunk(alpha0: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: i
     """
     n, n_atoms = alpha0.shape
     dtype, device = alpha0.dtype, alpha0.device
-    rows = torch.arange(n, device=device)
     alpha = alpha0
     scale = _selection_scale(diag)
     score = _buffer(workspace, "score", (n, n_atoms), dtype, device)
@@ -96,10 +95,10 @@ def omp_chunk(alpha0: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: i
     for j in range(k):
         pick = _pick(alpha, scale, score)
         # L's new row: w_m = <q_m, d_pick> = C[m, :, pick] / L[m, m]
-        w = C[:j, rows, pick].T * state.inv_d[:, :j]
+        w = C[:j].gather(2, pick.view(1, n, 1).expand(j, n, 1)).view(j, n).T * state.inv_d[:, :j]
         diag_p = diag.index_select(0, pick)
         d_jj, ok = state.add(j, pick, w, diag_p - (w * w).sum(1), diag_p)
-        u_j = alpha[rows, pick] * ok / d_jj
+        u_j = alpha.gather(1, pick.unsqueeze(1)).squeeze(1) * ok / d_jj
         state.explain(j, u_j)
         if j == k - 1:
             break                                          # the last pick needs no residual update
@@ -166,7 +165,8 @@ def mp_chunk(alpha: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, diag:
     remaining = unexplained
     for _ in range(k):
         pick = _pick(alpha, scale, score)
-        step, remaining = _mp_step(alpha[rows, pick], diag.index_select(0, pick), remaining)
+        step, remaining = _mp_step(alpha.gather(1, pick.unsqueeze(1)).squeeze(1), diag.index_select(0, pick),
+                                   remaining)
         codes.index_put_((rows, pick), step, accumulate=True)
         alpha.addcmul_(step[:, None], torch.index_select(gram, 0, pick, out=row), value=-1)
 

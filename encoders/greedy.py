@@ -313,7 +313,13 @@ class _Pursuit(Encoder):
         rows = rows_within(budget, row_bytes, fixed, what=f"signal ({variant} {self.name}, {n_atoms} atoms)")
         if x.device.type == "cpu":
             workers, preferred = self.config.threads or torch.get_num_threads(), BLOCK
-            inner = max(MIN_BLOCK, CACHE_BLOCK_BYTES // row_bytes) if variant == "gram" else preferred
+            if variant == "gram":
+                inner = max(MIN_BLOCK, CACHE_BLOCK_BYTES // row_bytes)
+            else:
+                # Each step streams all atoms through one matrix product per block: splitting fewer than
+                # BLOCK signals over workers would stream them once per worker, and large products
+                # already use every core through torch's own threads.
+                inner, workers = preferred, min(workers, -(-n // BLOCK))
         else:
             workers, preferred, inner = 1, n, n
         workers = max(1, min(workers, rows, -(-n // MIN_BLOCK)))

@@ -164,13 +164,10 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
 def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budget: int, fields: set[str]):
     """The fitted encoder of one scale row, or the reason it is skipped."""
     params = {"memory": memory} if "memory" in fields else {}
-    n_atoms = dictionary.n_atoms
-    if name.startswith("spams"):
-        need = n_atoms * n_atoms * 8
-        if not fits(budget, need):
-            return None, (f"SPAMS forms a float64 Gram matrix of {format_bytes(need)}, more than the memory budget "
-                          f"{format_bytes(budget)}")
     cls = encoder_class(name)
+    need = dictionary.n_atoms ** 2 * cls.gram_itemsize
+    if not fits(budget, need):
+        return None, f"it forms a Gram matrix of {format_bytes(need)}, more than the memory budget {format_bytes(budget)}"
     if cls.knob == "lam":
         # Lasso solvers: the lam giving about the planted L0, found on a small subsample.
         enc, _ = calibrate(name, dictionary, x[:min(64, x.shape[0])], float(k), params=params, rel_tol=0.1,

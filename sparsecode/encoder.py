@@ -113,6 +113,9 @@ class Encoder(abc.ABC):
     trainable: ClassVar[bool] = False
     #: k may not exceed d either: the method refits the selected atoms by least squares (OMP)
     k_within_d: ClassVar[bool] = False
+    #: bytes per entry of the full n_atoms x n_atoms Gram matrix the method always forms (0: none, or only
+    #: where it fits the memory budget); benchmarks skip the method where that matrix cannot fit
+    gram_itemsize: ClassVar[int] = 0
 
     def __init__(self, config: EncoderConfig | None = None, **fields):
         config = config if config is not None else self.Config()

@@ -1,34 +1,77 @@
-"""Greedy pursuits: matching pursuit (MP) and orthogonal matching pursuit (OMP)."""
+"""Greedy pursuits: matching pursuit (MP) and orthogonal matching pursuit (OMP).
+
+Each comes in two variants that compute the same codes:
+
+- **gram**: the residual correlations are updated from rows of the dictionary's Gram matrix
+  (``n_atoms^2`` values, computed once per dtype and device and cached on the `Dictionary`). Few
+  multiply-adds per signal, but it needs the Gram matrix in memory.
+- **gram-free**: every step recomputes the residual correlations from the atoms with one large
+  matrix product, and OMP orthogonalises the selected atoms only. Memory grows linearly with
+  ``n_atoms``, so it runs at any dictionary size.
+
+`variant="auto"` takes the Gram matrix where it fits the memory budget and pays for itself.
+Signals are encoded in blocks sized from the budget (`memory`), spread over worker threads.
+"""
 from __future__ import annotations
 
+import logging
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from sparsecode.encoder import Encoder, EncoderConfig
+from sparsecode.encoder import Encoder, MemoryConfig
+from sparsecode.memory import fits, format_bytes, rows_within
+from sparsecode.parallel import run_blocks
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("auto", "gram", "gram-free")
+
+#: Bytes of per-block state a CPU worker aims for: its blocks then stay in its share of the last-level
+#: cache between steps instead of streaming from DRAM (the Gram variant is bound by memory traffic).
+CACHE_BLOCK_BYTES = 8 * 2 ** 20
+#: Signals per block on the CPU: one matrix product with all atoms per block runs at full speed from here.
+BLOCK = 256
+#: Fewest signals per block: below this, per-operation overhead outweighs what the cache saves.
+MIN_BLOCK = 8
 
 
 @dataclass(frozen=True)
-class PursuitConfig(EncoderConfig):
+class PursuitConfig(MemoryConfig):
     k: int = 16
     """Atoms to select per signal: the target L0."""
     tol: float | None = None
     """Also stop a signal once its relative residual ||r|| / ||x|| is at most tol."""
-    chunk: int = 256
-    """Signals processed together; bounds the working memory (chunk x k x n_atoms for OMP)."""
+    variant: str = "auto"
+    """'gram' (updates from the cached n_atoms x n_atoms Gram matrix), 'gram-free' (correlations recomputed
+    from the atoms each step; memory linear in n_atoms) or 'auto' (gram where it fits the memory budget and
+    pays for itself)."""
+    chunk: int | None = None
+    """At most this many signals per block [default: as many as the memory budget and the cache allow]."""
+    threads: int = 0
+    """CPU worker threads that encode blocks of signals in parallel, each running its operations on one core
+    (0: torch's thread count)."""
 
     def validate(self) -> None:
         super().validate()
-        if self.chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or self.chunk < 1):
+            raise ValueError(f"chunk must be >= 1 or None, got {self.chunk!r}")
+        if isinstance(self.threads, bool) or self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads!r}")
 
 
+# --- kernels ----------------------------------------------------------------------------------
 def omp_chunk(alpha0: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: int,
-              unexplained: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              unexplained: torch.Tensor | None = None, workspace: dict | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch OMP from the Gram matrix with a progressive Cholesky factorisation.
 
     `alpha0` is ``x @ D.T`` (n, n_atoms). The Cholesky factor L of the selected atoms' Gram
-    matrix grows one row per step. Alongside it we keep ``C[:, m] = L[m, m] * D q_m``, the
+    matrix grows one row per step. Alongside it we keep ``C[m] = L[m, m] * D q_m``, the
     correlations of every atom with the m-th orthonormalised selected atom (Gram-Schmidt form of
     Rubinstein et al.'s Batch-OMP): L's new row is read from C, and the residual correlations
     take one rank-one update per step, with a single triangular solve at the end.
@@ -36,68 +79,287 @@ def omp_chunk(alpha0: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: i
     residual's squared norm falls by ``u_j**2`` per step, so the test is free.
     Returns the selected indices (n, k) and their coefficients (n, k); a signal that stopped early
     (or whose residual lies in the span already) gets zero coefficients for its later picks.
+    `alpha0` is overwritten. `workspace` (a dict kept between calls of one thread) reuses the large
+    buffers: a fresh allocation of this size is new pages from the kernel, and faulting them in
+    cost more than the arithmetic that fills them.
     """
     n, n_atoms = alpha0.shape
     dtype, device = alpha0.dtype, alpha0.device
-    rows = torch.arange(n, device=device)
-    alpha = alpha0.clone()
-    unit = bool(((diag - 1).abs() <= 1e-5).all())
-    scale = None if unit else diag.rsqrt()                 # pick by normalised correlation
-    score = torch.empty_like(alpha)
-    C = torch.empty(n, max(k - 1, 1), n_atoms, dtype=dtype, device=device)
-    L = torch.zeros(n, k, k, dtype=dtype, device=device)
-    inv_d = torch.zeros(n, k, dtype=dtype, device=device)  # 1 / L[m, m]
-    u = torch.zeros(n, k, dtype=dtype, device=device)     # coordinates of x in the orthonormal basis
-    idx = torch.zeros(n, k, dtype=torch.long, device=device)
-    remaining = unexplained
-    eps = torch.finfo(dtype).eps * 16
+    alpha = alpha0
+    scale = _selection_scale(diag)
+    score = _buffer(workspace, "score", (n, n_atoms), dtype, device)
+    # step-major, so that each step's update is j vectorised operations over the whole block (a batched
+    # matrix product here runs one tiny product per signal on the CPU, and its overhead dominated)
+    C = _buffer(workspace, "C", (max(k - 1, 1), n, n_atoms), dtype, device)
+    state = _Cholesky(n, k, dtype, device, unexplained)
     for j in range(k):
-        torch.abs(alpha, out=score)
-        if scale is not None:
-            score.mul_(scale)
-        pick = score.max(dim=1).indices
-        idx[:, j] = pick
+        pick = _pick(alpha, scale, score)
+        # L's new row: w_m = <q_m, d_pick> = C[m, :, pick] / L[m, m]
+        w = C[:j].gather(2, pick.view(1, n, 1).expand(j, n, 1)).view(j, n).T * state.inv_d[:, :j]
         diag_p = diag.index_select(0, pick)
-        # L's new row: w_m = <q_m, d_pick> = C[:, m, pick] / L[m, m]
-        w = torch.gather(C[:, :j], 2, pick.view(n, 1, 1).expand(n, j, 1)).squeeze(2) * inv_d[:, :j]
-        norm2 = diag_p - (w * w).sum(1)
-        ok = norm2 > eps * diag_p                          # atom not in the span of those taken
-        if remaining is not None:
-            ok &= remaining > 0
-        d_jj = torch.where(ok, norm2.clamp_min(eps).sqrt(), torch.ones_like(norm2))
-        L[:, j, :j] = w * ok[:, None]
-        L[:, j, j] = d_jj
-        inv_d[:, j] = 1 / d_jj
-        u_j = alpha[rows, pick] * ok / d_jj
-        u[:, j] = u_j
+        d_jj, ok = state.add(j, pick, w, diag_p - (w * w).sum(1), diag_p)
+        u_j = alpha.gather(1, pick.unsqueeze(1)).squeeze(1) * ok / d_jj
+        state.explain(j, u_j)
         if j == k - 1:
             break                                          # the last pick needs no residual update
-        c_j = gram.index_select(0, pick)
-        if j:
-            c_j.unsqueeze(1).baddbmm_((w * inv_d[:, :j]).unsqueeze(1), C[:, :j], alpha=-1)
-        C[:, j] = c_j
+        c_j = torch.index_select(gram, 0, pick, out=C[j])
+        coef = w * state.inv_d[:, :j]
+        for m in range(j):
+            c_j.addcmul_(coef[:, m:m + 1], C[m], value=-1)
         alpha.addcmul_((u_j / d_jj)[:, None], c_j, value=-1)
-        if remaining is not None:
-            remaining = remaining - u_j * u_j
-    # The codes solve L^T gamma = u (upper triangular): D_I = L Q and x's projection is u Q.
-    gamma = torch.linalg.solve_triangular(L.transpose(1, 2), u.unsqueeze(-1), upper=True).squeeze(-1)
-    return idx, gamma
+    return state.idx, state.coefficients()
 
 
+def omp_gram_free(x: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: int,
+                  unexplained: torch.Tensor | None = None, alpha: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMP without the Gram matrix: the same picks and coefficients as `omp_chunk`.
+
+    Each step computes the residual's correlations with every atom as one matrix product
+    ``r @ D.T`` and orthogonalises only the newly selected atom against the orthonormal basis Q of
+    those already taken (Gram-Schmidt, applied twice so float32 keeps Q orthonormal). Q's
+    coefficients form the same Cholesky factor L of the selected atoms' Gram matrix as in
+    `omp_chunk`, so the codes come from the same triangular solve. Memory per signal: n_atoms
+    correlations plus k x d for Q, independent of n_atoms^2. `alpha` (n, n_atoms), when given, holds
+    ``x @ atoms.T`` and is the buffer later correlations are computed in.
+    """
+    n, d = x.shape
+    dtype, device = x.dtype, x.device
+    scale = _selection_scale(diag)
+    if alpha is None:
+        alpha = x @ atoms.T
+    r = x.clone()
+    Q = torch.zeros(n, k, d, dtype=dtype, device=device)
+    state = _Cholesky(n, k, dtype, device, unexplained)
+    for j in range(k):
+        if j:
+            torch.mm(r, atoms.T, out=alpha)
+        pick = _pick(alpha, scale, alpha)                  # alpha is recomputed next step: score in place
+        v = atoms.index_select(0, pick)
+        w = torch.zeros(n, j, dtype=dtype, device=device)
+        if j:
+            for _ in range(2):
+                w_pass = torch.bmm(Q[:, :j], v.unsqueeze(2)).squeeze(2)
+                v.unsqueeze(1).baddbmm_(w_pass.unsqueeze(1), Q[:, :j], alpha=-1)
+                w += w_pass
+        d_jj, ok = state.add(j, pick, w, (v * v).sum(1), diag.index_select(0, pick))
+        q = v.mul_((ok / d_jj)[:, None])
+        u_j = (r * q).sum(1)
+        state.explain(j, u_j)
+        Q[:, j] = q
+        if j < k - 1:
+            r.addcmul_(u_j[:, None], q, value=-1)
+    return state.idx, state.coefficients()
+
+
+def mp_chunk(alpha: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: int,
+             unexplained: torch.Tensor | None = None, workspace: dict | None = None) -> None:
+    """Matching pursuit from the Gram matrix: adds k steps into `codes` (n, n_atoms), in place.
+
+    `alpha` (n, n_atoms) holds ``x @ D.T`` and is overwritten with the final residual correlations.
+    """
+    rows = torch.arange(alpha.shape[0], device=alpha.device)
+    scale = _selection_scale(diag)
+    score = _buffer(workspace, "score", alpha.shape, alpha.dtype, alpha.device)
+    row = _buffer(workspace, "row", alpha.shape, alpha.dtype, alpha.device)
+    remaining = unexplained
+    for _ in range(k):
+        pick = _pick(alpha, scale, score)
+        step, remaining = _mp_step(alpha.gather(1, pick.unsqueeze(1)).squeeze(1), diag.index_select(0, pick),
+                                   remaining)
+        codes.index_put_((rows, pick), step, accumulate=True)
+        alpha.addcmul_(step[:, None], torch.index_select(gram, 0, pick, out=row), value=-1)
+
+
+def mp_gram_free(x: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: int,
+                 unexplained: torch.Tensor | None = None, alpha: torch.Tensor | None = None) -> None:
+    """Matching pursuit from the atoms (residual correlations recomputed each step): same steps as `mp_chunk`.
+
+    `alpha` (n, n_atoms), when given, holds ``x @ atoms.T`` and is the buffer later correlations go in."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    scale = _selection_scale(diag)
+    r = x.clone()
+    if alpha is None:
+        alpha = x @ atoms.T
+    remaining = unexplained
+    for step_no in range(k):
+        if step_no:
+            torch.mm(r, atoms.T, out=alpha)
+        pick = _pick(alpha, scale, alpha)                  # recomputed next step: score in place
+        atom = atoms.index_select(0, pick)
+        step, remaining = _mp_step((r * atom).sum(1), diag.index_select(0, pick), remaining)
+        codes.index_put_((rows, pick), step, accumulate=True)
+        r.addcmul_(step[:, None], atom, value=-1)
+
+
+def _buffer(workspace: dict | None, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor, a view of the one kept in `workspace` under `name` when that is large enough."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+        buf = workspace[name] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _selection_scale(diag: torch.Tensor) -> torch.Tensor | None:
+    """1/||d_i|| when the atoms are not unit norm: picks go by normalised correlation."""
+    unit = bool(((diag - 1).abs() <= 1e-5).all())
+    return None if unit else diag.rsqrt()
+
+
+def _pick(alpha: torch.Tensor, scale: torch.Tensor | None, score: torch.Tensor) -> torch.Tensor:
+    """Index of the largest |correlation| of each row (written through `score`, which may be alpha)."""
+    torch.abs(alpha, out=score)
+    if scale is not None:
+        score.mul_(scale)
+    # Non-negative IEEE floats order like their bit patterns read as integers, and torch's integer
+    # max-with-index is about 1.5x faster than the floating-point one on the CPU (first index on ties
+    # either way).
+    bits = _SAME_WIDTH_INT.get(score.dtype)
+    return (score if bits is None else score.view(bits)).max(dim=1).indices
+
+
+def _mp_step(corr: torch.Tensor, diag_p: torch.Tensor, remaining: torch.Tensor | None):
+    step = corr / diag_p
+    if remaining is not None:
+        step = step * (remaining > 0)
+        remaining = remaining - step * step * diag_p
+    return step, remaining
+
+
+class _Cholesky:
+    """The growing Cholesky factor of the selected atoms' Gram matrix, shared by both OMP variants."""
+
+    def __init__(self, n: int, k: int, dtype, device, unexplained: torch.Tensor | None):
+        self.L = torch.zeros(n, k, k, dtype=dtype, device=device)
+        self.inv_d = torch.zeros(n, k, dtype=dtype, device=device)   # 1 / L[m, m]
+        self.u = torch.zeros(n, k, dtype=dtype, device=device)       # x in the orthonormal basis
+        self.idx = torch.zeros(n, k, dtype=torch.long, device=device)
+        self.remaining = unexplained
+        self.eps = torch.finfo(dtype).eps * 16
+
+    def add(self, j: int, pick, w, norm2, diag_p):
+        """Row j of L from the new atom's coordinates `w` on the basis and its squared distance `norm2`
+        to the span. Returns L[j, j] and whether the atom counts (not in the span, signal not done)."""
+        ok = norm2 > self.eps * diag_p
+        if self.remaining is not None:
+            ok &= self.remaining > 0
+        d_jj = torch.where(ok, norm2.clamp_min(self.eps).sqrt(), torch.ones_like(norm2))
+        self.idx[:, j] = pick
+        self.L[:, j, :j] = w * ok[:, None]
+        self.L[:, j, j] = d_jj
+        self.inv_d[:, j] = 1 / d_jj
+        return d_jj, ok
+
+    def explain(self, j: int, u_j) -> None:
+        self.u[:, j] = u_j
+        if self.remaining is not None:
+            self.remaining = self.remaining - u_j * u_j
+
+    def coefficients(self) -> torch.Tensor:
+        # The codes solve L^T gamma = u (upper triangular): D_I = L Q and x's projection is u Q.
+        return torch.linalg.solve_triangular(self.L.transpose(1, 2), self.u.unsqueeze(-1), upper=True).squeeze(-1)
+
+
+# --- the encoders -------------------------------------------------------------------------------
 class _Pursuit(Encoder):
     family = "greedy"
     knob = "k"
     Config = PursuitConfig
 
-    def _scatter(self, x, idx, coef) -> torch.Tensor:
-        codes = x.new_zeros(x.shape[0], self.dictionary.n_atoms)
-        return codes.scatter_add_(1, idx, coef)
+    def __init__(self, config=None, **fields):
+        super().__init__(config, **fields)
+        self.variant_: str | None = None           # the variant the last encode ran
+        self.working_bytes_: int | None = None     # its planned working memory (Gram matrix included)
+
+    # what a variant keeps per signal (bytes / itemsize), on top of the returned codes
+    def _row_items(self, variant: str) -> int:
+        raise NotImplementedError
 
     def _energy_to_explain(self, x):
         """Squared residual norm that may be removed before the tolerance ||r|| <= tol ||x|| is met."""
         if self.config.tol is None:
             return None
         return (1 - self.config.tol ** 2) * (x * x).sum(1)
+
+    def _plan(self, x: torch.Tensor) -> tuple[str, int, int, int]:
+        """The variant, signals per block, per pursuit sub-block, and worker threads for `x`, from the budget.
+
+        A block's correlations with all atoms come from one matrix product (large enough to run at the
+        machine's arithmetic speed); the Gram variant then runs its pursuit on sub-blocks whose state
+        (k x n_atoms per signal) stays in cache between steps, since that variant is bound by memory traffic.
+        """
+        n, n_atoms, itemsize = x.shape[0], self.dictionary.n_atoms, x.element_size()
+        budget = self.memory_budget(x.device)
+        gram_bytes = n_atoms * n_atoms * itemsize
+        variant = self.config.variant
+        if variant == "auto":
+            # Computing the Gram matrix costs about n_atoms^2 d multiply-adds; without it every signal
+            # costs about k d n_atoms more, so it pays once n * k reaches n_atoms (or is already there).
+            fit = fits(budget, gram_bytes + MIN_BLOCK * self._row_items("gram") * itemsize)
+            pays = self.dictionary.has_gram(x.dtype, x.device) or n * self.config.k >= n_atoms
+            variant = "gram" if fit and pays else "gram-free"
+        row_bytes = self._row_items(variant) * itemsize
+        fixed = gram_bytes if variant == "gram" else 0
+        if variant == "gram" and not fits(budget, gram_bytes):
+            raise ValueError(f"memory budget {format_bytes(budget)} is too small for variant='gram': the Gram "
+                             f"matrix of {n_atoms} atoms needs {format_bytes(gram_bytes)}; raise memory or use "
+                             "variant='gram-free'")
+        rows = rows_within(budget, row_bytes, fixed, what=f"signal ({variant} {self.name}, {n_atoms} atoms)")
+        if x.device.type == "cpu":
+            workers, preferred = self.config.threads or torch.get_num_threads(), BLOCK
+            if variant == "gram":
+                inner = max(MIN_BLOCK, CACHE_BLOCK_BYTES // row_bytes)
+            else:
+                # Each step streams all atoms through one matrix product per block: splitting fewer than
+                # BLOCK signals over workers would stream them once per worker, and large products
+                # already use every core through torch's own threads.
+                inner, workers = preferred, min(workers, -(-n // BLOCK))
+        else:
+            workers, preferred, inner = 1, n, n
+        workers = max(1, min(workers, rows, -(-n // MIN_BLOCK)))
+        block = max(1, min(rows // workers, preferred, -(-n // workers), self.config.chunk or n))
+        inner = min(inner, block)
+        self.variant_ = variant
+        self.working_bytes_ = int(fixed + row_bytes * block * workers)
+        log.debug("%s: variant %s, %d signals per block (%d per pursuit), %d workers, %s working memory "
+                  "(budget %s)", self.name, variant, block, inner, workers, format_bytes(self.working_bytes_),
+                  format_bytes(budget))
+        return variant, block, inner, workers
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        variant, block, inner, workers = self._plan(x)
+        atoms = self.dictionary.atoms_as(x.dtype, x.device)
+        if variant == "gram":
+            gram = self.dictionary.gram(x.dtype, x.device)
+            diag = gram.diagonal().contiguous()
+        else:
+            gram, diag = None, self.dictionary.norms.to(device=x.device, dtype=x.dtype).square()
+        codes = x.new_zeros(x.shape[0], self.dictionary.n_atoms)
+        workspaces: dict[int, dict] = {}          # per worker thread, freed when encoding ends
+
+        def work(start: int, stop: int) -> None:
+            workspace = workspaces.setdefault(threading.get_ident(), {})
+            xs = x[start:stop]
+            alpha = torch.mm(xs, atoms.T, out=_buffer(workspace, "alpha", (stop - start, atoms.shape[0]),
+                                                      x.dtype, x.device))
+            for s in range(0, stop - start, inner):
+                part = slice(s, s + inner)
+                self._encode_block(xs[part], alpha[part], codes[start:stop][part], atoms, gram, diag, workspace)
+
+        run_blocks(x.shape[0], block, workers, work)
+        self.n_iter_ = float(self.config.k)
+        return codes
+
+    def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
+        """Write the codes of signals `x` into `codes` (zeros). `alpha` holds ``x @ atoms.T`` (overwritten);
+        `gram` is None for the gram-free variant."""
+        raise NotImplementedError
 
 
 class OMP(_Pursuit):
@@ -106,19 +368,25 @@ class OMP(_Pursuit):
     name = "omp"
     k_within_d = True
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        atoms = self.dictionary.atoms_as(x.dtype, x.device)
-        gram = self.dictionary.gram(x.dtype, x.device)
-        diag = gram.diagonal().contiguous()
-        codes = []
-        for xs in x.split(self.config.chunk):
-            idx, coef = omp_chunk(xs @ atoms.T, gram, diag, self.config.k, self._energy_to_explain(xs))
-            codes.append(self._scatter(xs, idx, coef))
-        self.n_iter_ = float(self.config.k)
-        return torch.cat(codes)
+    def _row_items(self, variant: str) -> int:
+        n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
+        small = k * k + 6 * k + 2 * d
+        # gram: correlations, their scores and the k-1 columns of C; gram-free: correlations and Q
+        return (k + 1) * n_atoms + small if variant == "gram" else n_atoms + k * d + small
+
+    def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
+        energy = self._energy_to_explain(x)
+        if gram is None:
+            idx, coef = omp_gram_free(x, atoms, diag, self.config.k, energy, alpha)
+        else:
+            idx, coef = omp_chunk(alpha, gram, diag, self.config.k, energy, workspace)
+        codes.scatter_add_(1, idx, coef)
 
     def flops_per_signal(self) -> float:
         n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
+        if self.variant_ == "gram-free":
+            # per step: r D^T (2 d n_atoms), argmax (2 n_atoms), two Gram-Schmidt passes (8 j d)
+            return sum(2 * d * n_atoms + 2 * n_atoms + 8 * j * d + 4 * d for j in range(k)) + k * k
         # x D^T, then per step j: rank-one update of C (2 j n_atoms) and alpha (2 n_atoms),
         # argmax (2 n_atoms); finally a k x k triangular solve.
         return 2 * d * n_atoms + sum(2 * j * n_atoms + 5 * n_atoms for j in range(k)) + k * k
@@ -129,29 +397,20 @@ class MP(_Pursuit):
 
     name = "mp"
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        atoms = self.dictionary.atoms_as(x.dtype, x.device)
-        gram = self.dictionary.gram(x.dtype, x.device)
-        diag = gram.diagonal()
-        scale = diag.rsqrt()
-        codes = []
-        for xs in x.split(self.config.chunk):
-            rows = torch.arange(xs.shape[0], device=x.device)
-            alpha = xs @ atoms.T
-            z = torch.zeros_like(alpha)
-            remaining = self._energy_to_explain(xs)
-            for _ in range(self.config.k):
-                pick = (alpha.abs() * scale).max(dim=1).indices
-                step = alpha[rows, pick] / diag[pick]
-                if remaining is not None:
-                    step = step * (remaining > 0)
-                    remaining = remaining - step * step * diag[pick]
-                z[rows, pick] += step
-                alpha.addcmul_(step[:, None], gram.index_select(0, pick), value=-1)
-            codes.append(z)
-        self.n_iter_ = float(self.config.k)
-        return torch.cat(codes)
+    def _row_items(self, variant: str) -> int:
+        n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
+        # gram: correlations, scores and the gathered Gram rows; gram-free: correlations, residual, atoms
+        return 3 * n_atoms + 2 * d if variant == "gram" else n_atoms + 3 * d
+
+    def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
+        energy = self._energy_to_explain(x)
+        if gram is None:
+            mp_gram_free(x, codes, atoms, diag, self.config.k, energy, alpha)
+        else:
+            mp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)
 
     def flops_per_signal(self) -> float:
         n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
+        if self.variant_ == "gram-free":
+            return k * (2 * d * n_atoms + 2 * n_atoms + 4 * d)
         return 2 * d * n_atoms + k * 5 * n_atoms

@@ -115,6 +115,7 @@ class SklearnOMP(_Reference):
     family = "greedy"
     knob = "k"
     k_within_d = True
+    gram_itemsize = 8
     Config = OMPReferenceConfig
 
     def _solve(self, x, atoms):
@@ -145,6 +146,7 @@ class SklearnLasso(_Reference):
 
 class _Spams(_Reference):
     requires = {"spams": "spams-bin"}
+    gram_itemsize = 8                   # SPAMS computes D^T D in float64 on every call
 
     @staticmethod
     def _columns(a: np.ndarray) -> np.ndarray:

@@ -1,16 +1,21 @@
 """Speed benchmark: our solvers against the C++ and scikit-learn references in one run."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import metrics
-from .compare import timed_encode
-from ._validation import resolve_device
-from .registry import get_encoder
+from . import _io, metrics
+from .compare import calibrate, timed_encode
+from ._validation import check_int_range, resolve_device
+from .memory import fits, format_bytes, memory_budget, rows_within
+from .parallel import run_blocks
+from .registry import encoder_class, get_encoder
 from .synthetic import make_sparse_data
 
 log = logging.getLogger(__name__)
@@ -67,3 +72,222 @@ def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16,
         if row["encoder"] in objectives and ref in objectives:
             row["objective_gap"] = metrics.relative_gap(objectives[row["encoder"]], objectives[ref])
     return rows
+
+
+# --- scale: inference at the sizes of real sparse autoencoders ----------------------------------
+#: Encoders of `scale` by default; "floor" rows are the amortised floor itself.
+SCALE_ENCODERS = ("omp", "mp", "fista", "topk", "spams-omp")
+#: Cell size whose signal count is `n_samples`; larger cells get proportionally fewer signals.
+SCALE_REFERENCE_CELL = 4096 * 576
+SCALE_MIN_SAMPLES = 32
+
+
+def scale_samples(n_samples: int, n_atoms: int, d: int) -> int:
+    """Signals encoded in a cell: `n_samples` at 4,096 atoms x 576, fewer in proportion to n_atoms * d
+    (at least 32), so the big cells take about as long as the small ones."""
+    return min(n_samples, max(SCALE_MIN_SAMPLES, int(n_samples * SCALE_REFERENCE_CELL / (n_atoms * d))))
+
+
+def amortised_floor(x: torch.Tensor, atoms: torch.Tensor, k: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least any amortised encoder does on this dictionary: ``x @ atoms.T`` and a top-k.
+
+    Blocks of signals that fit `budget` run on worker threads like the pursuits' (`run_blocks`), so
+    a busy machine slows the floor and the solvers alike. Returns the top-k values and indices.
+    """
+    n = x.shape[0]
+    values = x.new_empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.long, device=x.device)
+    on_cpu = x.device.type == "cpu"
+    workers = torch.get_num_threads() if on_cpu else 1
+    rows = rows_within(budget, 2 * atoms.shape[0] * x.element_size() * workers, what="signal (x @ atoms.T)",
+                       at_most=256 if on_cpu else 4096)
+
+    def work(start: int, stop: int) -> None:
+        torch.topk(x[start:stop] @ atoms.T, k, dim=1, out=(values[start:stop], indices[start:stop]))
+
+    run_blocks(n, rows, workers, work)
+    return values, indices
+
+
+class _PeakMemory:
+    """Peak memory a block of code adds: CUDA's allocator peak, or on the CPU the peak resident set
+    (Linux: /proc/self/clear_refs resets it), since tracemalloc does not see torch's allocations."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+                self.base = _status_kb("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            peak = _status_kb("VmHWM")
+            self.bytes = None if peak is None else max(0, peak - self.base) * 1024
+        return False
+
+
+def _status_kb(field: str) -> int | None:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budget: int, fields: set[str]):
+    """The fitted encoder of one scale row, or the reason it is skipped."""
+    params = {"memory": memory} if "memory" in fields else {}
+    cls = encoder_class(name)
+    need = dictionary.n_atoms ** 2 * cls.gram_itemsize
+    if not fits(budget, need):
+        return None, f"it forms a Gram matrix of {format_bytes(need)}, more than the memory budget {format_bytes(budget)}"
+    if cls.knob == "lam":
+        # Lasso solvers: the lam giving about the planted L0, found on a small subsample.
+        enc, _ = calibrate(name, dictionary, x[:min(64, x.shape[0])], float(k), params=params, rel_tol=0.1,
+                           max_steps=12)
+        return enc, None
+    if "k" in fields:
+        params["k"] = k
+    if cls.trainable:
+        if not {"bias", "steps"} <= fields:
+            return None, "a trained encoder without a bias-free one-step configuration"
+        # An amortised encoder whose weights are the dictionary's rows: no training, the decoder's own encoder.
+        enc = get_encoder(name, **params, bias=False, steps=1).fit(dictionary, x[:1])
+        with torch.no_grad():
+            enc.net.weight.copy_(dictionary.atoms_as(x.dtype, x.device))
+        return enc, None
+    return get_encoder(name, **params).fit(dictionary), None
+
+
+def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = (576,), k: tuple[int, ...] = (32,),
+          n_samples: int = 256, repeats: int = 3, memory=None, device="cpu", encoders: tuple[str, ...] | None = None,
+          seed: int = 0, callback: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Throughput, peak memory and time relative to the amortised floor of inference methods over a grid of
+    dictionary sizes (float32, one synthetic problem per cell).
+
+    The floor is ``x @ atoms.T`` plus a top-k on the same dictionary, device and run: what the cheapest
+    amortised encoder must do. `n_samples` signals are encoded in a 4,096 x 576 cell and proportionally
+    fewer in larger ones (see `scale_samples`). The first encode of each encoder is not timed (it builds
+    caches such as a Gram matrix: its time is `setup_s`); `peak_memory_mb` is measured over it, codes
+    included. `callback(done, total, what)` reports progress.
+    """
+    device = resolve_device(device)
+    names = tuple(encoders) if encoders is not None else SCALE_ENCODERS
+    for name in names:
+        encoder_class(name)                     # unknown names fail before any work
+    budget = memory_budget(memory, device)
+    cells = [(N, dd, kk) for dd in d for kk in k for N in n_atoms]
+    for N, dd, kk in cells:
+        check_int_range("n_atoms", N, 1)
+        check_int_range("d", dd, 1)
+        check_int_range("k", kk, 1, min(N, dd), why=" (and at most n_atoms and d)")
+    total, done = len(cells) * (len(names) + 1), 0
+    rows = []
+    for N, dd, kk in cells:
+        n = scale_samples(n_samples, N, dd)
+        cell = {"n_atoms": N, "d": dd, "k": kk, "n_samples": n}
+        data = make_sparse_data(n, dd, N, kk, seed=seed)
+        x, dictionary = data.x.to(device), data.dictionary.to(device)
+        atoms = dictionary.atoms_as(x.dtype, x.device)
+        if callback:
+            callback(done, total, f"floor, n_atoms={N} d={dd} k={kk}")
+        with _PeakMemory(device) as peak:
+            amortised_floor(x, atoms, kk, budget)
+        floor_s = _timed(lambda: amortised_floor(x, atoms, kk, budget), repeats, device)
+        rows.append({**cell, "encoder": "floor", "signals_per_s": n / floor_s, "ratio_to_floor": 1.0,
+                     "peak_memory_mb": _mb(peak.bytes)})
+        done += 1
+        for name in names:
+            if callback:
+                callback(done, total, f"{name}, n_atoms={N} d={dd} k={kk}")
+            row = {**cell, "encoder": name}
+            try:
+                fields = {f.name for f in dataclasses.fields(encoder_class(name).Config)}
+                enc, skipped = _scale_encoder(name, dictionary, x, kk, memory, budget, fields)
+                if skipped is None:
+                    with _PeakMemory(device) as peak:
+                        start = time.perf_counter()
+                        codes = enc.encode(x)
+                        row["setup_s"] = time.perf_counter() - start
+                    seconds = _timed(lambda: enc.encode(x), repeats, device)
+                    row.update(signals_per_s=n / seconds, ratio_to_floor=seconds / floor_s,
+                               peak_memory_mb=_mb(peak.bytes), f1=metrics.support_scores(data.codes, codes.cpu())["f1"],
+                               l0=metrics.mean_l0(codes))
+                    for field in ("variant_", "working_bytes_"):
+                        if getattr(enc, field, None) is not None:
+                            row[field.rstrip("_")] = getattr(enc, field)
+                    if "lam" in fields:
+                        row["lam"] = enc.config.lam
+            except ImportError as err:
+                skipped = str(err)
+            except (MemoryError, RuntimeError) as err:   # torch reports an allocation it cannot make this way
+                skipped = f"failed: {err}".splitlines()[0]
+            if skipped is not None:
+                log.warning("scale: skipping %s at n_atoms=%d d=%d k=%d: %s", name, N, dd, kk, skipped)
+                row["skipped"] = skipped
+            rows.append(row)
+            done += 1
+        del data, x, dictionary, atoms
+    if callback:
+        callback(done, total, "done")
+    return rows
+
+
+def _mb(nbytes) -> float:
+    return float("nan") if nbytes is None else nbytes / 1e6
+
+
+def scale_figure(rows: list[dict], path, title: str = "") -> None:
+    """Throughput against n_atoms, one line per encoder and (d, k), on log axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict = {}
+    for row in rows:
+        if "signals_per_s" in row:
+            groups.setdefault((row["encoder"], row["d"], row["k"]), []).append((row["n_atoms"], row["signals_per_s"]))
+    for (name, d, k), points in sorted(groups.items()):
+        points.sort()
+        style = "--" if name == "floor" else "-"
+        label = "amortised floor (x W^T + top-k)" if name == "floor" else name
+        ax.plot(*zip(*points), style, marker="o", label=f"{label}, d={d}, k={k}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("atoms in the dictionary (n_atoms)")
+    ax.set_ylabel("throughput (signals/s)")
+    ax.set_title(title or "Inference throughput against dictionary size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    _io._atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    plt.close(fig)

@@ -73,7 +73,8 @@ SHOWN = {"encoder": "encoder", "cells": "cells", "ce_clean": "CE clean", "ce_spl
          "dense_50": ">50%", "dense_10": ">10%", "tokens": "tokens", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
          "exact_support": "exact", "nmse_db": "NMSE dB",
          "code_mcc": "MCC", "dictionary_mcc": "dict. MCC", "objective_gap": "obj. gap", "dead": "dead", "signals_per_s": "signals/s",
-         "flops_per_signal": "FLOPs/signal", "ratio": "ratio", "reference": "reference", "fit_s": "fit s"}
+         "flops_per_signal": "FLOPs/signal", "ratio": "ratio", "ratio_to_floor": "x floor", "peak_memory_mb": "peak MB",
+         "n_atoms": "n_atoms", "variant": "variant", "reference": "reference", "fit_s": "fit s"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -541,6 +542,69 @@ def bench_speed(
     if out is not None:
         Comparison(rows, {"bench": "speed"}).save(out)
         console.print(f"saved {out}")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    """`--n-atoms 4096,16384` -> (4096, 16384)."""
+    try:
+        values = tuple(int(v.replace("_", "")) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes whole numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} needs at least one value, got {text!r}")
+    return values
+
+
+@bench_app.command("scale")
+def bench_scale(
+    n_atoms: str = typer.Option("4096,16384,65536", help="Dictionary sizes, comma-separated."),
+    d: str = typer.Option("576", help="Signal dimensions, comma-separated (the full grid: 576,2304)."),
+    k: str = typer.Option("32", help="Non-zeros per code and the encoders' k, comma-separated (full grid: 32,64)."),
+    n_samples: int = typer.Option(256, help="Signals per cell at n_atoms=4,096, d=576; larger cells get proportionally "
+                                            "fewer (at least 32)."),
+    repeats: int = typer.Option(3, help="Timed runs per encoder; medians are reported."),
+    memory: Optional[str] = typer.Option(None, help="Working-memory budget of every encoder, e.g. 4GB [default: half "
+                                                    "the device's free memory]."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    encoders: str = typer.Option("omp,mp,fista,topk,spams-omp", help="Comma-separated encoders."),
+    out: Optional[Path] = typer.Option(None, help="Save the rows to this JSON file."),
+    figure: Optional[Path] = typer.Option(None, help="Save a figure of throughput against n_atoms (.png, .pdf, .svg)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
+) -> None:
+    """Inference at the sizes of real SAEs: throughput, peak memory and time relative to the amortised floor."""
+    from rich.progress import TimeRemainingColumn
+
+    from .bench import scale, scale_figure
+    _setup_logging(verbose)
+    try:
+        grid = {"n_atoms": _int_list(n_atoms, "--n-atoms"), "d": _int_list(d, "--d"), "k": _int_list(k, "--k")}
+        names = tuple(n.strip() for n in encoders.split(",") if n.strip())
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("scale", total=None)
+            rows = scale(**grid, n_samples=n_samples, repeats=repeats, memory=memory, device=device, encoders=names,
+                         callback=lambda done, total, what: progress.update(task, completed=done, total=total,
+                                                                            description=what))
+    except (ValueError, TypeError, ImportError) as err:
+        _fail(str(err))
+    import torch
+    from ._validation import resolve_device
+    where = resolve_device(device)
+    label = torch.cuda.get_device_name(where) if where.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print_table([r for r in rows if "skipped" not in r],
+                ["n_atoms", "d", "k", "encoder", "variant", "signals_per_s", "ratio_to_floor", "peak_memory_mb", "f1",
+                 "l0"], title=f"scale: {label}, float32 (ratio: time / amortised floor's time)")
+    for row in rows:
+        if "skipped" in row:
+            console.print(f"[yellow]skipped[/] {row['encoder']} at n_atoms={row['n_atoms']}, d={row['d']}, "
+                          f"k={row['k']}: {row['skipped']}")
+    if out is not None:
+        _io.write_json(out, {"bench": "scale", "device": label, "dtype": "float32", "memory": memory, "rows": rows})
+        console.print(f"saved {out}")
+    if figure is not None:
+        scale_figure(rows, figure, title=f"Inference throughput ({label}, float32)")
+        console.print(f"saved {figure}")
 
 
 def _grid(items: list[str]) -> dict:

@@ -99,6 +99,11 @@ class Dictionary:
             return a @ a.T
         return self._cached("gram", dtype, device, make)
 
+    def has_gram(self, dtype: torch.dtype | None = None, device=None) -> bool:
+        """Whether `gram(dtype, device)` is already computed (solvers that can do without it choose by this)."""
+        slot = ("gram", dtype or self.atoms.dtype, str(torch.device(device or self.atoms.device)))
+        return slot in self._cache
+
     @property
     def lipschitz(self) -> float:
         """`||D||_2^2`, the largest eigenvalue of the Gram matrix: the lasso gradient's Lipschitz constant."""

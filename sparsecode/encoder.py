@@ -206,6 +206,9 @@ class Encoder(abc.ABC):
     #: (and `positive`), so comparisons report that objective and its gap to a reference solver.
     #: Left unset, a class that declares its `family` gets True exactly when the family is "lasso".
     solves_lasso: ClassVar[bool | None] = None
+    #: bytes per entry of the full n_atoms x n_atoms Gram matrix the method always forms (0: none, or only
+    #: where it fits the memory budget); benchmarks skip the method where that matrix cannot fit
+    gram_itemsize: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

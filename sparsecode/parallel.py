@@ -1,0 +1,61 @@
+"""CPU parallelism that degrades gracefully on a busy machine: blocks of signals on worker threads.
+
+Solvers that run many small torch operations per signal (greedy pursuits, iterative solvers on small
+working sets) scale with cores through `run_blocks`, not through torch's intra-op thread pool.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+_threads_lock = threading.Lock()
+_threads_users = [0, 0]          # callers inside one_thread_per_op now, torch's thread count before them
+
+
+@contextlib.contextmanager
+def one_thread_per_op():
+    """Run torch operations single-threaded while worker threads run blocks of signals in parallel.
+
+    Why: torch's CPU operations use an OpenMP pool of one thread per core, and every operation ends
+    at a barrier where all of them meet. A greedy pursuit runs many small operations (a few per step
+    per block), so when another process takes a core, the thread descheduled there holds every barrier
+    for a scheduler time slice and throughput collapses (measured: omp at 0.08x spams.omp with one
+    core busy, 1.35x when quiet). With one thread per operation there are no barriers: each worker
+    pulls the next block when it finishes its own, so a slow core slows only its own blocks.
+    torch releases the GIL inside its operations, so the workers do run in parallel.
+    """
+    with _threads_lock:
+        if _threads_users[0] == 0:
+            _threads_users[1] = torch.get_num_threads()
+            torch.set_num_threads(1)    # new threads take this count when they first run an operation
+        _threads_users[0] += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users[0] -= 1
+            if _threads_users[0] == 0:
+                torch.set_num_threads(_threads_users[1])
+
+
+def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None]) -> None:
+    """Call ``work(start, stop)`` for consecutive blocks of range(n), on `workers` threads when > 1.
+
+    The threads pull blocks as they finish the previous one, and run torch operations single-threaded
+    meanwhile (see `one_thread_per_op`); blocks are shrunk so that every worker gets one. Exceptions
+    propagate. With one worker the blocks run here, with torch's own threads.
+    """
+    if workers > 1:
+        block = max(1, min(block, -(-n // workers)))      # every worker gets a share
+    spans = [(s, min(s + block, n)) for s in range(0, n, block)]
+    if workers <= 1 or len(spans) == 1:
+        for span in spans:
+            work(*span)
+        return
+    with one_thread_per_op(), ThreadPoolExecutor(min(workers, len(spans)), "sparsecode-worker") as pool:
+        for future in [pool.submit(work, *span) for span in spans]:
+            future.result()

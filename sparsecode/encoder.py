@@ -68,7 +68,7 @@ class EncoderConfig:
 class MemoryConfig(EncoderConfig):
     """Config of an encoder whose working memory is bounded by a budget (chunk sizes come from it)."""
 
-    memory: str | None = None
+    memory: str | int | None = None
     """Working-memory budget for encoding, e.g. '4GB' or '512MiB' [default: half the device's free memory]."""
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from . import _io
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary, as_dictionary
-from .encoder import Encoder, EncoderConfig
+from .encoder import Encoded, Encoder, EncoderConfig
 from .metrics import binary_entropy_bits
 
 log = logging.getLogger(__name__)
@@ -308,12 +308,12 @@ class TrainableEncoder(Encoder):
                              f"on d={d_in}")
         return x
 
-    def encode(self, x) -> torch.Tensor:
+    def encode_with_info(self, x) -> Encoded:
         if self.net is None:
             raise RuntimeError(f"encoder {self.name!r} is not trained: call .fit(dictionary, x_train) first")
         x = self._check_x(x)
         with torch.no_grad():
-            return self._codes(x.to(next(self.net.parameters()).dtype)).to(x.dtype)
+            return Encoded(self._codes(x.to(next(self.net.parameters()).dtype)).to(x.dtype))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._codes(x)

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import _io, metrics, training
@@ -115,13 +115,31 @@ def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
 
 
 @contextlib.contextmanager
-def _progress_bars(total: int, label: str):
-    """A bar over the items (encoders, methods) and one over the training steps of the current item."""
+def _progress_bars(total: int, label: str, tokens: list | None = None):
+    """A bar over the items (encoders, methods) and one over the training steps of the current item.
+
+    When `tokens` is a list, the function appended to it is `compare`'s progress callback: a bar
+    over the tokens of a streamed store, with tokens/s and the time left.
+    """
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+                  TextColumn("{task.completed:,}/{task.total:,}"), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         items = progress.add_task(label, total=total, loss="")
         steps = {}
+        streamed = {}
+
+        def on_tokens(name: str, done: int, n_total: int) -> None:
+            if name not in streamed:
+                for old in streamed.values():
+                    progress.remove_task(old[0])
+                streamed.clear()
+                streamed[name] = (progress.add_task(f"{name}: tokens", total=n_total, loss=""), time.perf_counter())
+            task, t0 = streamed[name]
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, completed=done, loss=f"{rate:,.0f} tokens/s")
+
+        if tokens is not None:
+            tokens.append(on_tokens)
 
         def on_item(name: str, event: str) -> None:
             if event == "start":
@@ -141,13 +159,16 @@ def _progress_bars(total: int, label: str):
             yield on_item
 
 
-def _load_data(path: Path, n_tokens: int | None = None, start: int = 0):
+def _load_data(path: Path, n_tokens: int | None = None, start: int = 0, stream: bool = False):
     """Signals from a .safetensors file (tensor 'x', optional 'codes') or an activation store
-    (`activations:FOLDER`: `n_tokens` tokens from `start`, normalised if the store records a scale)."""
+    (`activations:FOLDER`: `n_tokens` tokens from `start`, normalised if the store records a scale;
+    with `stream`, the store's token range itself, read batch by batch by whoever uses it)."""
     text = str(path)
     if text.startswith("activations:"):
         from .activations import ActivationStore
         store = ActivationStore(text.removeprefix("activations:"))
+        if stream:
+            return store.tokens(start, n_tokens)
         return {"x": store.load(n_tokens, start=start, normalize=True)}
     tensors = _io.read_tensors(path, "data")
     if "x" not in tensors:
@@ -177,7 +198,9 @@ def compare_cmd(
                                                    "on, then --n-samples to compare on); default: synthetic data."),
     dictionary: str = typer.Option("true", help="'true' (the synthetic data's own), a saved dictionary path, or an "
                                                 "SAE folder (SAELens, sparsify, dictionary_learning: its decoder)."),
-    n_samples: int = typer.Option(1024, help="Synthetic signals."),
+    n_samples: int = typer.Option(1024, help="Synthetic signals, or tokens of an activation store to compare on "
+                                             "(streamed shard by shard; more than the store holds: all after "
+                                             "--n-train)."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
     n_atoms: int = typer.Option(16, help="Atoms of the synthetic dictionary."),
     k: Optional[int] = typer.Option(None, help="Non-zeros per synthetic code; also the default k of k-encoders "
@@ -215,7 +238,7 @@ def compare_cmd(
         params = _parse_sets(set_, names)
         if data is not None:
             from_store = str(data).startswith("activations:")
-            source = _load_data(data, n_samples, start=n_train if from_store else 0)
+            source = _load_data(data, n_samples, start=n_train if from_store else 0, stream=from_store)
             if dictionary == "true" and not joint:
                 _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
             if train_data is not None:
@@ -230,11 +253,12 @@ def compare_cmd(
             x_train = None if x_train is None else x_train.x
         if dictionary != "true" and Path(dictionary).is_dir():
             dictionary = load_sae_dictionary(dictionary, allow_pickle=allow_pickle)
-        with _progress_bars(len(names), "methods" if joint else "encoders") as on_item:
+        on_tokens: list = []
+        with _progress_bars(len(names), "methods" if joint else "encoders", on_tokens) as on_item:
             result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
                                  target_l0=target_l0, x_train=x_train, joint=joint,
                                  n_atoms=n_atoms if joint else None, seed=train_seed, repeats=repeats,
-                                 device=device, callback=on_item)
+                                 device=device, callback=on_item, progress=on_tokens[0])
     except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
         _fail(str(err))
     s = result.settings

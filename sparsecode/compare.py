@@ -16,16 +16,19 @@ import torch
 from . import _io, metrics
 from ._validation import as_tensor, check_positive, resolve_device
 from .dictionary import Dictionary, as_dictionary
-from .encoder import Encoder, suggest
+from .encoder import Encoded, Encoder, suggest
 from .registry import encoder_class, get_encoder
 from .synthetic import SparseData
 
 log = logging.getLogger(__name__)
 
+#: Tokens of a streamed store held in memory for calibrating sparsity knobs and checking shapes.
+CALIBRATION_TOKENS = 4096
+
 #: Column order of a comparison table (a row omits what is undefined for it).
 COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "exact_support", "code_mcc",
            "nmse_db", "dictionary_mcc",
-           "objective", "objective_gap", "dead", "dense", "encode_s", "signals_per_s",
+           "objective", "objective_gap", "uncertified", "dead", "dense", "encode_s", "signals_per_s",
            "flops_per_signal", "fit_s")
 
 
@@ -166,7 +169,8 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
             encoder_params: dict[str, dict] | None = None, target_l0: float | None = None,
             x_train=None, joint: bool = False, n_atoms: int | None = None, seed: int = 0,
             gap_reference: str | None = "fista", repeats: int = 1, device=None,
-            callback: Callable[[str, str], None] | None = None) -> Comparison:
+            callback: Callable[[str, str], None] | None = None,
+            progress: Callable[[str, int, int], None] | None = None, batch_size: int = 4096) -> Comparison:
     """Encode `data` with every encoder on one shared dictionary and measure each.
 
     Parameters
@@ -174,8 +178,10 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     encoders : names from the registry, e.g. ``["fista", "omp", "spams-omp"]``, or already fitted
         Encoder objects / paths of saved trained encoders (used as they are). With ``joint=True``:
         dictionary learning methods (see `learning_methods()`).
-    data : SparseData (with true codes and dictionary), an array x (n, d), or a dict
-        ``{"x": ..., "codes": ...}``.
+    data : SparseData (with true codes and dictionary), an array x (n, d), a dict
+        ``{"x": ..., "codes": ...}``, or an `ActivationStore` / a range of one (``store.tokens(start,
+        n)``): a store is read batch by batch and every metric accumulated over all its tokens, so
+        it may be larger than memory (calibration with `target_l0` uses its first 4,096 tokens).
     dictionary : a Dictionary, atoms (n_atoms, d), a saved dictionary path, or "true"/None for
         the synthetic data's own dictionary.
     k, lam : shared defaults for every encoder that has that knob (k defaults to the data's k).
@@ -190,6 +196,8 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         `objective_gap` (a tightly converged "fista" by default); None to skip.
     repeats : encode this many times and report the median time.
     callback : called as ``callback(encoder, "start"|"done")`` for progress display.
+    progress : called as ``progress(encoder, signals_done, signals_total)`` after each batch of a store.
+    batch_size : signals per batch when streaming a store.
 
     Returns
     -------
@@ -200,6 +208,13 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         raise ValueError("no encoders given")
     check_positive("lam", lam)
     device = resolve_device(device)
+    from .activations import as_token_range
+    stream = as_token_range(data)
+    if stream is not None:
+        if joint:
+            raise ValueError("a joint comparison learns from x_train: give it tensors, not an activation store")
+        check_positive("batch_size", batch_size, allow_zero=False)
+        data = {"x": stream.head(CALIBRATION_TOKENS)}
     if joint:
         return _compare_joint(items, data, x_train, n_atoms, encoder_params or {}, seed, device, callback,
                               k if k is not None else getattr(data, "k", None), lam)
@@ -216,9 +231,9 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     d = _as_data(data, dictionary, device)
     if k is None and isinstance(data, SparseData):
         k = data.k
-    if x_train is not None:
+    if x_train is not None and as_token_range(x_train) is None:
         x_train = as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)
-    settings = {"encoders": names, "n_samples": d.x.shape[0], "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
+    settings = {"encoders": names, "n_samples": d.x.shape[0] if stream is None else stream.n_tokens, "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
                 "k": k, "lam": lam, "target_l0": target_l0, "device": str(device), "dtype": str(d.x.dtype),
                 "encoder_params": encoder_params or {}, "gap_reference": gap_reference, "seed": seed}
     references: dict[float, torch.Tensor] = {}
@@ -233,7 +248,7 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
             if enc.dictionary.n_atoms != d.dictionary.n_atoms or enc.dictionary.d != d.dictionary.d:
                 raise ValueError(f"encoder {name!r} was fitted to a ({enc.dictionary.n_atoms}, {enc.dictionary.d}) "
                                  f"dictionary, the comparison uses ({d.dictionary.n_atoms}, {d.dictionary.d})")
-        rows.append(_measure(enc, d, lam, gap_reference, references, repeats, fit_s))
+        rows.append(_measure(enc, d, lam, gap_reference, references, repeats, fit_s, stream, batch_size, progress))
         if callback:
             callback(name, "done")
     return Comparison(rows, settings)
@@ -329,6 +344,12 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
 
 def timed_encode(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool = False) -> tuple[float, torch.Tensor]:
     """Median wall time of `repeats` encodes of x (synchronising CUDA), and the codes."""
+    seconds, info = timed_encode_info(enc, x, repeats, warmup)
+    return seconds, info.codes
+
+
+def timed_encode_info(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool = False) -> tuple[float, Encoded]:
+    """Median wall time of `repeats` encodes of x (synchronising CUDA), and the last `Encoded`."""
     if warmup:
         enc.encode(x[: min(64, x.shape[0])])      # caches, allocator, thread pools
     times = []
@@ -336,38 +357,75 @@ def timed_encode(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool =
         if x.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        codes = enc.encode(x)
+        info = enc.encode_with_info(x)
         if x.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), codes
+    return float(np.median(times)), info
 
 
-def _measure(enc: Encoder, d: _Data, lam, gap_reference, references, repeats, fit_s) -> dict:
+def _measure(enc: Encoder, d: _Data, lam, gap_reference, references, repeats, fit_s, stream=None,
+             batch_size: int = 4096, progress=None) -> dict:
+    """One comparison row: `d.x` encoded at once, or the `stream` (a store's tokens) batch by batch.
+    Both accumulate the set-level metrics the same way (`metrics.MetricAccumulator`)."""
     name = enc.name
-    encode_s, codes = timed_encode(enc, d.x, repeats)
-    x_hat = d.dictionary.decode(codes)
     row = {"encoder": name}
     for knob in ("k", "lam"):
         if hasattr(enc.config, knob):
             row[knob] = getattr(enc.config, knob)
     row_lam = getattr(enc.config, "lam", lam)
-    row.update(fvu=metrics.fvu(d.x, x_hat), mse=metrics.mse(d.x, x_hat), l0=metrics.mean_l0(codes))
-    if d.codes is not None:
-        row.update(metrics.support_scores(d.codes, codes))
-        row["exact_support"] = metrics.exact_support_rate(d.codes, codes)
-        row["code_mcc"] = metrics.code_mcc(d.codes, codes)
-        row["nmse_db"] = metrics.nmse_db(d.codes, codes)        # of the codes (compressed-sensing convention)
-    objective = metrics.lasso_objective(d.x, codes, d.dictionary.atoms, row_lam, d.dictionary.bias)
-    row["objective"] = float(objective.mean())
-    if gap_reference is not None:
-        row["objective_gap"] = metrics.relative_gap(objective, _reference_objective(d, row_lam, gap_reference,
-                                                                                    references))
-    row.update(dead=metrics.dead_fraction(codes), dense=metrics.dense_fraction(codes), encode_s=encode_s,
-               signals_per_s=d.x.shape[0] / encode_s if encode_s > 0 else float("inf"),
+    acc = metrics.MetricAccumulator(d.dictionary.n_atoms)
+    uncertified = None
+    if stream is None:
+        n = d.x.shape[0]
+        encode_s, info = timed_encode_info(enc, d.x, repeats)
+        codes, uncertified = info.codes, info.uncertified
+        objective = _accumulate(acc, d.x, codes, d.dictionary, row_lam)
+        if d.codes is not None:
+            row.update(metrics.support_scores(d.codes, codes))
+            row["exact_support"] = metrics.exact_support_rate(d.codes, codes)
+            row["code_mcc"] = metrics.code_mcc(d.codes, codes)
+            row["nmse_db"] = metrics.nmse_db(d.codes, codes)        # of the codes (compressed-sensing convention)
+        if gap_reference is not None:
+            row["objective_gap"] = metrics.relative_gap(objective, _reference_objective(d, row_lam, gap_reference,
+                                                                                        references))
+    else:
+        n, encode_s = 0, 0.0
+        key = ("store", row_lam, gap_reference)
+        reference = None if gap_reference is None or key in references else 0.0
+        for xb in stream.batches(batch_size):
+            xb = xb.to(device=d.x.device, dtype=d.x.dtype)
+            seconds, info = timed_encode_info(enc, xb)
+            encode_s += seconds
+            _accumulate(acc, xb, info.codes, d.dictionary, row_lam)
+            if info.uncertified is not None:
+                uncertified = (uncertified or 0) + info.uncertified
+            if reference is not None:
+                # the same batches for every encoder: the reference total is computed once per lam
+                reference += float(_reference_objective(_Data(xb, None, d.dictionary), row_lam, gap_reference,
+                                                        {}).sum())
+            n += xb.shape[0]
+            if progress is not None:
+                progress(name, n, stream.n_tokens)
+        if reference is not None:
+            references[key] = reference
+        if gap_reference is not None:
+            row["objective_gap"] = metrics.relative_gap(torch.tensor([acc.objective_sum], dtype=torch.float64),
+                                                        torch.tensor([references[key]], dtype=torch.float64))
+    row.update(acc.result())
+    if uncertified is not None:
+        row["uncertified"] = uncertified
+    row.update(encode_s=encode_s, signals_per_s=n / encode_s if encode_s > 0 else float("inf"),
                flops_per_signal=enc.flops_per_signal(), fit_s=fit_s)
     log.info("%s: %s", name, {k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()})
     return row
+
+
+def _accumulate(acc: metrics.MetricAccumulator, x, codes, dictionary: Dictionary, lam: float) -> torch.Tensor:
+    """Add a batch's reconstructions and lasso objectives to `acc`; returns the objectives (n,)."""
+    objective = metrics.lasso_objective(x, codes, dictionary.atoms, lam, dictionary.bias)
+    acc.update(x, dictionary.decode(codes), codes, objective)
+    return objective
 
 
 def _reference_objective(d: _Data, lam: float, solver: str, cache: dict) -> torch.Tensor:

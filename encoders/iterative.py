@@ -205,10 +205,11 @@ def lasso_plan(n: int, n_atoms: int, d: int, dtype: torch.dtype, budget: int, wo
     """
     item = torch.finfo(dtype).bits // 8
     gram_bytes = n_atoms * n_atoms * item
-    pays = n * 16 * max(working_set, 1) ** 2 >= n_atoms * n_atoms or (working_set == 0 and n_atoms <= 2 * d)
-    use_gram = pays and fits(budget // 2, gram_bytes)
     w = min(4 * max(working_set, 1), n_atoms)
     per_signal = item * (2 * n_atoms + 2 * d + w * (w + d + 12))
+    pays = n * 16 * max(working_set, 1) ** 2 >= n_atoms * n_atoms or (working_set == 0 and n_atoms <= 2 * d)
+    # beside the Gram matrix, the budget must still hold a useful chunk of signals
+    use_gram = pays and fits(min(budget // 2, budget - per_signal * min(n, 256)), gram_bytes)
     rows = rows_within(budget, per_signal, gram_bytes if use_gram else 0, what="signal of the lasso")
     return use_gram, rows
 

@@ -244,7 +244,7 @@ def compare_cmd(
             if train_data is not None:
                 x_train = _load_data(train_data, n_train)["x"]
             else:
-                x_train = _load_data(data, n_train)["x"] if from_store and n_train else None
+                x_train = _load_data(data, n_train, stream=True) if from_store and n_train else None
         else:
             kk = 3 if k is None else k
             both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
@@ -281,7 +281,8 @@ def train_cmd(
                                        "encoders, OUT-encoder.safetensors/.json."),
     data: Optional[Path] = typer.Option(None, help="A .safetensors file with signals 'x' (and 'y', targets of a "
                                                    "transcoder), or activations:STORE; default: synthetic data."),
-    n_samples: int = typer.Option(1024, help="Synthetic signals."),
+    n_samples: int = typer.Option(1024, help="Synthetic signals, or tokens of an activation store to train on "
+                                             "(streamed shard by shard by the trainable methods)."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
     k: int = typer.Option(3, help="Non-zeros per synthetic code."),
     true_atoms: int = typer.Option(16, help="Atoms of the synthetic data's true dictionary."),
@@ -298,11 +299,17 @@ def train_cmd(
                              f"Methods: {', '.join(learning_methods())}")
         params = _method_options(method, set_)
         truth = None
+        train_on = None
         if data is not None and str(data).startswith("activations:"):
             from .activations import ActivationStore
             store = ActivationStore(str(data).removeprefix("activations:"))
-            loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
-            x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+            if store.manifest["site"] == "mlp" or method in REFERENCE_METHODS:
+                loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
+                x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+            else:
+                # trainable autoencoders stream the store; the summary below uses its first tokens
+                train_on = store.tokens(0, n_samples)
+                x, y = train_on.head(training.STREAM_SAMPLE), None
         elif data is not None:
             tensors = _io.read_tensors(data, "data")
             if "x" not in tensors:
@@ -313,7 +320,7 @@ def train_cmd(
             x, y = truth.x, None
         with _progress_bars(1, "train") as on_item:
             on_item(method, "start")
-            learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, **params)
+            learned = learn_dictionary(x if train_on is None else train_on, method, n_atoms, y=y, seed=seed, **params)
             on_item(method, "done")
     except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
         _fail(str(err))

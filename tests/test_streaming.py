@@ -80,3 +80,37 @@ def test_streaming_a_token_range(problem):
         assert part[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9)
     with pytest.raises(ValueError, match="start=300 is outside the store's 300 tokens"):
         store.tokens(300)
+
+
+@pytest.mark.parametrize("method", ["topk", "relu"])
+def test_training_streams_a_store_like_the_same_tensor(problem, method):
+    """With batches as large as the store (one full batch per step), streaming and in-memory training
+    see the same signals every step; they differ only in the order within a batch, which full-batch
+    gradients do not see."""
+    x, dictionary, store = problem
+    opts = {"steps": 30, "batch_size": 512, "seed": 2, **({"k": 3} if method == "topk" else {})}
+    a = sc.get_encoder(method, **opts).fit(dictionary, x)
+    b = sc.get_encoder(method, **opts).fit(dictionary, store)
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
+    torch.testing.assert_close(a.encode(x), b.encode(x), rtol=1e-4, atol=1e-5)
+
+
+def test_learning_streams_and_a_range_limits_the_data(problem):
+    x, _, store = problem
+    seen = []
+    original = type(store).batches
+
+    def spy(self, batch_size=4096, **kw):
+        for xb in original(self, batch_size, **kw):
+            seen.append(xb.shape[0])
+            yield xb
+    try:
+        type(store).batches = spy
+        learned = sc.learn_dictionary(store.tokens(0, 200), "topk", 32, k=3, steps=7, batch_size=64, seed=0)
+    finally:
+        type(store).batches = original
+    assert learned.dictionary.atoms.shape == (32, 24) and len(learned.losses) == 7
+    # the head sample (200 tokens, one read) then 7 steps of 64 from 200 tokens: 3 full batches and a rest of 8 per pass
+    assert seen[0] == 200 and seen[1:8] == [64, 64, 64, 8, 64, 64, 64]
+    with pytest.raises(ValueError, match="needs its signals in memory"):
+        sc.learn_dictionary(store, "sparse-coding", 8)

@@ -14,6 +14,7 @@ iterating on all atoms with it is cheaper than with the atoms (``n_atoms <= 2 d`
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -208,8 +209,11 @@ def lasso_plan(n: int, n_atoms: int, d: int, dtype: torch.dtype, budget: int, wo
     w = min(4 * max(working_set, 1), n_atoms)
     per_signal = item * (2 * n_atoms + 2 * d + w * (w + d + 12))
     pays = n * 16 * max(working_set, 1) ** 2 >= n_atoms * n_atoms or (working_set == 0 and n_atoms <= 2 * d)
-    # beside the Gram matrix, the budget must still hold a useful chunk of signals
-    use_gram = pays and fits(min(budget // 2, budget - per_signal * min(n, 256)), gram_bytes)
+    # beside the Gram matrix (and x D^T, which its blocks keep per signal), the budget must still hold
+    # a useful chunk of signals
+    use_gram = pays and fits(min(budget // 2, budget - (per_signal + item * n_atoms) * min(n, 256)), gram_bytes)
+    if use_gram:
+        per_signal += item * n_atoms
     rows = rows_within(budget, per_signal, gram_bytes if use_gram else 0, what="signal of the lasso")
     return use_gram, rows
 
@@ -249,87 +253,136 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
 
 
 def _solve_chunk(x, atoms, gram, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified):
-    n, n_atoms, d = x.shape[0], atoms.shape[0], x.shape[1]
-    lam, pos, gap_mode = cfg.lam, cfg.positive, cfg.criterion == "gap"
-    item = x.element_size()
-    slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
-    eps = torch.finfo(x.dtype).eps
+    """Solve a chunk of signals in rounds. Signals are kept in groups that share a working-set width
+    (a power-of-two multiple of `working_set`, or all atoms), so a signal with a large support
+    widens only its own group's blocks."""
+    n, n_atoms = x.shape[0], atoms.shape[0]
+    pos, grow = cfg.positive, cfg.working_set
     xx = (x * x).sum(1)
-    live = torch.arange(n, device=x.device)
     # The subproblem's own gap is the full one once no atom outside the set violates; aiming below
     # tol leaves room for the rounding between the two.
     inner_tol = torch.full((n,), cfg.tol / 2, dtype=x.dtype, device=x.device)
-    grow = cfg.working_set
-    W = zw = None
+    rows = torch.arange(n, device=x.device)
+    b = None
     if 0 < grow < n_atoms // 2:
         b = x @ atoms.T
-        W = (b if pos else b.abs_()).topk(grow, dim=1).indices
-        del b
-        zw = x.new_zeros(n, grow)
-    while live.numel():
-        xs = x[live]
-        budget = cfg.max_iter - used[live]
-        if W is None:
-            zs, it = _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, codes[live], budget,
-                                 inner_tol[live], xx[live], block_bytes)
-            codes[live] = zs
-            r = xs - zs @ atoms
+        groups = [(rows, (b if pos else b.abs()).topk(grow, dim=1).indices, x.new_zeros(n, grow))]
+        if gram is None:
+            b = None                 # blocks come from the gathered atoms, which give D_W x as well
+    else:
+        groups = [(rows, None, None)]
+    while groups:
+        by_width: dict = {}
+        for live, W, zw in groups:
+            for nxt in _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used,
+                              certified, xx, inner_tol, live, W, zw):
+                by_width.setdefault(None if nxt[1] is None else nxt[1].shape[1], []).append(nxt)
+        # groups of one width from different groups of the last round iterate together
+        groups = [tuple(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(3))
+                  for parts in by_width.values()]
+
+
+def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified, xx,
+           inner_tol, live, W, zw):
+    """One round for the signals `live` of a chunk on their working sets W (None: all atoms), warm
+    started at zw: iterate, certify on the whole dictionary, write the finished signals' codes, and
+    return the groups (rows, W, zw) that go on. With the Gram matrix, `b` is x D^T of the chunk."""
+    n_atoms, d = atoms.shape[0], x.shape[1]
+    lam, pos, gap_mode, grow = cfg.lam, cfg.positive, cfg.criterion == "gap", cfg.working_set
+    item = x.element_size()
+    slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
+    eps = torch.finfo(x.dtype).eps
+    xs = x[live]
+    budget = cfg.max_iter - used[live]
+    if W is None:
+        zs, it = _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, codes[live], budget,
+                             inner_tol[live], xx[live], block_bytes)
+        codes[live] = zs
+        r = xs - zs @ atoms
+    else:
+        # Each signal's Gram block (m, w, w): gathered from the Gram matrix (a flat index_select; advanced
+        # indexing with (m, w) index tensors was several times slower here), or from its own atoms.
+        m, w = W.shape
+        if gram is not None:
+            flat = (W.unsqueeze(2) * n_atoms + W.unsqueeze(1)).reshape(-1)
+            quad = gram.reshape(-1).index_select(0, flat).view(m, w, w)
+            bw = b.reshape(-1).index_select(0, (live.unsqueeze(1) * n_atoms + W).reshape(-1)).view(m, w)
         else:
-            aw = atoms[W]                                       # (m, w, d): the signal's own atoms
-            quad = gram[W.unsqueeze(2), W.unsqueeze(1)] if gram is not None else torch.bmm(aw, aw.transpose(1, 2))
+            aw = atoms.index_select(0, W.reshape(-1)).view(m, w, d)
+            quad = torch.bmm(aw, aw.transpose(1, 2))
             bw = torch.bmm(aw, xs.unsqueeze(2)).squeeze(2)
-            zw, it, _ = proximal_gradient(bw, quad, 1.0 / _block_lipschitz(quad, lipschitz), lam, pos, budget,
-                                          inner_tol[live], momentum, restart, zw, criterion=cfg.criterion,
-                                          xx=xx[live])
-            del quad, bw
-            r = xs - torch.bmm(zw.unsqueeze(1), aw).squeeze(1)
             del aw
-        used[live] += it
-        # Certify on the full dictionary: one product with every atom.
-        corr = r @ atoms.T
-        worst = _worst(corr, pos)
-        within = worst <= lam * (1 + slack)
-        if gap_mode:
-            zcorr = (zs * corr).sum(1) if W is None else (zw * corr.gather(1, W)).sum(1)
-            l1 = (zs if W is None else zw).abs().sum(1)
-            ok = _relative_gap(l1, zcorr, (r * r).sum(1), worst, lam) <= cfg.tol
-        else:
-            ok = within
-        certified[live] = ok
-        done = ok | (used[live] >= cfg.max_iter)
-        if gap_mode:
-            # no violator left and the set already solved as tightly as the dtype allows: give up
-            done |= within & (inner_tol[live] <= 10 * eps)
-        if W is not None and bool(done.any()):
-            rows, wd = live[done], W[done]
-            codes[rows.unsqueeze(1), wd] = zw[done]
-        keep = ~done
-        if not bool(keep.any()):
-            break
-        live = live[keep]
-        if gap_mode:
-            # certified on its set but not on the dictionary: the set was solved too loosely
-            stalled = within[keep]
-            inner_tol[live[stalled]] = torch.clamp_min(inner_tol[live[stalled]] / 10, 10 * eps)
-        if W is None:
+        zw, it, _ = proximal_gradient(bw, quad, 1.0 / _block_lipschitz(quad, lipschitz), lam, pos, budget,
+                                      inner_tol[live], momentum, restart, zw, criterion=cfg.criterion,
+                                      xx=xx[live])
+        del quad, bw
+        r = xs - _sparse_decode(zw, W, atoms)
+    used[live] += it
+    # Certify on the full dictionary: one product with every atom.
+    corr = r @ atoms.T
+    worst = _worst(corr, pos)
+    within = worst <= lam * (1 + slack)
+    if gap_mode:
+        zcorr = (zs * corr).sum(1) if W is None else (zw * corr.gather(1, W)).sum(1)
+        l1 = (zs if W is None else zw).abs().sum(1)
+        ok = _relative_gap(l1, zcorr, (r * r).sum(1), worst, lam) <= cfg.tol
+    else:
+        ok = within
+    certified[live] = ok
+    done = ok | (used[live] >= cfg.max_iter)
+    if gap_mode:
+        # no violator left and the set already solved as tightly as the dtype allows: give up
+        done |= within & (inner_tol[live] <= 10 * eps)
+    if W is not None and bool(done.any()):
+        codes[live[done].unsqueeze(1), W[done]] = zw[done]
+    keep = ~done
+    if not bool(keep.any()):
+        return []
+    live = live[keep]
+    if gap_mode:
+        # certified on its set but not on the dictionary: the set was solved too loosely
+        stalled = live[within[keep]]
+        inner_tol[stalled] = torch.clamp_min(inner_tol[stalled] / 10, 10 * eps)
+    if W is None:
+        return [(live, None, None)]
+    zk, wk, scores = zw[keep], W[keep], corr[keep]
+    del corr
+    width = wk.shape[1]
+    # a signal whose support fills more than half its set moves to a set twice as wide
+    wider = 2 * (zk != 0).sum(1) > width
+    out = []
+    for sel, w in ((~wider, width), (wider, 2 * width)):
+        m = int(sel.sum())
+        if not m:
             continue
-        zk, wk, corr = zw[keep], W[keep], corr[keep]
-        support = int((zk != 0).sum(1).max())
-        width = max(wk.shape[1], 2 * support, grow)
-        m = live.numel()
-        if width >= n_atoms // 2 or width * width > 2 * n_atoms * d or \
-                m * item * width * (width + d + 12) > block_bytes:
+        rows, z_sel, w_sel = live[sel], zk[sel], wk[sel]
+        if w >= n_atoms // 2 or w * w > 2 * n_atoms * d or m * item * w * (w + d + 12) > block_bytes:
             # the set would cover most atoms, cost more than iterating on them, or not fit: use them all
-            codes[live] = 0
-            codes[live.unsqueeze(1), wk] = zk
-            W = zw = None
+            codes[rows] = 0
+            codes[rows.unsqueeze(1), w_sel] = z_sel
+            out.append((rows, None, None))
             continue
-        scores = corr if pos else corr.abs_()
+        sc = scores[sel] if m < scores.shape[0] else scores
+        if not pos:
+            sc.abs_()
         # the support always stays in the set: rank it first
-        scores.scatter_(1, wk, torch.where(zk != 0, torch.full_like(zk, float("inf")), scores.gather(1, wk)))
-        W = scores.topk(width, dim=1).indices
-        zw = scores.zero_().scatter_(1, wk, zk).gather(1, W)       # warm start on the new set
-        del scores, corr
+        sc.scatter_(1, w_sel, torch.where(z_sel != 0, torch.full_like(z_sel, float("inf")), sc.gather(1, w_sel)))
+        w_new = sc.topk(w, dim=1).indices
+        out.append((rows, w_new, sc.zero_().scatter_(1, w_sel, z_sel).gather(1, w_new)))   # warm start
+    return out
+
+
+def _sparse_decode(zw: torch.Tensor, W: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """z @ D for codes held on their working sets (values zw on atoms W), as one sparse (CSR) product:
+    it reads each atom from cache instead of writing an (m, w, d) copy of the gathered atoms (measured
+    here: 1.6 ms against 79 ms for 1,024 signals, 32 atoms each, d 256)."""
+    m, w = W.shape
+    crow = torch.arange(0, m * w + 1, w, device=W.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)        # "sparse CSR support is in beta state"
+        z = torch.sparse_csr_tensor(crow, W.reshape(-1), zw.reshape(-1), size=(m, atoms.shape[0]),
+                                    check_invariants=False)
+        return z @ atoms
 
 
 def _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, z0, budget, tol, xx, block_bytes):

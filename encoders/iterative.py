@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 #: synchronisation on CUDA) and costs about one extra product with the block, so it is not done
 #: every iteration.
 CHECK_EVERY = 10
+#: Most iterations of one working-set round before the whole problem is checked again. The block's
+#: own gap can be too coarse in float32 to reach the target (it subtracts terms of the size of
+#: ||x||^2), while the check on the dictionary, one product per signal, may already certify.
+ROUND_ITER = 200
 
 
 @dataclass(frozen=True)
@@ -293,7 +297,7 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
     slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
     eps = torch.finfo(x.dtype).eps
     xs = x[live]
-    budget = cfg.max_iter - used[live]
+    budget = torch.clamp(cfg.max_iter - used[live], max=ROUND_ITER)
     if W is None:
         zs, it = _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, codes[live], budget,
                              inner_tol[live], xx[live], block_bytes)
@@ -347,9 +351,15 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
         return [(live, None, None)]
     zk, wk, scores = zw[keep], W[keep], corr[keep]
     del corr
+    if not pos:
+        scores.abs_()
     width = wk.shape[1]
-    # a signal whose support fills more than half its set moves to a set twice as wide
-    wider = 2 * (zk != 0).sum(1) > width
+    # A signal moves to a set twice as wide when its support fills more than half its set (Celer's
+    # rule) or its support and violators do not fit in it: each round costs a product with every
+    # atom, so sets that are too narrow cost more than wide blocks.
+    support = (zk != 0).sum(1)
+    violators = (scores > lam * (1 + slack)).sum(1)
+    wider = (2 * support > width) | (support + violators > width)
     out = []
     for sel, w in ((~wider, width), (wider, 2 * width)):
         m = int(sel.sum())
@@ -363,8 +373,6 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
             out.append((rows, None, None))
             continue
         sc = scores[sel] if m < scores.shape[0] else scores
-        if not pos:
-            sc.abs_()
         # the support always stays in the set: rank it first
         sc.scatter_(1, w_sel, torch.where(z_sel != 0, torch.full_like(z_sel, float("inf")), sc.gather(1, w_sel)))
         w_new = sc.topk(w, dim=1).indices

@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 #: synchronisation on CUDA) and costs about one extra product with the block, so it is not done
 #: every iteration.
 CHECK_EVERY = 10
-#: Most iterations of one working-set round before the whole problem is checked again. The block's
-#: own gap can be too coarse in float32 to reach the target (it subtracts terms of the size of
-#: ||x||^2), while the check on the dictionary, one product per signal, may already certify.
+#: Most iterations of a signal's first round before the whole problem is checked again (a later
+#: round may take as many as the signal has used so far). The block's own gap can be too coarse in
+#: float32 to reach the target (it subtracts terms of the size of ||x||^2), while the check on the
+#: dictionary, one product per signal, may already certify.
 ROUND_ITER = 200
 
 
@@ -297,10 +298,11 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
     slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
     eps = torch.finfo(x.dtype).eps
     xs = x[live]
-    budget = torch.clamp(cfg.max_iter - used[live], max=ROUND_ITER)
+    # rounds at least double a signal's iterations so far: few momentum restarts on hard signals
+    budget = torch.minimum(cfg.max_iter - used[live], torch.clamp_min(used[live], ROUND_ITER))
     if W is None:
-        zs, it = _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, codes[live], budget,
-                             inner_tol[live], xx[live], block_bytes)
+        zs, it, met = _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, codes[live], budget,
+                                  inner_tol[live], xx[live], block_bytes)
         codes[live] = zs
         r = xs - zs @ atoms
     else:
@@ -316,9 +318,9 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
             quad = torch.bmm(aw, aw.transpose(1, 2))
             bw = torch.bmm(aw, xs.unsqueeze(2)).squeeze(2)
             del aw
-        zw, it, _ = proximal_gradient(bw, quad, 1.0 / _block_lipschitz(quad, lipschitz), lam, pos, budget,
-                                      inner_tol[live], momentum, restart, zw, criterion=cfg.criterion,
-                                      xx=xx[live])
+        zw, it, met = proximal_gradient(bw, quad, 1.0 / _block_lipschitz(quad, lipschitz), lam, pos, budget,
+                                        inner_tol[live], momentum, restart, zw, criterion=cfg.criterion,
+                                        xx=xx[live])
         del quad, bw
         r = xs - _sparse_decode(zw, W, atoms)
     used[live] += it
@@ -334,9 +336,11 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
         ok = within
     certified[live] = ok
     done = ok | (used[live] >= cfg.max_iter)
+    # the set was solved to its target, no violator is left, and yet the gap is too large
+    stalled = within & met & ~ok
     if gap_mode:
-        # no violator left and the set already solved as tightly as the dtype allows: give up
-        done |= within & (inner_tol[live] <= 10 * eps)
+        # ... although the set was solved as tightly as the dtype allows: give up
+        done |= stalled & (inner_tol[live] <= 10 * eps)
     if W is not None and bool(done.any()):
         codes[live[done].unsqueeze(1), W[done]] = zw[done]
     keep = ~done
@@ -344,9 +348,9 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
         return []
     live = live[keep]
     if gap_mode:
-        # certified on its set but not on the dictionary: the set was solved too loosely
-        stalled = live[within[keep]]
-        inner_tol[stalled] = torch.clamp_min(inner_tol[stalled] / 10, 10 * eps)
+        # the set was solved too loosely for the dictionary's gap: solve it more tightly
+        tighten = live[stalled[keep]]
+        inner_tol[tighten] = torch.clamp_min(inner_tol[tighten] / 10, 10 * eps)
     if W is None:
         return [(live, None, None)]
     zk, wk, scores = zw[keep], W[keep], corr[keep]
@@ -399,15 +403,16 @@ def _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, z0, budget, 
     quad = gram if gram is not None and n_atoms <= 2 * atoms.shape[1] else (atoms,)
     # per signal: the right-hand side and about five iterates of width n_atoms
     rows = max(1, block_bytes // (xs.element_size() * 6 * n_atoms))
-    zs, its = [], []
+    zs, its, mets = [], [], []
     for s in range(0, xs.shape[0], rows):
         sl = slice(s, s + rows)
         b = xs[sl] @ atoms.T
-        z, it, _ = proximal_gradient(b, quad, 1.0 / lipschitz, cfg.lam, cfg.positive, budget[sl], tol[sl],
-                                     momentum, restart, z0[sl], criterion=cfg.criterion, xx=xx[sl])
+        z, it, met = proximal_gradient(b, quad, 1.0 / lipschitz, cfg.lam, cfg.positive, budget[sl], tol[sl],
+                                       momentum, restart, z0[sl], criterion=cfg.criterion, xx=xx[sl])
         zs.append(z)
         its.append(it)
-    return torch.cat(zs), torch.cat(its)
+        mets.append(met)
+    return torch.cat(zs), torch.cat(its), torch.cat(mets)
 
 
 def _block_lipschitz(quad: torch.Tensor, bound: float, steps: int = 20) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from sparsecode.encoder import Encoder, MemoryConfig
 from sparsecode.memory import fits, format_bytes, rows_within
-from sparsecode.parallel import run_blocks
+from sparsecode.parallel import cpu_workers, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class _Pursuit(Encoder):
                              "variant='gram-free'")
         rows = rows_within(budget, row_bytes, fixed, what=f"signal ({variant} {self.name}, {n_atoms} atoms)")
         if x.device.type == "cpu":
-            workers, preferred = self.config.threads or torch.get_num_threads(), BLOCK
+            workers, preferred = cpu_workers(x.device, self.config.threads), BLOCK
             if variant == "gram":
                 inner = max(MIN_BLOCK, CACHE_BLOCK_BYTES // row_bytes)
             else:

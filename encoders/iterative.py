@@ -3,38 +3,64 @@
 Both minimise, per signal, ``0.5 * ||x - z @ D||^2 + lam * ||z||_1`` (optionally ``z >= 0``).
 The loop is written once in `proximal_gradient`, over a generic quadratic; `solve_lasso` runs it
 either on the whole dictionary or, by default, on a small working set of atoms per signal that
-grows until the full problem's optimality conditions hold. ISTA and FISTA differ only in momentum.
+grows until the full problem is certified. ISTA and FISTA differ only in momentum.
+
+Memory: signals are processed in chunks sized from the encoder's memory budget. What a chunk holds
+per signal is dominated by the correlations with every atom (``r @ D^T``, needed to certify an
+answer on the whole dictionary); the iterations themselves work on per-signal blocks built from
+the gathered atoms, so no ``n_atoms^2`` Gram matrix is needed. The Gram matrix is used only where
+iterating on all atoms with it is cheaper than with the atoms (``n_atoms <= 2 d``) and it fits.
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from sparsecode.encoder import Encoder, EncoderConfig
+from sparsecode.encoder import Encoded, Encoder, MemoryConfig
+from sparsecode.memory import fits, rows_within
+from sparsecode.parallel import cpu_workers, run_blocks
+
+log = logging.getLogger(__name__)
+
+#: Iterations between two tests of the stopping criterion. A test reads a flag on the host (a
+#: synchronisation on CUDA) and costs about one extra product with the block, so it is not done
+#: every iteration.
+CHECK_EVERY = 10
+#: Most iterations of a signal's first round before the whole problem is checked again (a later
+#: round may take as many as the signal has used so far). The block's own gap can be too coarse in
+#: float32 to reach the target (it subtracts terms of the size of ||x||^2), while the check on the
+#: dictionary, one product per signal, may already certify.
+ROUND_ITER = 200
 
 
 @dataclass(frozen=True)
-class LassoConfig(EncoderConfig):
+class LassoConfig(MemoryConfig):
     lam: float = 0.1
     """Lasso penalty: each signal minimises 0.5*||x - z D||^2 + lam*||z||_1 (no 1/n or 1/d scaling)."""
     positive: bool = False
     """Constrain codes to be non-negative."""
-    max_iter: int = 2000
-    """Most iterations per signal (summed over working-set rounds)."""
-    tol: float = 1e-5
-    """Stop a signal once its stopping quantity (see criterion) falls below tol."""
-    criterion: str = "change"
-    """'change': relative step ||z_t - z_(t-1)|| / ||z_t||; 'gap': duality gap relative to the objective."""
+    max_iter: int = 10000
+    """Most iterations per signal (summed over working-set rounds); signals still uncertified then are
+    counted, logged as a warning and reported in a comparison's 'uncertified' column."""
+    tol: float = 1e-4
+    """Stop a signal once its stopping quantity (see criterion) is at most tol."""
+    criterion: str = "gap"
+    """'gap': the lasso duality gap over the objective, a certificate that the objective is within a
+    factor (1 + tol) of the optimum; 'change': relative step ||z_t - z_(t-1)|| / ||z_t|| and no atom
+    with |D r| above lam."""
     working_set: int = 8
-    """Atoms per signal to iterate on at first (grown while optimality is violated); 0 iterates on all atoms."""
+    """Atoms per signal to iterate on at first (grown while the full problem is not certified); 0
+    iterates on all atoms."""
 
     def validate(self) -> None:
         super().validate()
         if self.criterion not in ("change", "gap"):
             raise ValueError(f"criterion must be 'change' or 'gap', got {self.criterion!r}")
-        if self.working_set < 0:
-            raise ValueError(f"working_set must be >= 0, got {self.working_set}")
+        if not isinstance(self.working_set, int) or isinstance(self.working_set, bool) or self.working_set < 0:
+            raise ValueError(f"working_set must be an integer >= 0, got {self.working_set!r}")
 
 
 @dataclass(frozen=True)
@@ -50,22 +76,35 @@ def soft_threshold(v: torch.Tensor, threshold, positive: bool) -> torch.Tensor:
     return torch.sign(v) * torch.clamp_min(v.abs() - threshold, 0)
 
 
-def _relative_gap(x, z, r, corr, lam: float, positive: bool) -> torch.Tensor:
-    """Per-signal lasso duality gap over the primal objective, from the residual r = x - z D and
-    corr = r D^T. The dual point is r scaled into {nu : |D nu| <= lam} (one-sided when positive)."""
-    tiny = torch.finfo(x.dtype).tiny
-    worst = corr.amax(dim=1) if positive else corr.abs().amax(dim=1)
-    scale = torch.clamp(lam / torch.clamp_min(worst, tiny), max=1.0)
-    primal = 0.5 * (r * r).sum(1) + lam * z.abs().sum(1)
-    nu = r * scale[:, None]
-    dual = 0.5 * (x * x).sum(1) - 0.5 * ((x - nu) ** 2).sum(1)
-    return (primal - dual) / torch.clamp_min(primal, tiny)
+def _worst(corr: torch.Tensor, positive: bool) -> torch.Tensor:
+    """Per row, the largest correlation the dual constraint bounds by lam (one-sided when positive)."""
+    if positive:
+        return corr.amax(dim=1)
+    low, high = torch.aminmax(corr, dim=1)           # one pass, no |corr| temporary
+    return torch.maximum(high, -low)
+
+
+def _relative_gap(l1: torch.Tensor, zcorr: torch.Tensor, rr: torch.Tensor, worst: torch.Tensor,
+                  lam: float) -> torch.Tensor:
+    """Per-signal duality gap over the primal objective, from ||z||_1, z . (D r), ||r||^2 and the
+    largest |D r| (r = x - z D).
+
+    The dual point is r scaled into the feasible set, nu = s r with s = min(1, lam / worst). Written
+    out, gap = 0.5 (1 - s)^2 ||r||^2 + lam ||z||_1 - s z . (D r): no term of the size of ||x||^2 is
+    subtracted, so the gap stays accurate in float32 when the residual is small.
+    """
+    tiny = torch.finfo(rr.dtype).tiny
+    s = torch.clamp(lam / torch.clamp_min(worst, tiny), max=1.0)
+    primal = 0.5 * rr + lam * l1
+    gap = 0.5 * (1 - s) ** 2 * rr + lam * l1 - s * zcorr
+    return gap / torch.clamp_min(primal, tiny)
 
 
 def duality_gap(x, z, atoms, lam: float, positive: bool = False) -> torch.Tensor:
     """Per-signal lasso duality gap divided by the primal objective, shape (n,)."""
     r = x - z @ atoms
-    return _relative_gap(x, z, r, r @ atoms.T, lam, positive)
+    corr = r @ atoms.T
+    return _relative_gap(z.abs().sum(1), (z * corr).sum(1), (r * r).sum(1), _worst(corr, positive), lam)
 
 
 def _apply(quad, y: torch.Tensor) -> torch.Tensor:
@@ -77,29 +116,53 @@ def _apply(quad, y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(y.unsqueeze(1), quad).squeeze(1)
 
 
-def proximal_gradient(b: torch.Tensor, quad, step: float, lam: float, positive: bool, max_iter,
-                      tol: float, momentum: bool, restart: bool = False,
-                      z0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _subproblem_gap(z, b, quad, xx, lam: float, positive: bool) -> torch.Tensor:
+    """Relative duality gap of ``0.5 ||x - z A||^2 + lam ||z||_1`` from Q = A A^T, b = A x, xx = ||x||^2."""
+    qz = _apply(quad, z)
+    corr = b - qz
+    rr = torch.clamp_min(xx - 2 * (z * b).sum(1) + (z * qz).sum(1), 0)
+    return _relative_gap(z.abs().sum(1), (z * corr).sum(1), rr, _worst(corr, positive), lam)
+
+
+def proximal_gradient(b: torch.Tensor, quad, step, lam: float, positive: bool, max_iter,
+                      tol, momentum: bool, restart: bool = False, z0: torch.Tensor | None = None, *,
+                      criterion: str = "change", xx: torch.Tensor | None = None,
+                      check_every: int = CHECK_EVERY) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Minimise ``0.5 z Q z^T - b z^T + lam ||z||_1`` row by row by (accelerated) proximal gradient.
 
-    A row stops once its relative step ``||z_t - z_(t-1)|| / ||z_t||`` falls below `tol` or it
-    has used `max_iter` iterations (an int, or a tensor (n,) of per-row budgets). Finished rows
-    leave the batch in groups, so the cost follows the hard rows and copies stay rare.
-    Returns the solutions (n, m) and the iterations each row used.
+    Every `check_every` iterations a row stops once its stopping quantity is at most `tol` (a float
+    or a tensor (n,) of per-row tolerances): with ``criterion='change'`` the relative step
+    ``||z_t - z_(t-1)|| / ||z_t||``; with ``'gap'`` the relative duality gap of the lasso whose
+    quadratic this is (Q = A A^T, b = A x; `xx` gives ||x||^2 per row). A row also stops when it
+    has used `max_iter` iterations (an int, or a tensor (n,) of per-row budgets), exactly.
+    Finished rows leave the batch, so the cost follows the hard rows.
+    Returns the solutions (n, m), the iterations each row used, and whether each met `tol`.
     """
     n = b.shape[0]
     per_row = not isinstance(quad, tuple) and quad.ndim == 3
+    if criterion == "gap" and xx is None:
+        raise ValueError("criterion='gap' needs xx, the squared norm of each signal")
     step = torch.as_tensor(step, dtype=b.dtype, device=b.device).reshape(-1, 1).expand(n, 1)
     budget = torch.as_tensor(max_iter, device=b.device).expand(n).clone()
+    tol = torch.as_tensor(tol, dtype=b.dtype, device=b.device).expand(n)
     tiny = torch.finfo(b.dtype).tiny
     out = torch.zeros_like(b) if z0 is None else z0.clone()
-    n_iter = budget.clone()
-    live = torch.arange(n, device=b.device)
-    pending = budget > 0                       # live rows whose result is not yet recorded
-    z = out.clone()
+    n_iter = torch.zeros(n, dtype=torch.long, device=b.device)
+    met = torch.zeros(n, dtype=torch.bool, device=b.device)
+    live = (budget > 0).nonzero().flatten()
+    if live.numel() < n:
+        b, step, tol, budget = b[live], step[live], tol[live], budget[live]
+        xx = None if xx is None else xx[live]
+        quad = quad[live] if per_row else quad
+    if not live.numel():
+        return out, n_iter, met
+    z = out[live]
     y = z
-    t = torch.ones(n, 1, dtype=b.dtype, device=b.device)
-    for it in range(1, int(budget.max()) + 1 if n else 1):
+    t = torch.ones(live.numel(), 1, dtype=b.dtype, device=b.device)
+    it = 0
+    next_check = min(check_every, int(budget.min()))
+    while True:
+        it += 1
         z_new = soft_threshold(y - step * (_apply(quad, y) - b), lam * step, positive)
         delta = z_new - z
         if momentum:
@@ -112,94 +175,244 @@ def proximal_gradient(b: torch.Tensor, quad, step: float, lam: float, positive: 
         else:
             y = z_new
         z = z_new
-        done = (delta.norm(dim=1) <= tol * torch.clamp_min(z.norm(dim=1), tiny)) | (budget[live] <= it)
-        done &= pending
+        if it < next_check:
+            continue
+        if criterion == "gap":
+            ok = _subproblem_gap(z, b, quad, xx, lam, positive) <= tol
+        else:
+            ok = delta.norm(dim=1) <= tol * torch.clamp_min(z.norm(dim=1), tiny)
+        done = ok | (budget <= it)
         if bool(done.any()):
-            out[live[done]] = z[done]
-            n_iter[live[done]] = it
-            pending &= ~done
-            n_pending = int(pending.sum())
-            if n_pending == 0:
+            rows = live[done]
+            out[rows] = z[done]
+            n_iter[rows] = it
+            met[rows] = ok[done]
+            keep = ~done
+            if not bool(keep.any()):
                 break
-            if n_pending <= 0.5 * live.numel():
-                keep = pending
-                live, z, y, t, b, step = live[keep], z[keep], y[keep], t[keep], b[keep], step[keep]
-                pending = pending[keep]
-                if per_row:
-                    quad = quad[keep]
-    return out, n_iter
+            live, z, y, t, b, step, tol, budget = (live[keep], z[keep], y[keep], t[keep], b[keep], step[keep],
+                                                   tol[keep], budget[keep])
+            xx = None if xx is None else xx[keep]
+            quad = quad[keep] if per_row else quad
+        next_check = min(it + check_every, int(budget.min()))
+    return out, n_iter, met
+
+
+def lasso_plan(n: int, n_atoms: int, d: int, dtype: torch.dtype, budget: int, working_set: int) -> tuple[bool, int]:
+    """Whether to use the Gram matrix, and how many signals a chunk holds, within `budget` bytes.
+
+    A chunk holds, per signal, the correlations with every atom and one more row of that size (the
+    next working set's scores, or the warm start), plus its block of the working set (room for two
+    doublings of `working_set`). The Gram matrix (n_atoms^2 values, n_atoms^2 d multiply-adds to
+    build) is used only where it takes at most half the budget and pays for itself: its blocks are
+    gathered instead of multiplied out (w^2 d per signal and round, about 16 working_set^2 d over
+    the rounds), so it pays once n signals need that many. Raises a ValueError naming the budget
+    when not even one signal fits.
+    """
+    item = torch.finfo(dtype).bits // 8
+    gram_bytes = n_atoms * n_atoms * item
+    w = min(4 * max(working_set, 1), n_atoms)
+    per_signal = item * (2 * n_atoms + 2 * d + w * (w + d + 12))
+    pays = n * 16 * max(working_set, 1) ** 2 >= n_atoms * n_atoms or (working_set == 0 and n_atoms <= 2 * d)
+    # beside the Gram matrix (and x D^T, which its blocks keep per signal), the budget must still hold
+    # a useful chunk of signals
+    use_gram = pays and fits(min(budget // 2, budget - (per_signal + item * n_atoms) * min(n, 256)), gram_bytes)
+    if use_gram:
+        per_signal += item * n_atoms
+    rows = rows_within(budget, per_signal, gram_bytes if use_gram else 0, what="signal of the lasso")
+    return use_gram, rows
 
 
 def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, lipschitz: float,
-                cfg: LassoConfig, momentum: bool, restart: bool = False,
-                chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lasso codes (n, n_atoms) for signals x (n, d), and the iterations each signal used.
+                cfg: LassoConfig, momentum: bool, restart: bool = False, chunk: int = 2048,
+                workers: int = 1, chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lasso codes (n, n_atoms) for signals x (n, d), the iterations each signal used, and whether
+    each signal was certified (its stopping criterion held before `max_iter`).
 
-    With ``cfg.working_set = w > 0`` each signal iterates on its w atoms most correlated with it;
-    after each round the full problem is checked, and the next round (warm started) works on the
-    current support plus up to w atoms that violate the optimality condition ``|D r| <= lam``. A signal ends when no atom outside its set violates the condition (and, with
-    ``criterion='gap'``, its relative duality gap is below tol). Every answer is thus certified
-    on the full dictionary; the iterations only touch small per-signal Gram blocks.
+    With ``cfg.working_set = w > 0`` each signal iterates on the w atoms most correlated with it.
+    After each round the full problem is checked once, with one product ``r @ D^T`` per signal:
+    with ``criterion='gap'`` the duality gap on the whole dictionary, with ``'change'`` that no atom
+    correlates with the residual beyond lam. A signal that fails goes on, warm started, on its
+    support plus the atoms that violate the optimality condition most, the set at least doubling
+    the support (Celer's rule), so a few rounds suffice. Signals are solved `chunk` at a time, the
+    chunks spread over `workers` CPU threads (see `sparsecode.parallel`); each chunk may use
+    `chunk_bytes` of working memory (default: what `lasso_plan` counts per signal).
     """
-    codes, iters = [], []
-    for xs in x.split(chunk):
-        z, it = _solve_chunk(xs, atoms, gram, lipschitz, cfg, momentum, restart)
-        codes.append(z)
-        iters.append(it)
-    return torch.cat(codes), torch.cat(iters)
-
-
-def _solve_chunk(x, atoms, gram, lipschitz, cfg, momentum, restart):
     n, n_atoms = x.shape[0], atoms.shape[0]
-    lam, pos = cfg.lam, cfg.positive
+    codes = x.new_zeros(n, n_atoms)
+    iters = torch.zeros(n, dtype=torch.long, device=x.device)
+    certified = torch.zeros(n, dtype=torch.bool, device=x.device)
+    item = x.element_size()
+    w0 = min(4 * max(cfg.working_set, 1), n_atoms)
+
+    def work(start: int, stop: int) -> None:
+        full_rows = (stop - start) * item * 2 * n_atoms
+        # what the chunk's budget leaves beside its full-width rows, for the working-set blocks
+        block_bytes = ((chunk_bytes - full_rows) if chunk_bytes is not None else
+                       (stop - start) * item * w0 * (w0 + x.shape[1] + 12))
+        _solve_chunk(x[start:stop], atoms, gram, lipschitz, cfg, momentum, restart, block_bytes,
+                     codes[start:stop], iters[start:stop], certified[start:stop])
+
+    run_blocks(n, chunk, workers, work)
+    return codes, iters, certified
+
+
+def _solve_chunk(x, atoms, gram, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified):
+    """Solve a chunk of signals in rounds. Signals are kept in groups that share a working-set width
+    (a power-of-two multiple of `working_set`, or all atoms), so a signal with a large support
+    widens only its own group's blocks."""
+    n, n_atoms = x.shape[0], atoms.shape[0]
+    pos, grow = cfg.positive, cfg.working_set
+    xx = (x * x).sum(1)
+    # The subproblem's own gap is the full one once no atom outside the set violates; aiming below
+    # tol leaves room for the rounding between the two.
+    inner_tol = torch.full((n,), cfg.tol / 2, dtype=x.dtype, device=x.device)
+    rows = torch.arange(n, device=x.device)
+    b = None
+    if 0 < grow < n_atoms // 2:
+        b = x @ atoms.T
+        groups = [(rows, (b if pos else b.abs()).topk(grow, dim=1).indices, x.new_zeros(n, grow))]
+        if gram is None:
+            b = None                 # blocks come from the gathered atoms, which give D_W x as well
+    else:
+        groups = [(rows, None, None)]
+    while groups:
+        by_width: dict = {}
+        for live, W, zw in groups:
+            for nxt in _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used,
+                              certified, xx, inner_tol, live, W, zw):
+                by_width.setdefault(None if nxt[1] is None else nxt[1].shape[1], []).append(nxt)
+        # groups of one width from different groups of the last round iterate together
+        groups = [tuple(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(3))
+                  for parts in by_width.values()]
+
+
+def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified, xx,
+           inner_tol, live, W, zw):
+    """One round for the signals `live` of a chunk on their working sets W (None: all atoms), warm
+    started at zw: iterate, certify on the whole dictionary, write the finished signals' codes, and
+    return the groups (rows, W, zw) that go on. With the Gram matrix, `b` is x D^T of the chunk."""
+    n_atoms, d = atoms.shape[0], x.shape[1]
+    lam, pos, gap_mode, grow = cfg.lam, cfg.positive, cfg.criterion == "gap", cfg.working_set
+    item = x.element_size()
     slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
-    b = x @ atoms.T
-    codes = torch.zeros_like(b)
-    used = torch.zeros(n, dtype=torch.long, device=x.device)
-    live = torch.arange(n, device=x.device)
-    grow = cfg.working_set
-    W = (b if pos else b.abs()).topk(grow, dim=1).indices if 0 < grow < n_atoms // 2 else None
-    inner_tol = cfg.tol if cfg.criterion == "change" else min(1e-3, cfg.tol * 100)
-    while live.numel():
-        xs, bs, zs = x[live], b[live], codes[live]
-        budget = cfg.max_iter - used[live]
-        if W is None:
-            quad = gram if gram is not None and n_atoms <= 2 * atoms.shape[1] else (atoms,)
-            zs, it = proximal_gradient(bs, quad, 1.0 / lipschitz, lam, pos, budget, inner_tol, momentum,
-                                       restart, zs)
-        else:
-            quad = (gram[W.unsqueeze(2), W.unsqueeze(1)] if gram is not None
-                    else torch.bmm(atoms[W], atoms[W].transpose(1, 2)))
-            zw, it = proximal_gradient(bs.gather(1, W), quad, 1.0 / _block_lipschitz(quad, lipschitz), lam,
-                                       pos, budget, inner_tol, momentum, restart, zs.gather(1, W))
-            zs = torch.zeros_like(zs).scatter_(1, W, zw)
+    eps = torch.finfo(x.dtype).eps
+    xs = x[live]
+    # rounds at least double a signal's iterations so far: few momentum restarts on hard signals
+    budget = torch.minimum(cfg.max_iter - used[live], torch.clamp_min(used[live], ROUND_ITER))
+    if W is None:
+        zs, it, met = _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, codes[live], budget,
+                                  inner_tol[live], xx[live], block_bytes)
         codes[live] = zs
-        used[live] += it
-        # Certify on the full dictionary: no atom may correlate with the residual beyond lam.
         r = xs - zs @ atoms
-        corr = r @ atoms.T
-        excess = (corr if pos else corr.abs()) - lam * (1 + slack)
-        violated = excess > 0
-        ok = ~violated.any(dim=1)
-        if cfg.criterion == "gap":
-            ok &= _relative_gap(xs, zs, r, corr, lam, pos) <= cfg.tol
-        ok |= used[live] >= cfg.max_iter
-        keep = ~ok
-        live = live[keep]
-        if not live.numel():
-            break
-        if cfg.criterion == "gap":
-            inner_tol = max(inner_tol / 10, torch.finfo(x.dtype).eps)
-        if W is not None:
-            # Next set: the current support plus the worst violators (Celer-style working sets).
-            support = zs[keep] != 0
-            width = int(support.sum(1).max()) + min(int(violated[keep].sum(1).max()), grow)
-            width = max(width, grow)
-            if width < n_atoms // 2:
-                W = excess[keep].masked_fill_(support, float("inf")).topk(width, dim=1).indices
-            else:
-                W = None                       # the set would cover most atoms: iterate on all
-    return codes, used
+    else:
+        # Each signal's Gram block (m, w, w): gathered from the Gram matrix (a flat index_select; advanced
+        # indexing with (m, w) index tensors was several times slower here), or from its own atoms.
+        m, w = W.shape
+        if gram is not None:
+            flat = (W.unsqueeze(2) * n_atoms + W.unsqueeze(1)).reshape(-1)
+            quad = gram.reshape(-1).index_select(0, flat).view(m, w, w)
+            bw = b.reshape(-1).index_select(0, (live.unsqueeze(1) * n_atoms + W).reshape(-1)).view(m, w)
+        else:
+            aw = atoms.index_select(0, W.reshape(-1)).view(m, w, d)
+            quad = torch.bmm(aw, aw.transpose(1, 2))
+            bw = torch.bmm(aw, xs.unsqueeze(2)).squeeze(2)
+            del aw
+        zw, it, met = proximal_gradient(bw, quad, 1.0 / _block_lipschitz(quad, lipschitz), lam, pos, budget,
+                                        inner_tol[live], momentum, restart, zw, criterion=cfg.criterion,
+                                        xx=xx[live])
+        del quad, bw
+        r = xs - _sparse_decode(zw, W, atoms)
+    used[live] += it
+    # Certify on the full dictionary: one product with every atom.
+    corr = r @ atoms.T
+    worst = _worst(corr, pos)
+    within = worst <= lam * (1 + slack)
+    if gap_mode:
+        zcorr = (zs * corr).sum(1) if W is None else (zw * corr.gather(1, W)).sum(1)
+        l1 = (zs if W is None else zw).abs().sum(1)
+        ok = _relative_gap(l1, zcorr, (r * r).sum(1), worst, lam) <= cfg.tol
+    else:
+        ok = within
+    certified[live] = ok
+    done = ok | (used[live] >= cfg.max_iter)
+    # the set was solved to its target, no violator is left, and yet the gap is too large
+    stalled = within & met & ~ok
+    if gap_mode:
+        # ... although the set was solved as tightly as the dtype allows: give up
+        done |= stalled & (inner_tol[live] <= 10 * eps)
+    if W is not None and bool(done.any()):
+        codes[live[done].unsqueeze(1), W[done]] = zw[done]
+    keep = ~done
+    if not bool(keep.any()):
+        return []
+    live = live[keep]
+    if gap_mode:
+        # the set was solved too loosely for the dictionary's gap: solve it more tightly
+        tighten = live[stalled[keep]]
+        inner_tol[tighten] = torch.clamp_min(inner_tol[tighten] / 10, 10 * eps)
+    if W is None:
+        return [(live, None, None)]
+    zk, wk, scores = zw[keep], W[keep], corr[keep]
+    del corr
+    if not pos:
+        scores.abs_()
+    width = wk.shape[1]
+    # A signal moves to a set twice as wide when its support fills more than half its set (Celer's
+    # rule) or its support and violators do not fit in it: each round costs a product with every
+    # atom, so sets that are too narrow cost more than wide blocks.
+    support = (zk != 0).sum(1)
+    violators = (scores > lam * (1 + slack)).sum(1)
+    wider = (2 * support > width) | (support + violators > width)
+    out = []
+    for sel, w in ((~wider, width), (wider, 2 * width)):
+        m = int(sel.sum())
+        if not m:
+            continue
+        rows, z_sel, w_sel = live[sel], zk[sel], wk[sel]
+        if w >= n_atoms // 2 or w * w > 2 * n_atoms * d or m * item * w * (w + d + 12) > block_bytes:
+            # the set would cover most atoms, cost more than iterating on them, or not fit: use them all
+            codes[rows] = 0
+            codes[rows.unsqueeze(1), w_sel] = z_sel
+            out.append((rows, None, None))
+            continue
+        sc = scores[sel] if m < scores.shape[0] else scores
+        # the support always stays in the set: rank it first
+        sc.scatter_(1, w_sel, torch.where(z_sel != 0, torch.full_like(z_sel, float("inf")), sc.gather(1, w_sel)))
+        w_new = sc.topk(w, dim=1).indices
+        out.append((rows, w_new, sc.zero_().scatter_(1, w_sel, z_sel).gather(1, w_new)))   # warm start
+    return out
+
+
+def _sparse_decode(zw: torch.Tensor, W: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """z @ D for codes held on their working sets (values zw on atoms W), as one sparse (CSR) product:
+    it reads each atom from cache instead of writing an (m, w, d) copy of the gathered atoms (measured
+    here: 1.6 ms against 79 ms for 1,024 signals, 32 atoms each, d 256)."""
+    m, w = W.shape
+    crow = torch.arange(0, m * w + 1, w, device=W.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)        # "sparse CSR support is in beta state"
+        z = torch.sparse_csr_tensor(crow, W.reshape(-1), zw.reshape(-1), size=(m, atoms.shape[0]),
+                                    check_invariants=False)
+        return z @ atoms
+
+
+def _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, z0, budget, tol, xx, block_bytes):
+    """One round of iterations on every atom, in slices of signals that fit the chunk's budget."""
+    n_atoms = atoms.shape[0]
+    quad = gram if gram is not None and n_atoms <= 2 * atoms.shape[1] else (atoms,)
+    # per signal: the right-hand side and about five iterates of width n_atoms
+    rows = max(1, block_bytes // (xs.element_size() * 6 * n_atoms))
+    zs, its, mets = [], [], []
+    for s in range(0, xs.shape[0], rows):
+        sl = slice(s, s + rows)
+        b = xs[sl] @ atoms.T
+        z, it, met = proximal_gradient(b, quad, 1.0 / lipschitz, cfg.lam, cfg.positive, budget[sl], tol[sl],
+                                       momentum, restart, z0[sl], criterion=cfg.criterion, xx=xx[sl])
+        zs.append(z)
+        its.append(it)
+        mets.append(met)
+    return torch.cat(zs), torch.cat(its), torch.cat(mets)
 
 
 def _block_lipschitz(quad: torch.Tensor, bound: float, steps: int = 20) -> torch.Tensor:
@@ -223,21 +436,36 @@ class _ProximalGradientEncoder(Encoder):
     momentum: bool
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.dictionary
+        return self._encode_with_info(x).codes
+
+    def _encode_with_info(self, x: torch.Tensor) -> Encoded:
+        d, cfg = self.dictionary, self.config
         atoms = d.atoms_as(x.dtype, x.device)
-        # The Gram matrix serves the working-set blocks and, when n_atoms <= 2 d, the full iterations.
-        gram = d.gram(x.dtype, x.device) if d.n_atoms <= 8192 else None
-        codes, n_iter = solve_lasso(x, atoms, gram, d.lipschitz, self.config, momentum=self.momentum,
-                                    restart=getattr(self.config, "restart", False))
-        self.n_iter_ = float(n_iter.float().mean())
-        return codes
+        budget = self.memory_budget(x.device)
+        use_gram, rows = lasso_plan(x.shape[0], d.n_atoms, d.d, x.dtype, budget, cfg.working_set)
+        gram = d.gram(x.dtype, x.device) if use_gram else None
+        workers = cpu_workers(x.device)
+        # chunks in flight share the budget; two per worker balance a core that another process slows
+        chunk = max(1, min(rows // workers, -(-x.shape[0] // (2 * workers))))
+        chunk_bytes = (budget - (gram.numel() * gram.element_size() if use_gram else 0)) // workers
+        codes, n_iter, certified = solve_lasso(x, atoms, gram, d.lipschitz, cfg, momentum=self.momentum,
+                                               restart=getattr(cfg, "restart", False), chunk=chunk,
+                                               workers=workers, chunk_bytes=chunk_bytes)
+        uncertified = int((~certified).sum())
+        if uncertified:
+            what = "duality gap over the objective" if cfg.criterion == "gap" else "relative step"
+            log.warning("%s: %d of %d signals reached max_iter=%d before their %s fell below tol=%g; "
+                        "raise max_iter (or tol)", self.name, uncertified, x.shape[0], cfg.max_iter, what, cfg.tol)
+        mean_iter = float(n_iter.float().mean()) if x.shape[0] else 0.0
+        self.n_iter_ = mean_iter
+        return Encoded(codes, n_iter=mean_iter, uncertified=uncertified)
 
     def flops_per_signal(self) -> float:
         n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
         w = self.config.working_set
         if 0 < w < n_atoms // 2:
             per_iter = 2 * w * w + 8 * w
-            checks = 4 * d * n_atoms            # one certification round (most signals need one or two)
+            checks = 4 * d * n_atoms            # certification rounds (most signals need one or two)
         else:
             per_iter = (2 * n_atoms * n_atoms if n_atoms <= 2 * d else 4 * n_atoms * d) + 8 * n_atoms
             checks = 4 * d * n_atoms

@@ -79,6 +79,9 @@ class LISTA(TrainableEncoder):
             raise ValueError("encoder 'lista' is trained: call fit(dictionary, x_train)")
         if y is not None:
             raise ValueError("lista learns codes of x itself; it has no separate target signals y")
+        if not isinstance(x, torch.Tensor) and hasattr(x, "head"):
+            # its targets are the lasso solutions of all its signals, so it holds them in memory
+            x = x.head(x.n_tokens)
         self.dictionary = as_dictionary(dictionary)
         x, _ = self._xy(x, None, self.dictionary.d)
         if self.config.target == "codes":

@@ -4,7 +4,7 @@ import logging
 from . import metrics, synthetic
 from .compare import Comparison, calibrate, compare
 from .dictionary import Dictionary
-from .encoder import Encoder, EncoderConfig
+from .encoder import Encoded, Encoder, EncoderConfig
 from .learning import LearnedDictionary, learn_dictionary, learning_methods
 from .registry import available_encoders, encoder_class, get_encoder
 from .training import Signum, TrainableEncoder, load_encoder
@@ -12,6 +12,6 @@ from .training import Signum, TrainableEncoder, load_encoder
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-__all__ = ["Dictionary", "Encoder", "EncoderConfig", "Comparison", "compare", "calibrate", "get_encoder",
+__all__ = ["Dictionary", "Encoder", "EncoderConfig", "Encoded", "Comparison", "compare", "calibrate", "get_encoder",
            "encoder_class", "available_encoders", "metrics", "synthetic", "learn_dictionary", "learning_methods",
            "LearnedDictionary", "TrainableEncoder", "Signum", "load_encoder"]

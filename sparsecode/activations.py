@@ -273,9 +273,10 @@ def _manifest_identity(m: dict) -> dict:
     return {k: m.get(k) for k in keys}
 
 
-#: what every reader and a resumed extraction rely on, with its JSON type
-MANIFEST_KEYS = {"site": str, "layer": int, "d": int, "dtype": str, "n_tokens": int, "sequences_done": int,
-                 "shards": list, "keys": list}
+#: what every reader relies on, with its JSON type
+MANIFEST_KEYS = {"site": str, "layer": int, "d": int, "dtype": str, "n_tokens": int, "shards": list, "keys": list}
+#: what a resumed extraction relies on besides
+RESUME_KEYS = {"sequences_done": int}
 _SHARD = re.compile(r"shard-\d{5}\.safetensors")
 
 
@@ -394,6 +395,15 @@ class ActivationStore:
         if held:
             yield from drain(True)
 
+    def tokens(self, start: int = 0, n_tokens: int | None = None, *, normalize: bool = True) -> "TokenRange":
+        """A contiguous range of the store's tokens to stream (e.g. to `sparsecode.compare` or to a
+        trainable encoder's `fit`), normalised by the store's recorded scale unless told otherwise."""
+        if start < 0 or start >= self.n_tokens:
+            raise ValueError(f"start={start} is outside the store's {self.n_tokens} tokens")
+        if n_tokens is not None and n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1 or None (all), got {n_tokens}")
+        return TokenRange(self, start, min(n_tokens or self.n_tokens, self.n_tokens - start), normalize)
+
     def load(self, n_tokens: int | None = None, *, start: int = 0, normalize: bool = False,
              targets: bool = False):
         """A contiguous range of tokens as one tensor (or (x, y)): for comparisons on a modest subset."""
@@ -403,6 +413,38 @@ class ActivationStore:
         if targets:
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    """Tokens [start, start + n_tokens) of a store, read shard by shard: what streams over data
+    larger than memory (comparisons, training) take instead of a tensor."""
+
+    store: ActivationStore
+    start: int
+    n_tokens: int
+    normalize: bool = True
+
+    @property
+    def d(self) -> int:
+        return self.store.d
+
+    def batches(self, batch_size: int = 4096, *, shuffle: bool = False, seed: int = 0,
+                targets: bool = False) -> Iterator:
+        return self.store.batches(batch_size, shuffle=shuffle, seed=seed, normalize=self.normalize,
+                                  targets=targets, start=self.start, max_tokens=self.n_tokens)
+
+    def head(self, n_tokens: int, targets: bool = False):
+        """The first `n_tokens` tokens of the range as one tensor (or (x, y) with targets)."""
+        return self.store.load(min(n_tokens, self.n_tokens), start=self.start, normalize=self.normalize,
+                               targets=targets)
+
+
+def as_token_range(data) -> TokenRange | None:
+    """`data` as a TokenRange when it is a store or a range of one; None for anything else."""
+    if isinstance(data, ActivationStore):
+        return data.tokens()
+    return data if isinstance(data, TokenRange) else None
 
 
 def compute_normalization(path) -> float:
@@ -456,7 +498,7 @@ def extract(loaded: LoadedModel, corpus_name: str, docs: list[str], out, cfg: Ex
                 "n_tokens": 0,
                 "sequences_done": 0, "shards": [], "keys": ["x", "y"] if cfg.site == "mlp" else ["x"]}
     if (out / "manifest.json").is_file():
-        existing = ActivationStore(out).manifest
+        existing = _io.check_keys(ActivationStore(out).manifest, RESUME_KEYS, out / "manifest.json")
         if _manifest_identity(existing) != _manifest_identity(manifest):
             diff = {k: (existing.get(k), manifest[k]) for k in _manifest_identity(manifest)
                     if existing.get(k) != manifest[k]}

@@ -14,7 +14,7 @@ from . import _io, metrics
 from .compare import calibrate, timed_encode
 from ._validation import check_int_range, resolve_device
 from .memory import fits, format_bytes, memory_budget, rows_within
-from .parallel import run_blocks
+from .parallel import cpu_workers, run_blocks
 from .registry import encoder_class, get_encoder
 from .synthetic import make_sparse_data
 
@@ -98,7 +98,7 @@ def amortised_floor(x: torch.Tensor, atoms: torch.Tensor, k: int, budget: int) -
     values = x.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
     on_cpu = x.device.type == "cpu"
-    workers = torch.get_num_threads() if on_cpu else 1
+    workers = cpu_workers(x.device)
     rows = rows_within(budget, 2 * atoms.shape[0] * x.element_size() * workers, what="signal (x @ atoms.T)",
                        at_most=256 if on_cpu else 4096)
 

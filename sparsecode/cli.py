@@ -13,7 +13,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import _io, metrics, training
@@ -163,13 +163,31 @@ def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
 
 
 @contextlib.contextmanager
-def _progress_bars(total: int, label: str):
-    """A bar over the items (encoders, methods) and one over the training steps of the current item."""
+def _progress_bars(total: int, label: str, tokens: list | None = None):
+    """A bar over the items (encoders, methods) and one over the training steps of the current item.
+
+    When `tokens` is a list, the function appended to it is `compare`'s progress callback: a bar
+    over the tokens of a streamed store, with tokens/s and the time left.
+    """
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+                  TextColumn("{task.completed:,}/{task.total:,}"), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         items = progress.add_task(label, total=total, loss="")
         steps = {}
+        streamed = {}
+
+        def on_tokens(name: str, done: int, n_total: int) -> None:
+            if name not in streamed:
+                for old in streamed.values():
+                    progress.remove_task(old[0])
+                streamed.clear()
+                streamed[name] = (progress.add_task(f"{name}: tokens", total=n_total, loss=""), time.perf_counter())
+            task, t0 = streamed[name]
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, completed=done, loss=f"{rate:,.0f} tokens/s")
+
+        if tokens is not None:
+            tokens.append(on_tokens)
 
         def on_item(name: str, event: str) -> None:
             if event == "start":
@@ -190,13 +208,16 @@ def _progress_bars(total: int, label: str):
             yield on_item
 
 
-def _load_data(path: Path, n_tokens: int | None = None, start: int = 0):
+def _load_data(path: Path, n_tokens: int | None = None, start: int = 0, stream: bool = False):
     """Signals from a .safetensors file (tensor 'x', optional 'codes') or an activation store
-    (`activations:FOLDER`: `n_tokens` tokens from `start`, normalised if the store records a scale)."""
+    (`activations:FOLDER`: `n_tokens` tokens from `start`, normalised if the store records a scale;
+    with `stream`, the store's token range itself, read batch by batch by whoever uses it)."""
     text = str(path)
     if text.startswith("activations:"):
         from .activations import ActivationStore
         store = ActivationStore(text.removeprefix("activations:"))
+        if stream:
+            return store.tokens(start, n_tokens)
         return {"x": store.load(n_tokens, start=start, normalize=True)}
     tensors = _io.read_tensors(path, "data")
     if "x" not in tensors:
@@ -228,7 +249,9 @@ def compare_cmd(
                                                 "SAE folder (SAELens, sparsify, dictionary_learning: its decoder). "
                                                 "Without --data, synthetic signals are planted in this dictionary "
                                                 "(its n_atoms and d; --k non-zeros per code)."),
-    n_samples: int = typer.Option(1024, help="Synthetic signals."),
+    n_samples: int = typer.Option(1024, help="Synthetic signals, or tokens of an activation store to compare on "
+                                             "(streamed shard by shard; more than the store holds: all after "
+                                             "--n-train)."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
     n_atoms: int = typer.Option(16, help="Atoms of the synthetic dictionary."),
     k: Optional[int] = typer.Option(None, help="Non-zeros per synthetic code; also the default k of k-encoders "
@@ -272,13 +295,13 @@ def compare_cmd(
     params = _parse_sets(set_, names)
     if data is not None:
         from_store = str(data).startswith("activations:")
-        source = _load_data(data, n_samples, start=n_train if from_store else 0)
+        source = _load_data(data, n_samples, start=n_train if from_store else 0, stream=from_store)
         if dictionary == "true" and not joint:
             _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
         if train_data is not None:
             x_train = _load_data(train_data, n_train)["x"]
         else:
-            x_train = _load_data(data, n_train)["x"] if from_store and n_train else None
+            x_train = _load_data(data, n_train, stream=True) if from_store and n_train else None
     planted_in = None
     if dictionary != "true" and Path(dictionary).is_dir():
         planted_in = dictionary
@@ -301,11 +324,13 @@ def compare_cmd(
         x_train = None if x_train is None else x_train.x
         if planted is not None:
             source = {"x": source.x, "codes": source.codes}
-    with _progress_bars(len(names), "methods" if joint else "encoders") as on_item:
+    on_tokens: list = []
+    with _progress_bars(len(names), "methods" if joint else "encoders", on_tokens) as on_item:
         result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
                              target_l0=target_l0, x_train=x_train, joint=joint,
                              n_atoms=n_atoms if joint else None, seed=train_seed, repeats=repeats,
-                             reference=None if joint else reference, device=device, callback=on_item)
+                             reference=None if joint else reference, device=device, callback=on_item,
+                             progress=on_tokens[0])
     s = result.settings
     where = ""
     if data is None and planted_in is not None and not joint:
@@ -330,7 +355,8 @@ def train_cmd(
                                        "encoders, OUT-encoder.safetensors/.json."),
     data: Optional[Path] = typer.Option(None, help="A .safetensors file with signals 'x' (and 'y', targets of a "
                                                    "transcoder), or activations:STORE; default: synthetic data."),
-    n_samples: int = typer.Option(1024, help="Synthetic signals."),
+    n_samples: int = typer.Option(1024, help="Synthetic signals, or tokens of an activation store to train on "
+                                             "(streamed shard by shard by the trainable methods)."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
     k: int = typer.Option(3, help="Non-zeros per synthetic code."),
     true_atoms: int = typer.Option(16, help="Atoms of the synthetic data's true dictionary."),
@@ -348,13 +374,18 @@ def train_cmd(
         raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
                          f"Methods: {', '.join(learning_methods())}")
     params = _method_options(method, set_)
-    truth, input_scale = None, 1.0
+    truth, input_scale, train_on = None, 1.0, None
     if data is not None and str(data).startswith("activations:"):
         from .activations import ActivationStore
         store = ActivationStore(str(data).removeprefix("activations:"))
-        loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
         input_scale = store.scale          # recorded with the dictionary: evaluate and export need it
-        x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+        if store.manifest["site"] == "mlp" or method in REFERENCE_METHODS:
+            loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
+            x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+        else:
+            # trainable autoencoders stream the store; the summary below uses its first tokens
+            train_on = store.tokens(0, n_samples)
+            x, y = train_on.head(training.STREAM_SAMPLE), None
     elif data is not None:
         tensors = _io.read_tensors(data, "data")
         if "x" not in tensors:
@@ -365,7 +396,8 @@ def train_cmd(
         x, y = truth.x, None
     with _progress_bars(1, "train") as on_item:
         on_item(method, "start")
-        learned = learn_dictionary(x, method, n_atoms, y=y, seed=seed, input_scale=input_scale, **params)
+        learned = learn_dictionary(x if train_on is None else train_on, method, n_atoms, y=y, seed=seed,
+                                   input_scale=input_scale, **params)
         on_item(method, "done")
     path = learned.dictionary.save(out)
     console.print(f"saved dictionary {path}")

@@ -18,7 +18,7 @@ import torch
 from . import _io, metrics
 from ._validation import as_tensor, check_positive, resolve_device
 from .dictionary import Dictionary, as_dictionary
-from .encoder import Encoder, suggest
+from .encoder import Encoded, Encoder, suggest
 from .registry import encoder_class, get_encoder
 from .synthetic import SparseData
 from .training import _progress
@@ -26,10 +26,14 @@ from .training import _progress
 log = logging.getLogger(__name__)
 _UNSET = object()
 
+#: Tokens of a streamed store held in memory for calibrating sparsity knobs and checking shapes.
+CALIBRATION_TOKENS = 4096
+
 #: Column order of a comparison table (a row omits what is undefined for it).
 COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "exact_support", "code_mcc",
            "nmse_db", "dictionary_mcc",
-           "objective", "objective_gap", "objective_excess", "dead", "dense", "encode_s", "signals_per_s",
+           "objective", "objective_gap", "objective_excess", "uncertified", "dead", "dense", "encode_s",
+           "signals_per_s",
            "flops_per_signal", "fit_s")
 
 
@@ -235,7 +239,9 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
             encoder_params: dict[str, dict] | None = None, target_l0: float | None = None,
             x_train=None, joint: bool = False, n_atoms: int | None = None, seed: int = 0,
             reference: str | None = "auto", repeats: int = 1, device=None,
-            callback: Callable[[str, str], None] | None = None, gap_reference=_UNSET) -> Comparison:
+            callback: Callable[[str, str], None] | None = None,
+            progress: Callable[[str, int, int], None] | None = None, batch_size: int = 4096,
+            gap_reference=_UNSET) -> Comparison:
     """Encode `data` with every encoder on one shared dictionary and measure each.
 
     Parameters
@@ -243,8 +249,10 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     encoders : names from the registry, e.g. ``["fista", "omp", "spams-omp"]``, or already fitted
         Encoder objects / paths of saved trained encoders (used as they are). With ``joint=True``:
         dictionary learning methods (see `learning_methods()`).
-    data : SparseData (with true codes and dictionary), an array x (n, d), or a dict
-        ``{"x": ..., "codes": ...}``.
+    data : SparseData (with true codes and dictionary), an array x (n, d), a dict
+        ``{"x": ..., "codes": ...}``, or an `ActivationStore` / a range of one (``store.tokens(start,
+        n)``): a store is read batch by batch and every metric accumulated over all its tokens, so
+        it may be larger than memory (calibration with `target_l0` uses its first 4,096 tokens).
     dictionary : a Dictionary, atoms (n_atoms, d), a saved dictionary path, or "true"/None for
         the synthetic data's own dictionary.
     k, lam : shared defaults for every encoder that has that knob (k defaults to the data's k).
@@ -267,6 +275,8 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         `gap_reference` is the former name of this argument.
     repeats : encode this many times and report the median time.
     callback : called as ``callback(encoder, "start"|"done")`` for progress display.
+    progress : called as ``progress(encoder, signals_done, signals_total)`` after each batch of a store.
+    batch_size : signals per batch when streaming a store.
 
     Returns
     -------
@@ -280,6 +290,13 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         raise ValueError("no encoders given")
     check_positive("lam", lam)
     device = resolve_device(device)
+    from .activations import as_token_range
+    stream = as_token_range(data)
+    if stream is not None:
+        if joint:
+            raise ValueError("a joint comparison learns from x_train: give it tensors, not an activation store")
+        check_positive("batch_size", batch_size, allow_zero=False)
+        data = {"x": stream.head(CALIBRATION_TOKENS)}
     if joint:
         return _compare_joint(items, data, x_train, n_atoms, encoder_params or {}, seed, device, callback,
                               k if k is not None else getattr(data, "k", None), lam)
@@ -296,10 +313,11 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     d = _as_data(data, dictionary, device)
     if k is None and isinstance(data, SparseData):
         k = data.k
-    if x_train is not None:
+    if x_train is not None and as_token_range(x_train) is None:
         x_train = as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)
-    solver = _choose_reference(reference, items, names, d)
-    settings = {"encoders": names, "n_samples": d.x.shape[0], "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
+    n_samples = d.x.shape[0] if stream is None else stream.n_tokens
+    solver = _choose_reference(reference, items, names, d, n_samples)
+    settings = {"encoders": names, "n_samples": n_samples, "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
                 "k": k, "lam": lam, "target_l0": target_l0, "device": str(device), "dtype": str(d.x.dtype),
                 "encoder_params": encoder_params or {}, "reference": solver, "seed": seed}
     references: dict[tuple, torch.Tensor] = {}
@@ -322,7 +340,7 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
             if enc.dictionary.n_atoms != d.dictionary.n_atoms or enc.dictionary.d != d.dictionary.d:
                 raise ValueError(f"encoder {name!r} was fitted to a ({enc.dictionary.n_atoms}, {enc.dictionary.d}) "
                                  f"dictionary, the comparison uses ({d.dictionary.n_atoms}, {d.dictionary.d})")
-        rows.append(_measure(enc, d, lam, solver, references, repeats, fit_s))
+        rows.append(_measure(enc, d, lam, solver, references, repeats, fit_s, stream, batch_size, progress))
         if callback:
             callback(name, "done")
     return Comparison(rows, settings)
@@ -335,7 +353,7 @@ AUTO_REFERENCE_MAX = 1 << 22
 AUTO_REFERENCE = "fista"
 
 
-def _choose_reference(reference, items, names, d: _Data) -> str | None:
+def _choose_reference(reference, items, names, d: _Data, n_samples: int) -> str | None:
     """The reference solver's name, or None (see `compare`'s `reference`)."""
     if reference is None or reference == "none":
         return None
@@ -343,7 +361,7 @@ def _choose_reference(reference, items, names, d: _Data) -> str | None:
         raise TypeError(f"reference takes an encoder name, 'auto' or 'none', got {reference!r}")
     if reference == "auto":
         lasso_rows = [n for item, n in zip(items, names) if _solves_lasso(item, n)]
-        size = d.dictionary.n_atoms * d.x.shape[0]
+        size = d.dictionary.n_atoms * n_samples
         if not lasso_rows:
             return None
         if size > AUTO_REFERENCE_MAX:
@@ -462,6 +480,12 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
 
 def timed_encode(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool = False) -> tuple[float, torch.Tensor]:
     """Median wall time of `repeats` encodes of x (synchronising CUDA), and the codes."""
+    seconds, info = timed_encode_info(enc, x, repeats, warmup)
+    return seconds, info.codes
+
+
+def timed_encode_info(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool = False) -> tuple[float, Encoded]:
+    """Median wall time of `repeats` encodes of x (synchronising CUDA), and the last `Encoded`."""
     if warmup:
         enc.encode(x[: min(64, x.shape[0])])      # caches, allocator, thread pools
     times = []
@@ -469,48 +493,92 @@ def timed_encode(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: bool =
         if x.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        codes = enc.encode(x)
+        info = enc.encode_with_info(x)
         if x.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), codes
+    return float(np.median(times)), info
 
 
-def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s) -> dict:
+def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s, stream=None,
+             batch_size: int = 4096, progress=None) -> dict:
+    """One comparison row: `d.x` encoded at once, or the `stream` (a store's tokens) batch by batch.
+    Both accumulate the set-level metrics the same way (`metrics.MetricAccumulator`); only encoders
+    that solve the lasso get its objective and, against `reference`, the gap to its optimum."""
     name = enc.name
-    encode_s, codes = timed_encode(enc, d.x, repeats)
-    x_hat = d.dictionary.decode(codes)
     row = {"encoder": name}
     for knob in ("k", "lam"):
         if hasattr(enc.config, knob):
             row[knob] = getattr(enc.config, knob)
     row_lam = getattr(enc.config, "lam", lam)
-    row.update(fvu=metrics.fvu(d.x, x_hat), mse=metrics.mse(d.x, x_hat), l0=metrics.mean_l0(codes))
-    if d.codes is not None:
-        row.update(metrics.support_scores(d.codes, codes))
-        row["exact_support"] = metrics.exact_support_rate(d.codes, codes)
-        row["code_mcc"] = metrics.code_mcc(d.codes, codes)
-        row["nmse_db"] = metrics.nmse_db(d.codes, codes)        # of the codes (compressed-sensing convention)
-    if enc.solves_lasso:
-        objective = metrics.lasso_objective(d.x, codes, d.dictionary.atoms, row_lam, d.dictionary.bias)
-        row["objective"] = float(objective.mean())
-        if reference is not None:
-            positive = bool(getattr(enc.config, "positive", False))
+    positive = bool(getattr(enc.config, "positive", False))
+    lasso = bool(enc.solves_lasso)
+    acc = metrics.MetricAccumulator(d.dictionary.n_atoms)
+    uncertified = None
+    objective = ref = trivial = None
+    if stream is None:
+        n = d.x.shape[0]
+        encode_s, info = timed_encode_info(enc, d.x, repeats)
+        codes, uncertified = info.codes, info.uncertified
+        objective = _accumulate(acc, d.x, codes, d.dictionary, row_lam if lasso else None)
+        if d.codes is not None:
+            row.update(metrics.support_scores(d.codes, codes))
+            row["exact_support"] = metrics.exact_support_rate(d.codes, codes)
+            row["code_mcc"] = metrics.code_mcc(d.codes, codes)
+            row["nmse_db"] = metrics.nmse_db(d.codes, codes)        # of the codes (compressed-sensing convention)
+        if lasso and reference is not None:
             ref = _reference_objective(d, row_lam, positive, reference, references)
             trivial = metrics.lasso_objective(d.x, torch.zeros_like(codes), d.dictionary.atoms, 0.0, d.dictionary.bias)
-            gap = metrics.relative_gap(objective, ref, trivial)
-            row["objective_excess"] = metrics.excess_objective(objective, ref)
-            if not math.isnan(gap):
-                row["objective_gap"] = gap
-            else:
-                log.warning("%s: the lasso optimum at lam=%g is ~0 (exact reconstruction), so a relative gap is "
-                            "undefined; objective_excess (%.3g per signal) is the absolute gap", name, row_lam,
-                            row["objective_excess"])
-    row.update(dead=metrics.dead_fraction(codes), dense=metrics.dense_fraction(codes), encode_s=encode_s,
-               signals_per_s=d.x.shape[0] / encode_s if encode_s > 0 else float("inf"),
+    else:
+        n, encode_s = 0, 0.0
+        key = ("store", row_lam, positive, reference)
+        totals = [0.0, 0.0] if lasso and reference is not None and key not in references else None
+        for xb in stream.batches(batch_size):
+            xb = xb.to(device=d.x.device, dtype=d.x.dtype)
+            seconds, info = timed_encode_info(enc, xb)
+            encode_s += seconds
+            _accumulate(acc, xb, info.codes, d.dictionary, row_lam if lasso else None)
+            if info.uncertified is not None:
+                uncertified = (uncertified or 0) + info.uncertified
+            if totals is not None:
+                # the same batches for every encoder: the reference totals are computed once per (lam, positive)
+                batch = _Data(xb, None, d.dictionary)
+                totals[0] += float(_reference_objective(batch, row_lam, positive, reference, {}).sum())
+                totals[1] += float(metrics.lasso_objective(xb, torch.zeros_like(info.codes), d.dictionary.atoms, 0.0,
+                                                           d.dictionary.bias).sum())
+            n += xb.shape[0]
+            if progress is not None:
+                progress(name, n, stream.n_tokens)
+        if totals is not None:
+            references[key] = totals
+        if lasso:
+            objective = torch.tensor([acc.objective_sum / n], dtype=torch.float64)
+            if reference is not None:
+                ref, trivial = (torch.tensor([t / n], dtype=torch.float64) for t in references[key])
+    row.update(acc.result())
+    if lasso and ref is not None:
+        gap = metrics.relative_gap(objective, ref, trivial)
+        row["objective_excess"] = metrics.excess_objective(objective, ref)
+        if not math.isnan(gap):
+            row["objective_gap"] = gap
+        else:
+            log.warning("%s: the lasso optimum at lam=%g is ~0 (exact reconstruction), so a relative gap is "
+                        "undefined; objective_excess (%.3g per signal) is the absolute gap", name, row_lam,
+                        row["objective_excess"])
+    if uncertified is not None:
+        row["uncertified"] = uncertified
+    row.update(encode_s=encode_s, signals_per_s=n / encode_s if encode_s > 0 else float("inf"),
                flops_per_signal=enc.flops_per_signal(), fit_s=fit_s)
     log.info("%s: %s", name, {k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()})
     return row
+
+
+def _accumulate(acc: metrics.MetricAccumulator, x, codes, dictionary: Dictionary, lam: float | None):
+    """Add a batch's reconstructions (and, given `lam`, its lasso objectives) to `acc`; returns the
+    objectives (n,) or None."""
+    objective = None if lam is None else metrics.lasso_objective(x, codes, dictionary.atoms, lam, dictionary.bias)
+    acc.update(x, dictionary.decode(codes), codes, objective)
+    return objective
 
 
 def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cache: dict) -> torch.Tensor:

@@ -131,6 +131,19 @@ def _check_type(name: str, kind, value):
     return value
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """What one `encode_with_info` call produced: the codes and how far the method got with them."""
+
+    codes: torch.Tensor
+    """Codes (n, n_atoms) on the input's device, in the input's dtype."""
+    n_iter: float | None = None
+    """Mean iterations per signal (iterative methods; None where the method does not iterate)."""
+    uncertified: int | None = None
+    """Signals whose stopping criterion was not met when the iteration budget ran out (None: the
+    method gives no certificate)."""
+
+
 def field_docs(config_cls: type) -> dict[str, str]:
     """The docstring written under each dataclass field, read from the source (base classes too)."""
     return dict(_field_docs(config_cls))
@@ -252,6 +265,14 @@ class Encoder(abc.ABC):
 
     def encode(self, x) -> torch.Tensor:
         """Codes of shape (n, n_atoms) for signals `x` of shape (n, d), on x's device and in x's dtype."""
+        return self.encode_with_info(x).codes
+
+    def encode_with_info(self, x) -> Encoded:
+        """`encode`, with what the call itself knows about its answer (iterations, uncertified signals).
+
+        Per-call facts are returned, not kept on the encoder, so that one encoder can serve several
+        callers (threads, a comparison and its calibration) without one reading another's numbers.
+        """
         if self.dictionary is None:
             raise RuntimeError(f"encoder {self.name!r} is not fitted: call .fit(dictionary) first")
         x = self._check_x(x)
@@ -260,8 +281,8 @@ class Encoder(abc.ABC):
         if self.dictionary.bias is not None:
             work = work - self.dictionary.bias.to(device=work.device, dtype=work.dtype)
         with torch.no_grad():
-            codes = self._encode(work)
-        return codes.to(out_dtype)
+            info = self._encode_with_info(work)
+        return dataclasses.replace(info, codes=info.codes.to(out_dtype))
 
     def flops_per_signal(self) -> float:
         """Analytic floating-point operations to encode one signal (after the last `encode`).
@@ -303,6 +324,10 @@ class Encoder(abc.ABC):
     @abc.abstractmethod
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (n, n_atoms) for validated signals `x` (n, d) in float32/float64, bias removed."""
+
+    def _encode_with_info(self, x: torch.Tensor) -> Encoded:
+        """`_encode` with per-call information; methods that can certify their answers override this."""
+        return Encoded(self._encode(x))
 
 
 def to_numpy64(x: torch.Tensor) -> np.ndarray:

@@ -58,7 +58,8 @@ def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed
 
     Parameters
     ----------
-    x : (n, d) signals (torch or numpy).
+    x : (n, d) signals (torch or numpy); for trainable methods also an activation store or a range of
+        one (``store.tokens(start, n)``), streamed batch by batch.
     method : see `learning_methods()`.
     n_atoms : atoms to learn.
     y : (n, d_out) targets for a transcoder (trainable methods only); default x.
@@ -74,20 +75,26 @@ def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed
     -------
     LearnedDictionary(dictionary, encoder, losses)
     """
-    x = as_tensor(x, "x")
+    from .activations import as_token_range
+    streamed = as_token_range(x) is not None
+    if not streamed:
+        x = as_tensor(x, "x")
     check_int_range("n_atoms", n_atoms, 1)
     check_positive("input_scale", input_scale, allow_zero=False)
-    learned = _learn(x, method, n_atoms, y, seed, params)
+    learned = _learn(x, method, n_atoms, y, seed, params, streamed)
     if input_scale != 1.0:
         learned.dictionary.metadata["input_scale"] = float(input_scale)
     return learned
 
 
-def _learn(x, method, n_atoms, y, seed, params) -> LearnedDictionary:
+def _learn(x, method, n_atoms, y, seed, params, streamed: bool) -> LearnedDictionary:
     methods = learning_methods()
     if method not in methods:
         raise ValueError(f"unknown dictionary learning method {method!r}.{suggest(method, methods)} "
                          f"Methods: {', '.join(methods)}")
+    if streamed and method in REFERENCE_METHODS:
+        raise ValueError(f"method {method!r} needs its signals in memory; give x as a tensor "
+                         "(e.g. store.load(n_tokens)) or use a trainable method, which streams the store")
     if method in REFERENCE_METHODS:
         if y is not None:
             raise ValueError(f"method {method!r} learns an autoencoding dictionary; transcoders (y) need a "

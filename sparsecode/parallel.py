@@ -59,3 +59,11 @@ def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None
     with one_thread_per_op(), ThreadPoolExecutor(min(workers, len(spans)), "sparsecode-worker") as pool:
         for future in [pool.submit(work, *span) for span in spans]:
             future.result()
+
+
+def cpu_workers(device, requested: int = 0) -> int:
+    """Worker threads for blocks on `device`: `requested`, else torch's thread count; 1 off the CPU
+    (a GPU runs one block at a time, each operation already parallel)."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, requested or torch.get_num_threads())

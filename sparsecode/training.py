@@ -22,10 +22,12 @@ from torch import nn
 from . import _io
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary, as_dictionary
-from .encoder import Encoder, EncoderConfig
+from .encoder import Encoded, Encoder, EncoderConfig
 from .metrics import binary_entropy_bits
 
 log = logging.getLogger(__name__)
+#: Tokens of a streamed store held in memory to initialise a network (decoder bias, scales).
+STREAM_SAMPLE = 8192
 _progress: contextvars.ContextVar = contextvars.ContextVar("sparsecode_training_progress", default=None)
 
 
@@ -99,9 +101,14 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 
 def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int,
              cfg: TrainConfig, *, what: str, lr: float | None = None, after_step: Callable[[], None] | None = None,
-             device=None) -> list[float]:
-    """Minimise ``loss_fn(batch_indices)`` over minibatches of range(n); returns the loss per step."""
+             device=None, stream=None) -> list[float]:
+    """Minimise ``loss_fn(batch_indices)`` over minibatches of range(n); returns the loss per step.
+
+    With `stream` (an activation store's `TokenRange`), ``loss_fn`` gets the batches of signals
+    themselves, read shard by shard, shuffled within the reader's buffer, a new order every pass.
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
+    batches = None if stream is None else _stream_batches(stream, cfg, device)
     opt = make_optimizer([p for p in params if p.requires_grad], cfg.optimizer, lr or cfg.lr)
     callback = _progress.get()
     losses = []
@@ -109,14 +116,16 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
     order, pos = None, n
     every = max(1, cfg.steps // 10)
     for step in range(cfg.steps):
-        if full:
+        if batches is not None:
+            idx = next(batches)
+        elif full:
             idx = torch.arange(n)
         else:
             if pos + cfg.batch_size > n:
                 order, pos = torch.randperm(n, generator=gen), 0
             idx = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
-        loss = loss_fn(idx.to(device) if device is not None else idx)
+        loss = loss_fn(idx.to(device) if device is not None and batches is None else idx)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{what}: loss became {loss.item()} at step {step}; lower lr={lr or cfg.lr}")
         opt.zero_grad(set_to_none=True)
@@ -131,6 +140,19 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
         if step % every == 0 or step == cfg.steps - 1:
             log.info("%s: step %d/%d loss %.6g", what, step + 1, cfg.steps, losses[-1])
     return losses
+
+
+def _stream_batches(stream, cfg: TrainConfig, device):
+    """Endless training batches from a store's token range (an epoch is one pass over it)."""
+    epoch = 0
+    while True:
+        produced = False
+        for xb in stream.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+            produced = True
+            yield xb.to(device) if device is not None else xb
+        if not produced:
+            raise ValueError(f"the token range to train on is empty ({stream.n_tokens} tokens)")
+        epoch += 1
 
 
 def fvu_loss(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
@@ -187,13 +209,17 @@ class TrainableEncoder(Encoder):
 
     # --- fitting ----------------------------------------------------------------------------
     def fit(self, dictionary, x=None, y=None) -> "TrainableEncoder":
-        """Train the network on x (n, d_in) to reconstruct y (default x) through the frozen dictionary."""
+        """Train the network on x (n, d_in) to reconstruct y (default x) through the frozen dictionary.
+
+        x may also be an activation store or a range of one (``store.tokens(start, n)``): training
+        then reads it batch by batch, shard by shard, and holds only a sample (for initialisation).
+        """
         if x is None:
             raise ValueError(f"encoder {self.name!r} is trained: call fit(dictionary, x_train)")
         self.dictionary = as_dictionary(dictionary)
         self._check_dictionary(self.dictionary)
         self._n_atoms, self._joint = self.dictionary.n_atoms, False
-        x, y = self._xy(x, y, self.dictionary.d)
+        x, y, stream = self._data(x, y, self.dictionary.d)
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
         bias = None if self.dictionary.bias is None else self.dictionary.bias.to(x)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
@@ -201,7 +227,8 @@ class TrainableEncoder(Encoder):
             self.net = self._build(x.shape[1], self.dictionary.n_atoms, x, atoms).to(x)
         self.d_in = x.shape[1]
         self._track = False
-        self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters())
+        self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters(),
+                                  stream=stream)
         self.net.eval()
         return self
 
@@ -210,9 +237,8 @@ class TrainableEncoder(Encoder):
         `self.dictionary`. Decoder rows stay unit norm for an autoencoder; a transcoder's (y given)
         decoder starts at zero and is not normalised."""
         check_int_range("n_atoms", n_atoms, 1)
-        x = as_tensor(x, "x")
         transcoder = y is not None
-        x, y = self._xy(x, y, None)
+        x, y, stream = self._data(x, y, None)
         k = getattr(self.config, "k", None)
         if k is not None and k > n_atoms:
             raise ValueError(f"k={k} is larger than n_atoms={n_atoms}")
@@ -244,7 +270,7 @@ class TrainableEncoder(Encoder):
                 atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
         self.losses = self._train(x, y, lambda z: z @ atoms + b_dec,
-                                  [*self.net.parameters(), atoms, b_dec], after_step=after_step)
+                                  [*self.net.parameters(), atoms, b_dec], after_step=after_step, stream=stream)
         self.net.eval()
         self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
                                      metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
@@ -273,6 +299,17 @@ class TrainableEncoder(Encoder):
         atoms = w().detach().clone() if callable(w) else torch.randn(n_atoms, x.shape[1], dtype=x.dtype, device=x.device)
         return atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def _data(self, x, y, d_out):
+        """(x, y, stream): the signals and targets as tensors, or for a store (or a range of one) a
+        sample of its first tokens, which initialisation uses, and the range to stream."""
+        from .activations import as_token_range
+        stream = as_token_range(x)
+        if stream is None:
+            return (*self._xy(x, y, d_out), None)
+        if y is not None:
+            raise ValueError("targets y go with signals given as tensors; a store is streamed as its own targets")
+        return (*self._xy(stream.head(STREAM_SAMPLE), None, d_out), stream)
+
     def _xy(self, x, y, d_out):
         x = as_tensor(x, "x")
         y = x if y is None else as_tensor(y, "y", device=x.device, dtype=x.dtype)
@@ -284,9 +321,12 @@ class TrainableEncoder(Encoder):
             x, y = x.float(), y.float()
         return x, y
 
-    def _train(self, x, y, decode, params, after_step=None) -> list[float]:
-        def loss_fn(idx):
-            xb, yb = x[idx], y[idx]
+    def _train(self, x, y, decode, params, after_step=None, stream=None) -> list[float]:
+        def loss_fn(batch):
+            if stream is None:
+                xb, yb = x[batch], y[batch]
+            else:
+                xb = yb = batch.to(dtype=x.dtype)
             codes = self._codes(xb)
             y_hat = decode(codes)
             if self._track:                     # only dead-atom resampling needs these
@@ -296,7 +336,7 @@ class TrainableEncoder(Encoder):
 
         self.net.train()
         return optimise(list(params), loss_fn, x.shape[0], self.config, what=f"train {self.name}",
-                        lr=self._learning_rate(self._n_atoms), after_step=after_step, device=x.device)
+                        lr=self._learning_rate(self._n_atoms), after_step=after_step, device=x.device, stream=stream)
 
     # --- use --------------------------------------------------------------------------------
     def _check_x(self, x) -> torch.Tensor:
@@ -307,12 +347,12 @@ class TrainableEncoder(Encoder):
                              f"on d={d_in}")
         return x
 
-    def encode(self, x) -> torch.Tensor:
+    def encode_with_info(self, x) -> Encoded:
         if self.net is None:
             raise RuntimeError(f"encoder {self.name!r} is not trained: call .fit(dictionary, x_train) first")
         x = self._check_x(x)
         with torch.no_grad():
-            return self._codes(x.to(next(self.net.parameters()).dtype)).to(x.dtype)
+            return Encoded(self._codes(x.to(next(self.net.parameters()).dtype)).to(x.dtype))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._codes(x)

@@ -121,3 +121,72 @@ def test_bad_config_rejected():
         sc.get_encoder("fista", lamda=0.1)
     with pytest.raises(ValueError, match="max_iter must be >= 1"):
         sc.get_encoder("fista", max_iter=0)
+
+
+@pytest.fixture(scope="module")
+def dense_problem():
+    """Issue 15's case: dense signals (no sparse structure) and a small lam, where FISTA once stopped at
+    max_iter 6% above the optimum without a word."""
+    g = torch.Generator().manual_seed(0)
+    D = sc.Dictionary(torch.randn(64, 32, generator=g, dtype=torch.float64), normalize=True)
+    x = torch.randn(30, 32, generator=g, dtype=torch.float64)
+    return D, x
+
+
+def test_default_fista_is_certified_on_dense_data_with_small_lam(dense_problem):
+    D, x = dense_problem
+    lam = 0.01
+    enc = sc.get_encoder("fista", lam=lam).fit(D)
+    assert (enc.config.criterion, enc.config.tol) == ("gap", 1e-4)
+    info = enc.encode_with_info(x)
+    assert info.uncertified == 0 and info.n_iter > 1
+    ours = metrics.lasso_objective(x, info.codes, D.atoms, lam)
+    for reference in ("sklearn-lasso", "cvxpy-lasso"):
+        ref = metrics.lasso_objective(x, sc.get_encoder(reference, lam=lam).fit(D).encode(x), D.atoms, lam)
+        assert float(((ours - ref) / ref).max()) <= 1e-4, reference
+    from encoders.iterative import duality_gap
+    assert float(duality_gap(x, info.codes, D.atoms, lam).max()) <= 1e-4
+    assert torch.equal(enc.encode(x), info.codes)
+
+
+def test_a_budget_of_iterations_too_small_is_reported(dense_problem, caplog):
+    D, x = dense_problem
+    enc = sc.get_encoder("fista", lam=0.01, max_iter=20).fit(D)
+    with caplog.at_level("WARNING", logger="encoders.iterative"):
+        info = enc.encode_with_info(x)
+    assert info.uncertified == 30
+    assert "fista: 30 of 30 signals reached max_iter=20" in caplog.text
+    row = sc.compare([enc], x, dictionary=D, lam=0.01, reference=None).row("fista")
+    assert row["uncertified"] == 30
+    assert "uncertified" not in sc.compare(["omp"], x, dictionary=D, k=4, reference=None).row("omp")
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_small_budget_iterates_without_the_gram_matrix_in_small_chunks(problem, optimum, name, monkeypatch):
+    from encoders import iterative
+    # 40 KB: room for two signals of this problem and no Gram matrix beside them
+    assert iterative.lasso_plan(12, 32, 16, torch.float64, 40_000, 8) == (False, 2)
+    gram_calls = []
+    monkeypatch.setattr(sc.Dictionary, "gram", lambda self, *a: gram_calls.append(a))
+    for positive in (False, True):
+        enc = sc.get_encoder(name, lam=0.02, positive=positive, tol=1e-8, max_iter=20000, memory="40KB")
+        codes = enc.fit(problem.dictionary).encode(problem.x)
+        gap = (_objective(problem, codes, 0.02) - optimum(0.02, positive)) / optimum(0.02, positive)
+        assert float(gap.max()) < 1e-4 and float(gap.min()) > -1e-6
+    assert gram_calls == []
+
+
+def test_gram_only_where_it_fits_and_pays():
+    from encoders.iterative import lasso_plan
+    # an SAE-sized dictionary: the 1 GB Gram matrix would fit in 8 GB but 1,000 signals never repay it
+    assert lasso_plan(1000, 16384, 576, torch.float32, 8 * 10 ** 9, 8)[0] is False
+    # 65,536 atoms: 17 GB, never within a 4 GB budget however many signals
+    use_gram, rows = lasso_plan(10 ** 8, 65536, 2304, torch.float32, 4 * 10 ** 9, 8)
+    assert use_gram is False and rows * 4 * 2 * 65536 <= 4 * 10 ** 9
+    assert lasso_plan(4096, 1024, 256, torch.float32, 10 ** 9, 8)[0] is True
+
+
+def test_a_budget_below_one_signal_is_a_clear_error(problem):
+    enc = sc.get_encoder("fista", lam=0.1, memory="1KB").fit(problem.dictionary)
+    with pytest.raises(ValueError, match=r"memory budget 1 KB is too small: one signal of the lasso needs .*raise memory"):
+        enc.encode(problem.x)

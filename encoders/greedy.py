@@ -14,6 +14,8 @@ Signals are encoded in blocks sized from the budget (`memory`), spread over work
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import math
 import threading
@@ -279,9 +281,9 @@ class _Pursuit(Encoder):
         self.variant_: str | None = None           # the variant the last encode ran
         self.working_bytes_: int | None = None     # its planned working memory (Gram matrix included)
 
-    # what a variant keeps per signal (bytes / itemsize), on top of the returned codes
+    @abc.abstractmethod
     def _row_items(self, variant: str) -> int:
-        raise NotImplementedError
+        """What a variant keeps per signal (bytes / itemsize), on top of the returned codes."""
 
     def _energy_to_explain(self, x):
         """Squared residual norm that may be removed before the tolerance ||r|| <= tol ||x|| is met."""
@@ -358,10 +360,10 @@ class _Pursuit(Encoder):
         self.n_iter_ = float(self.config.k)
         return codes
 
+    @abc.abstractmethod
     def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
         """Write the codes of signals `x` into `codes` (zeros). `alpha` holds ``x @ atoms.T`` (overwritten);
         `gram` is None for the gram-free variant."""
-        raise NotImplementedError
 
 
 class OMP(_Pursuit):

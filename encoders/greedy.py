@@ -15,7 +15,6 @@ Signals are encoded in blocks sized from the budget (`memory`), spread over work
 from __future__ import annotations
 
 import abc
-
 import logging
 import math
 import threading

@@ -164,15 +164,21 @@ def check_keys(obj: dict, required: dict, where) -> dict:
     return obj
 
 
+def _existing_file(path, what: str) -> Path:
+    """`path` as a Path, if it names a file; else an error saying it is a folder or missing."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
 def read_json(path, what: str, required: dict | None = None, format: str | None = None) -> dict:
     """Read a JSON file that must hold an object: a missing file, text that is not JSON, a JSON
     value that is not an object, another `format` marker or a missing/mistyped required key each
     give one message naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder, not a JSON file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+    path = _existing_file(path, what)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -189,11 +195,7 @@ def read_json(path, what: str, required: dict | None = None, format: str | None 
 def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning the library's parse errors into one clear message; tensors
     holding NaN or Inf are refused here, so that no later computation is blamed for them."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} file {path} is a folder")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+    path = _existing_file(path, f"{what} file")
     try:
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for foreign files

@@ -543,7 +543,8 @@ def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s,
             if totals is not None:
                 # the same batches for every encoder: the reference totals are computed once per (lam, positive)
                 batch = _Data(xb, None, d.dictionary)
-                totals[0] += float(_reference_objective(batch, row_lam, positive, reference, {}).sum())
+                totals[0] += float(_reference_objective(batch, row_lam, positive, reference, references,
+                                                        keep=False).sum())
                 totals[1] += float(metrics.lasso_objective(xb, torch.zeros_like(info.codes), d.dictionary.atoms, 0.0,
                                                            d.dictionary.bias).sum())
             n += xb.shape[0]
@@ -581,12 +582,34 @@ def _accumulate(acc: metrics.MetricAccumulator, x, codes, dictionary: Dictionary
     return objective
 
 
-def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cache: dict) -> torch.Tensor:
-    """Per-signal lasso objective of the reference solver at (lam, positive), computed once per comparison."""
+def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cache: dict,
+                         keep: bool = True) -> torch.Tensor:
+    """Per-signal lasso objective of the reference solver at (lam, positive) on `d.x`. The fitted
+    solver (float64 dictionary, its Lipschitz constant and Gram matrix) is made once per comparison
+    and kept in `cache`; so is the objective unless `keep` is False (a streamed store's batches)."""
     key = (lam, positive)
+    if key in cache:
+        return cache[key]
+    ref = _reference_solver(d.dictionary, lam, positive, solver, cache)
+    what = f"reference {solver} (lam={lam:g}{', positive' if positive else ''})"
+    report = _progress.get()
+    if report is not None:
+        report(what, 0, 1, float("nan"))
+    start = time.perf_counter()
+    x64 = d.x.to(torch.float64)
+    objective = metrics.lasso_objective(x64, ref.encode(x64), d.dictionary.atoms, lam, d.dictionary.bias)
+    if report is not None:
+        report(what, 1, 1, float("nan"))
+    log.info("%s: %.3g s", what, time.perf_counter() - start)
+    if keep:
+        cache[key] = objective
+    return objective
+
+
+def _reference_solver(dictionary: Dictionary, lam: float, positive: bool, solver: str, cache: dict) -> Encoder:
+    key = ("solver", lam, positive)
     if key not in cache:
-        cls = encoder_class(solver)
-        fields = cls.Config.__dataclass_fields__
+        fields = encoder_class(solver).Config.__dataclass_fields__
         params = {"lam": lam}
         if "positive" in fields:
             params["positive"] = positive
@@ -599,16 +622,5 @@ def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cach
             params["criterion"] = "gap"
         if "max_iter" in fields:
             params["max_iter"] = max(20000, fields["max_iter"].default)
-        what = f"reference {solver} (lam={lam:g}{', positive' if positive else ''})"
-        report = _progress.get()
-        if report is not None:
-            report(what, 0, 1, float("nan"))
-        start = time.perf_counter()
-        ref = get_encoder(solver, **params)
-        x64 = d.x.to(torch.float64)
-        codes = ref.fit(d.dictionary.to(dtype=torch.float64)).encode(x64)
-        cache[key] = metrics.lasso_objective(x64, codes, d.dictionary.atoms, lam, d.dictionary.bias)
-        if report is not None:
-            report(what, 1, 1, float("nan"))
-        log.info("%s: %.3g s", what, time.perf_counter() - start)
+        cache[key] = get_encoder(solver, **params).fit(dictionary.to(dtype=torch.float64))
     return cache[key]

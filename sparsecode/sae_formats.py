@@ -93,10 +93,6 @@ def detect_format(folder) -> str:
                      f"Expected {expected}")
 
 
-def _read_json(path: Path, what: str = "SAE config", required: dict | None = None) -> dict:
-    return _io.read_json(path, what, required)
-
-
 def _check_k(k, n: int, where) -> int:
     """A top-k SAE keeps k of its n latents: 1 <= k <= n."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
@@ -169,7 +165,7 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
       so a bfloat16 SAE differs from SAELens's own bfloat16 pass by rounding only;
     - architecture: standard (ReLU), topk, jumprelu; gated, batchtopk and transcoders refused.
     """
-    cfg = _read_json(folder / "cfg.json", "SAELens config", {"d_in": int, "d_sae": int})
+    cfg = _io.read_json(folder / "cfg.json", "SAELens config", {"d_in": int, "d_sae": int})
     tensors = _io.read_tensors(folder / "sae_weights.safetensors", "SAELens weights")
     _need(tensors, ("W_enc", "W_dec", "b_dec"), folder / "sae_weights.safetensors")
     arch = cfg.get("architecture", "standard")
@@ -191,7 +187,7 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
     if norm == "expected_average_only_in":
         scaler = folder / "activation_scaler.json"
         if scaler.is_file():
-            factor = _read_json(scaler).get("scaling_factor")
+            factor = _io.read_json(scaler, "SAELens activation scaler").get("scaling_factor")
             if factor is not None and not (isinstance(factor, (int, float)) and factor > 0):
                 raise ValueError(f"{scaler}: scaling_factor must be a positive number, got {factor!r}")
     elif norm in ("constant_norm_rescale", "layer_norm"):
@@ -248,7 +244,7 @@ def _saelens(folder: Path, allow_pickle: bool) -> ImportedSAE:
 
 
 def _sparsify(folder: Path, allow_pickle: bool) -> ImportedSAE:
-    cfg = _read_json(folder / "cfg.json", "sparsify config", {"d_in": int, "k": int})
+    cfg = _io.read_json(folder / "cfg.json", "sparsify config", {"d_in": int, "k": int})
     path = folder / "sae.safetensors"
     tensors = _io.read_tensors(path, "sparsify weights")
     _need(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path)
@@ -280,7 +276,7 @@ def _sparsify(folder: Path, allow_pickle: bool) -> ImportedSAE:
 
 
 def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
-    cfg = _read_json(folder / "config.json", "dictionary_learning config")
+    cfg = _io.read_json(folder / "config.json", "dictionary_learning config")
     trainer = cfg.get("trainer", cfg)
     if not isinstance(trainer, dict):
         raise ValueError(f"{folder / 'config.json'}: 'trainer' must be an object, got {trainer!r}")

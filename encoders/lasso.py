@@ -1,0 +1,333 @@
+"""More lasso solvers beside ISTA/FISTA: ADMM, batched coordinate descent, and LCA.
+
+All three minimise, per signal, ``0.5 * ||x - z @ D||^2 + lam * ||z||_1`` (optionally ``z >= 0``),
+the problem every lasso encoder of the registry solves, and stop a signal once the relative
+duality gap of its current sparse iterate (`encoders.iterative.duality_gap`) is at most `tol`, so
+each answer carries the same certificate as FISTA's. They differ in how an iteration moves:
+
+- `admm` (Boyd et al. 2011, section 6.4): splits z = v; a ridge solve for z, a soft threshold for v
+  and a dual update, with the penalty rho adapted by residual balancing;
+- `cd`: cyclic coordinate descent (the method of glmnet and scikit-learn's lasso), batched over
+  signals: each coordinate is minimised exactly in turn, for all signals of a block at once;
+- `lca` (Rozell, Johnson, Baraniuk & Olshausen 2008): the locally competitive algorithm, Euler
+  steps of the membrane dynamics ``tau u' = b - u - (G - I) a`` with ``a = T_lam(u)``, whose fixed
+  points are the lasso's optima.
+
+Signals are solved in chunks sized from the memory budget; a signal leaves its chunk's batch as soon
+as it is certified, so the cost follows the hard signals. None forms the n_atoms^2 Gram matrix
+unless it fits the budget and pays (ADMM with n_atoms <= 2 d, LCA with n_atoms <= 2 d).
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from encoders.iterative import duality_gap, soft_threshold
+from sparsecode._validation import check_positive
+from sparsecode.encoder import Encoded, Encoder, MemoryConfig
+from sparsecode.memory import fits, rows_within
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SolverConfig(MemoryConfig):
+    lam: float = 0.1
+    """Lasso penalty: each signal minimises 0.5*||x - z D||^2 + lam*||z||_1 (no 1/n or 1/d scaling)."""
+    positive: bool = False
+    """Constrain codes to be non-negative."""
+    max_iter: int = 10000
+    """Most iterations per signal; signals still uncertified then are counted, logged as a warning and
+    reported in a comparison's 'uncertified' column."""
+    tol: float = 1e-4
+    """Stop a signal once its lasso duality gap over the objective is at most tol (a certificate that the
+    objective is within a factor 1 + tol of the optimum)."""
+
+
+@dataclass(frozen=True)
+class ADMMConfig(SolverConfig):
+    rho: float = 1.0
+    """Augmented-Lagrangian penalty at the start (the atoms' squared norms are its scale)."""
+    adapt: bool = True
+    """Adapt rho by residual balancing (Boyd et al. 3.4.1): double it while the primal residual is ten
+    times the dual one, halve it in the opposite case."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("rho", self.rho, allow_zero=False)
+
+
+@dataclass(frozen=True)
+class CDConfig(SolverConfig):
+    max_iter: int = 1000
+    """Most sweeps over all coordinates per signal; signals still uncertified then are counted, logged as
+    a warning and reported in a comparison's 'uncertified' column."""
+
+
+@dataclass(frozen=True)
+class LCAConfig(SolverConfig):
+    step: float = 0.0
+    """Euler step dt/tau of the membrane dynamics (0: 1/L with L = ||D||_2^2, stable for every support;
+    above 2/L the dynamics diverge)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("step", self.step)
+
+
+class _LassoSolver(Encoder):
+    """The loop every solver here shares: chunks from the budget, certification by the duality gap
+    every `check_every` iterations, certified signals leaving the batch.
+
+    A subclass builds a per-chunk state with `_start` and advances it with `_step`; the state is a
+    dict of tensors with one row per live signal (other entries are shared by the chunk and kept in
+    `shared`).
+    """
+
+    family = "lasso"
+    knob = "lam"
+    #: iterations between two duality-gap tests (one test costs about two products with the atoms)
+    check_every: int = 10
+    #: per-signal rows of n_atoms values in the state (for chunk sizes)
+    state_rows: int = 6
+
+    @abc.abstractmethod
+    def _start(self, x: torch.Tensor, atoms: torch.Tensor, shared: dict) -> dict:
+        """The initial state of signals x; `shared` holds what `_prepare` made for the whole call."""
+
+    @abc.abstractmethod
+    def _step(self, state: dict, shared: dict) -> None:
+        """One iteration, in place on `state`."""
+
+    @abc.abstractmethod
+    def _codes_of(self, state: dict) -> torch.Tensor:
+        """The sparse iterate (live signals x n_atoms) the gap is measured on and the answer is."""
+
+    def _prepare(self, atoms: torch.Tensor, budget: int) -> tuple[dict, int]:
+        """What every chunk shares (factorisations), and its size in bytes."""
+        return {}, 0
+
+    def _checked(self, state: dict, shared: dict) -> None:
+        """Called after each gap test, with the state of the signals still live (ADMM adapts rho here)."""
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode_with_info(x).codes
+
+    def _encode_with_info(self, x: torch.Tensor) -> Encoded:
+        atoms = self.dictionary.atoms_as(x.dtype, x.device)
+        n, n_atoms, item = x.shape[0], atoms.shape[0], x.element_size()
+        budget = self.memory_budget(x.device)
+        shared, fixed = self._prepare(atoms, budget)
+        rows = rows_within(budget, item * (self.state_rows * n_atoms + 4 * x.shape[1]), fixed,
+                           what=f"signal of {self.name} ({n_atoms} atoms)")
+        codes = x.new_zeros(n, n_atoms)
+        iters = torch.zeros(n, dtype=torch.long, device=x.device)
+        certified = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for s in range(0, n, rows):
+            sl = slice(s, min(s + rows, n))
+            self._solve_chunk(x[sl], atoms, shared, codes[sl], iters[sl], certified[sl])
+        uncertified = int((~certified).sum())
+        if uncertified:
+            log.warning("%s: %d of %d signals reached max_iter=%d before their duality gap over the objective "
+                        "fell below tol=%g; raise max_iter (or tol)", self.name, uncertified, n,
+                        self.config.max_iter, self.config.tol)
+        mean_iter = float(iters.float().mean()) if n else 0.0
+        self.n_iter_ = mean_iter
+        return Encoded(codes, n_iter=mean_iter, uncertified=uncertified)
+
+    def _solve_chunk(self, x, atoms, shared, codes, iters, certified) -> None:
+        cfg = self.config
+        live = torch.arange(x.shape[0], device=x.device)
+        state = self._start(x, atoms, shared)
+        state["x"] = x
+        it = 0
+        while live.numel():
+            for _ in range(min(self.check_every, cfg.max_iter - it)):
+                self._step(state, shared)
+                it += 1
+            z = self._codes_of(state)
+            ok = duality_gap(state["x"], z, atoms, cfg.lam, cfg.positive) <= cfg.tol
+            done = ok | (it >= cfg.max_iter)
+            if bool(done.any()):
+                rows = live[done]
+                codes[rows] = z[done]
+                iters[rows] = it
+                certified[rows] = ok[done]
+                keep = ~done
+                live = live[keep]
+                state = {key: value[keep] for key, value in state.items()}
+            if live.numel():
+                self._checked(state, shared)
+
+    def flops_per_signal(self) -> float:
+        n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
+        iters = self.n_iter_ or self.config.max_iter
+        checks = iters / self.check_every * 4 * d * n_atoms
+        return 2 * d * n_atoms + iters * self._flops_per_iteration() + checks
+
+    @abc.abstractmethod
+    def _flops_per_iteration(self) -> float:
+        """Multiply-adds (x2) of one iteration for one signal."""
+
+
+def _use_gram(atoms: torch.Tensor, budget: int) -> bool:
+    """Whether iterating with an n_atoms^2 matrix beats two products with the atoms, and fits half the budget."""
+    n_atoms, d = atoms.shape
+    return n_atoms <= 2 * d and fits(budget // 2, n_atoms * n_atoms * atoms.element_size())
+
+
+class ADMM(_LassoSolver):
+    """ADMM for the lasso: z = (G + rho I)^-1 (D x + rho (v - u)), v = soft(z + u, lam/rho), u += z - v."""
+
+    name = "admm"
+    Config = ADMMConfig
+    state_rows = 6
+
+    def _prepare(self, atoms, budget):
+        n_atoms, d = atoms.shape
+        shared = {"atoms64": atoms.double(), "gram": _use_gram(atoms, budget), "rho": float(self.config.rho)}
+        self._factor(shared, atoms.dtype)
+        size = (n_atoms * n_atoms if shared["gram"] else d * d + n_atoms * d) * atoms.element_size()
+        return shared, size
+
+    @staticmethod
+    def _factor(shared: dict, dtype) -> None:
+        """The ridge solve's matrix for the current rho, formed in float64: (G + rho I)^-1 when the Gram
+        matrix is used, else (rho I_d + D^T D)^-1 for the Woodbury form
+        (G + rho I)^-1 = (I - D (rho I + D^T D)^-1 D^T) / rho, which needs only d x d values."""
+        a, rho = shared["atoms64"], shared["rho"]
+        if shared["gram"]:
+            m = a @ a.T
+            m.diagonal().add_(rho)
+        else:
+            m = a.T @ a
+            m.diagonal().add_(rho)
+        shared["solve"] = torch.cholesky_inverse(torch.linalg.cholesky(m)).to(dtype)
+        shared["atoms"] = a.to(dtype)
+
+    def _ridge(self, q: torch.Tensor, shared: dict) -> torch.Tensor:
+        """q (G + rho I)^-1, row by row."""
+        if shared["gram"]:
+            return q @ shared["solve"]
+        a = shared["atoms"]
+        return (q - ((q @ a) @ shared["solve"]) @ a.T) / shared["rho"]
+
+    def _start(self, x, atoms, shared):
+        b = x @ atoms.T
+        return {"b": b, "v": torch.zeros_like(b), "u": torch.zeros_like(b), "dual": torch.zeros_like(b[:, :1]),
+                "primal": torch.zeros_like(b[:, :1])}
+
+    def _step(self, state, shared):
+        rho, lam, pos = shared["rho"], self.config.lam, self.config.positive
+        v_old, u = state["v"], state["u"]
+        z = self._ridge(state["b"] + rho * (v_old - u), shared)
+        v = soft_threshold(z + u, lam / rho, pos)
+        state["u"] = u + z - v
+        state["v"] = v
+        state["primal"] = (z - v).norm(dim=1, keepdim=True)
+        state["dual"] = rho * (v - v_old).norm(dim=1, keepdim=True)
+
+    def _codes_of(self, state):
+        return state["v"]
+
+    def _checked(self, state, shared):
+        if not self.config.adapt:
+            return
+        primal, dual = float(state["primal"].sum()), float(state["dual"].sum())
+        factor = 2.0 if primal > 10 * dual else 0.5 if dual > 10 * primal else 1.0
+        if factor != 1.0:
+            # u is the dual variable scaled by 1/rho: rescale it with rho
+            state["u"] = state["u"] / factor
+            shared["rho"] *= factor
+            self._factor(shared, state["u"].dtype)
+
+    def _flops_per_iteration(self):
+        n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
+        solve = 2 * n_atoms * n_atoms if n_atoms <= 2 * d else 4 * n_atoms * d + 2 * d * d
+        return solve + 10 * n_atoms
+
+
+class CD(_LassoSolver):
+    """Cyclic coordinate descent, batched over signals: each coordinate in turn set to its exact
+    minimiser ``soft(z_j + d_j . r / ||d_j||^2, lam / ||d_j||^2)``, the residual r kept up to date.
+
+    An iteration is one sweep over all atoms: 4 d n_atoms multiply-adds per signal, and n_atoms small
+    operations on the block (so on large dictionaries it is slower than the matrix-product methods;
+    it is here as the lasso's classic solver, exact per coordinate and free of step sizes).
+    """
+
+    name = "cd"
+    Config = CDConfig
+    check_every = 1
+    state_rows = 2
+
+    def _prepare(self, atoms, budget):
+        sq = (atoms * atoms).sum(1)
+        # read once here: a test on a device tensor per coordinate would wait for the device each time
+        return {"atoms": atoms, "sq": sq, "nonzero": (sq > 0).tolist()}, 0
+
+    def _start(self, x, atoms, shared):
+        return {"z": x.new_zeros(x.shape[0], atoms.shape[0]), "r": x.clone()}
+
+    def _step(self, state, shared):
+        atoms, sq = shared["atoms"], shared["sq"]
+        lam, pos = self.config.lam, self.config.positive
+        z, r = state["z"], state["r"]
+        for j, nonzero in enumerate(shared["nonzero"]):
+            if not nonzero:
+                continue            # a zero atom: its coordinate stays 0
+            a = atoms[j]
+            old = z[:, j]
+            new = soft_threshold(old + (r @ a) / sq[j], lam / sq[j], pos)
+            delta = new - old
+            r.addr_(delta, a, alpha=-1)
+            z[:, j] = new
+
+    def _codes_of(self, state):
+        return state["z"]
+
+    def _flops_per_iteration(self):
+        return 4 * self.dictionary.n_atoms * self.dictionary.d + 4 * self.dictionary.n_atoms
+
+
+class LCA(_LassoSolver):
+    """Locally competitive algorithm: Euler steps ``u += eta (b - u - a (G - I))``, ``a = soft(u, lam)``."""
+
+    name = "lca"
+    Config = LCAConfig
+    state_rows = 5
+
+    def _prepare(self, atoms, budget):
+        eta = self.config.step or 1.0 / self.dictionary.lipschitz
+        use_gram = _use_gram(atoms, budget)
+        shared = {"atoms": atoms, "eta": eta, "gram": self.dictionary.gram(atoms.dtype, atoms.device)
+                  if use_gram else None}
+        return shared, atoms.shape[0] ** 2 * atoms.element_size() if use_gram else 0
+
+    def _start(self, x, atoms, shared):
+        b = x @ atoms.T
+        return {"b": b, "u": torch.zeros_like(b), "a": torch.zeros_like(b)}
+
+    def _step(self, state, shared):
+        a, u = state["a"], state["u"]
+        gram, atoms = shared["gram"], shared["atoms"]
+        inhibition = a @ gram if gram is not None else (a @ atoms) @ atoms.T       # a G
+        u = u + shared["eta"] * (state["b"] - u - inhibition + a)
+        state["u"] = u
+        state["a"] = soft_threshold(u, self.config.lam, self.config.positive)
+
+    def _checked(self, state, shared):
+        if not bool(torch.isfinite(state["u"]).all()):
+            raise FloatingPointError(f"lca diverged: step={shared['eta']:.4g} is above 2/L = "
+                                     f"{2 / self.dictionary.lipschitz:.4g}; lower step (0 picks 1/L)")
+
+    def _codes_of(self, state):
+        return state["a"]
+
+    def _flops_per_iteration(self):
+        n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
+        return (2 * n_atoms * n_atoms if n_atoms <= 2 * d else 4 * n_atoms * d) + 8 * n_atoms

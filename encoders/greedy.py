@@ -195,6 +195,84 @@ def mp_gram_free(x: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor, diag
         r.addcmul_(step[:, None], atom, value=-1)
 
 
+def gp_chunk(alpha: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, k: int,
+             unexplained: torch.Tensor | None = None, workspace: dict | None = None) -> None:
+    """Gradient pursuit (Blumensath & Davies 2008) from the Gram matrix: k steps into `codes` (n, n_atoms).
+
+    Each step adds the unselected atom most correlated with the residual to the support, then takes
+    one exact line-search step along the gradient restricted to the support, ``g = (D r)_support``:
+    ``z += a g`` with ``a = ||g||^2 / ||g D||^2``, where OMP would solve the least-squares problem on
+    the support. The correlations follow as ``alpha -= a g G``, from the support's rows of the Gram
+    matrix (step j reads j + 1 rows per signal, as OMP's). `alpha` (n, n_atoms) holds ``x @ D.T`` and is
+    overwritten.
+    """
+    n = alpha.shape[0]
+    scale = _selection_scale(diag)
+    score = _buffer(workspace, "score", alpha.shape, alpha.dtype, alpha.device)
+    row = _buffer(workspace, "row", alpha.shape, alpha.dtype, alpha.device)
+    gG = _buffer(workspace, "gG", alpha.shape, alpha.dtype, alpha.device)
+    idx = torch.zeros(n, k, dtype=torch.long, device=alpha.device)
+    remaining = unexplained
+    for j in range(k):
+        live = _gp_select(alpha, scale, score, idx, j, remaining)
+        support = idx[:, :j + 1]
+        g = alpha.gather(1, support) * live[:, None]
+        gG.zero_()
+        for m in range(j + 1):
+            gG.addcmul_(g[:, m:m + 1], torch.index_select(gram, 0, support[:, m], out=row))
+        step = _gp_step(g, (g * gG.gather(1, support)).sum(1))
+        codes.scatter_add_(1, support, step[:, None] * g)
+        alpha.addcmul_(step[:, None], gG, value=-1)
+        if remaining is not None:
+            # the residual's squared norm falls by 2 a r.(gD) - a^2 ||gD||^2 = a ||g||^2, as r.(gD) = ||g||^2
+            remaining = remaining - step * (g * g).sum(1)
+
+
+def gp_gram_free(x: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: int,
+                 unexplained: torch.Tensor | None = None, alpha: torch.Tensor | None = None) -> None:
+    """Gradient pursuit from the atoms (correlations recomputed each step): the same steps as `gp_chunk`.
+
+    `alpha` (n, n_atoms), when given, holds ``x @ atoms.T`` and is the buffer later correlations go in."""
+    n = x.shape[0]
+    scale = _selection_scale(diag)
+    r = x.clone()
+    if alpha is None:
+        alpha = x @ atoms.T
+    score = torch.empty_like(alpha)
+    idx = torch.zeros(n, k, dtype=torch.long, device=x.device)
+    remaining = unexplained
+    for j in range(k):
+        if j:
+            torch.mm(r, atoms.T, out=alpha)
+        live = _gp_select(alpha, scale, score, idx, j, remaining)
+        support = idx[:, :j + 1]
+        g = alpha.gather(1, support) * live[:, None]
+        u = torch.bmm(g.unsqueeze(1), atoms[support]).squeeze(1)     # the gradient's image g D
+        step = _gp_step(g, (u * u).sum(1))
+        codes.scatter_add_(1, support, step[:, None] * g)
+        r.addcmul_(step[:, None], u, value=-1)
+        if remaining is not None:
+            remaining = remaining - step * (g * g).sum(1)
+
+
+def _gp_select(alpha, scale, score, idx, j: int, remaining) -> torch.Tensor:
+    """Write into idx[:, j] the unselected atom of largest |correlation| of each row; returns which rows
+    still have energy to explain (the others take no more steps)."""
+    torch.abs(alpha, out=score)
+    if scale is not None:
+        score.mul_(scale)
+    if j:
+        score.scatter_(1, idx[:, :j], -1.0)            # an atom is selected once
+    idx[:, j] = score.argmax(dim=1)
+    return torch.ones(alpha.shape[0], dtype=torch.bool, device=alpha.device) if remaining is None else remaining > 0
+
+
+def _gp_step(g: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+    """The exact line-search step ||g||^2 / ||g D||^2 per row (0 where the gradient vanishes)."""
+    gg = (g * g).sum(1)
+    tiny = torch.finfo(g.dtype).tiny
+    return torch.where(curvature > tiny, gg / curvature.clamp_min(tiny), torch.zeros_like(gg))
+
 def _buffer(workspace: dict | None, name: str, shape: tuple, dtype, device) -> torch.Tensor:
     """An uninitialised tensor, a view of the one kept in `workspace` under `name` when that is large enough."""
     if workspace is None:
@@ -417,3 +495,32 @@ class MP(_Pursuit):
         if self.variant_ == "gram-free":
             return k * (2 * d * n_atoms + 2 * n_atoms + 4 * d)
         return 2 * d * n_atoms + k * 5 * n_atoms
+
+
+class GradientPursuit(_Pursuit):
+    """Gradient pursuit: OMP's greedy selection, with one line-search gradient step on the support
+    in place of OMP's least-squares refit (Blumensath & Davies 2008; the batched OMP approximation
+    of dictionary_learning). Two matrix products a step, no factorisation: cheap on accelerators."""
+
+    name = "gradient-pursuit"
+
+    def _row_items(self, variant: str) -> int:
+        n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
+        # gram: correlations, scores, a Gram row and g G; gram-free: correlations, scores, the support's
+        # atoms, r and g D
+        return 4 * n_atoms + 2 * d if variant == "gram" else 2 * n_atoms + k * d + 3 * d
+
+    def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
+        energy = self._energy_to_explain(x)
+        if gram is None:
+            gp_gram_free(x, codes, atoms, diag, self.config.k, energy, alpha)
+        else:
+            gp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)
+
+    def flops_per_signal(self) -> float:
+        n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
+        if self.variant_ == "gram-free":
+            # per step j: r D^T (2 d n_atoms), argmax, g D on the support (2 (j + 1) d), residual update
+            return sum(2 * d * n_atoms + 2 * n_atoms + 2 * (j + 1) * d + 4 * d for j in range(k))
+        # x D^T, then per step j: g G from j + 1 Gram rows (2 (j + 1) n_atoms), alpha update and argmax
+        return 2 * d * n_atoms + sum(2 * (j + 1) * n_atoms + 5 * n_atoms for j in range(k))

@@ -13,13 +13,11 @@ from sparsecode.training import TrainableEncoder, TrainConfig, optimise
 
 
 @dataclass(frozen=True)
-class LISTAConfig(TrainConfig):
+class UnrolledConfig(TrainConfig):
     lam: float = 0.1
     """Lasso penalty: initial thresholds, and the problem whose solution is the target."""
     unroll: int = 5
     """Unrolled steps T."""
-    tied: bool = False
-    """Tie the matrices to the dictionary (learn only a step size and thresholds per step)."""
     positive: bool = False
     """Non-negative codes."""
     target: str = "lasso"
@@ -31,6 +29,12 @@ class LISTAConfig(TrainConfig):
             raise ValueError(f"unroll must be >= 1, got {self.unroll}")
         if self.target not in ("lasso", "codes"):
             raise ValueError(f"target must be 'lasso' or 'codes', got {self.target!r}")
+
+
+@dataclass(frozen=True)
+class LISTAConfig(UnrolledConfig):
+    tied: bool = False
+    """Tie the matrices to the dictionary (learn only a step size and thresholds per step)."""
 
 
 class _Unrolled(nn.Module):
@@ -71,14 +75,16 @@ class LISTA(TrainableEncoder):
     family = "unrolled"
     knob = "lam"
     Config = LISTAConfig
+    #: it learns to infer codes for a given dictionary, not a dictionary
+    learns_dictionary = False
 
     def fit(self, dictionary, x=None, y=None, codes=None) -> "LISTA":
         """Train on x (n, d) against the frozen dictionary. With target='codes', `codes` (n, n_atoms)
         are the targets; with 'lasso', FISTA's solutions at `lam` are."""
         if x is None:
-            raise ValueError("encoder 'lista' is trained: call fit(dictionary, x_train)")
+            raise ValueError(f"encoder {self.name!r} is trained: call fit(dictionary, x_train)")
         if y is not None:
-            raise ValueError("lista learns codes of x itself; it has no separate target signals y")
+            raise ValueError(f"{self.name} learns codes of x itself; it has no separate target signals y")
         if not isinstance(x, torch.Tensor) and hasattr(x, "head"):
             # its targets are the lasso solutions of all its signals, so it holds them in memory
             x = x.head(x.n_tokens)
@@ -101,17 +107,17 @@ class LISTA(TrainableEncoder):
         self.net.train()
         self.losses = optimise(list(self.net.parameters()),
                                lambda idx: ((self.net(x[idx]) - target[idx]) ** 2).sum(1).mean(),
-                               x.shape[0], self.config, what="train lista", device=x.device)
+                               x.shape[0], self.config, what=f"train {self.name}", device=x.device)
         self.net.eval()
         return self
 
     def learn(self, x, n_atoms, y=None):
-        raise ValueError("lista learns to infer codes for a given dictionary; learn one first "
-                         "(e.g. method='sparse-coding') and fit lista to it")
+        raise ValueError(f"{self.name} learns to infer codes for a given dictionary; learn one first "
+                         f"(e.g. method='sparse-coding') and fit {self.name} to it")
 
     def _build(self, d_in, n_atoms, x, atoms):
         if atoms is None:
-            raise ValueError("lista needs the dictionary it unrolls")
+            raise ValueError(f"{self.name} needs the dictionary it unrolls")
         return _Unrolled(d_in, atoms, self.dictionary.lipschitz, self.config)
 
     def _codes(self, x):
@@ -120,3 +126,67 @@ class LISTA(TrainableEncoder):
     def flops_per_signal(self) -> float:
         n, d, t = self.dictionary.n_atoms, self.dictionary.d, self.config.unroll
         return 2 * d * n + (t - 1) * (2 * n * n + 3 * n) + 3 * n
+
+
+def analytic_weight(atoms: torch.Tensor) -> torch.Tensor:
+    """ALISTA's analytic weight (Liu, Chen, Wang & Yin 2019): W (n_atoms, d) minimising the mutual
+    coherence ``sum_(i != j) (w_i . d_j)^2`` subject to ``w_i . d_i = 1``.
+
+    The problem separates by rows: minimise ``w^T M w`` (M = D^T D, since the term j = i is fixed at 1)
+    subject to ``d_i . w = 1``, whose solution is ``w_i = M^+ d_i / (d_i^T M^+ d_i)``. Computed in float64
+    from the d x d matrix M (no n_atoms^2 values).
+    """
+    a = atoms.detach().double()
+    p = a @ torch.linalg.pinv(a.T @ a, hermitian=True)
+    scale = (p * a).sum(1, keepdim=True)
+    if bool((scale <= 0).any()):
+        raise ValueError("alista needs non-zero atoms: atom "
+                         f"{int((scale <= 0).flatten().nonzero()[0])} is zero")
+    return (p / scale).to(atoms.dtype)
+
+
+def _spectral_norm(atoms: torch.Tensor, weight: torch.Tensor, steps: int = 100) -> float:
+    """Largest singular value of W D^T (n_atoms x n_atoms), by power iteration on products with W and D."""
+    v = torch.ones(atoms.shape[0], dtype=torch.float64, device=atoms.device)
+    a, w = atoms.double(), weight.double()
+    for _ in range(steps):
+        v = ((v @ w) @ a.T) @ a @ w.T           # v (W D^T)^T (W D^T), written from the rows
+        v = v / v.norm().clamp_min(1e-300)
+    return float(((v @ w) @ a.T).norm())
+
+
+class _Analytic(nn.Module):
+    """z_(t+1) = soft(z_t - gamma_t (z_t D - x) W^T, theta_t), W analytic and fixed; gamma_t, theta_t learned."""
+
+    def __init__(self, atoms: torch.Tensor, cfg: UnrolledConfig):
+        super().__init__()
+        self.positive = cfg.positive
+        weight = analytic_weight(atoms)
+        self.register_buffer("atoms", atoms.detach().clone())
+        self.register_buffer("weight", weight)
+        step = 1.0 / _spectral_norm(atoms, weight)
+        self.gamma = nn.Parameter(torch.full((cfg.unroll,), step, dtype=atoms.dtype))
+        self.theta = nn.Parameter(torch.full((cfg.unroll,), cfg.lam * step, dtype=atoms.dtype))
+
+    def forward(self, x):
+        z = soft_threshold(self.gamma[0] * (x @ self.weight.T), self.theta[0], self.positive)
+        for t in range(1, self.theta.shape[0]):
+            z = soft_threshold(z - self.gamma[t] * ((z @ self.atoms - x) @ self.weight.T), self.theta[t], self.positive)
+        return z
+
+
+class ALISTA(LISTA):
+    """Analytic LISTA: the weight computed from the dictionary, only a step size and a threshold per
+    unrolled step learned (2 T numbers), trained like LISTA."""
+
+    name = "alista"
+    Config = UnrolledConfig
+
+    def _build(self, d_in, n_atoms, x, atoms):
+        if atoms is None:
+            raise ValueError(f"{self.name} needs the dictionary it unrolls")
+        return _Analytic(atoms, self.config)
+
+    def flops_per_signal(self) -> float:
+        n, d, t = self.dictionary.n_atoms, self.dictionary.d, self.config.unroll
+        return 2 * d * n + (t - 1) * (4 * d * n + 2 * d + 3 * n) + 3 * n

@@ -49,7 +49,7 @@ def _learns(name: str) -> bool:
         cls = encoder_class(name)
     except Exception:   # a broken plug-in cannot learn anything
         return False
-    return issubclass(cls, TrainableEncoder) and name != "lista"
+    return issubclass(cls, TrainableEncoder) and getattr(cls, "learns_dictionary", True)
 
 
 def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed: int = 0,

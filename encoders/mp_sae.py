@@ -1,0 +1,136 @@
+"""MP-SAE (Costa et al. 2025, "From flat to hierarchical"): a sparse autoencoder whose encoder is matching
+pursuit on its own decoder.
+
+Learning (``learn`` / ``sc.learn_dictionary(x, method="mp-sae")``) runs k steps of matching pursuit on
+each centred signal with the current atoms, decodes, and takes a gradient step on the reconstruction
+error through the pursuit's coefficients and residuals (the atom choices are discrete and pass no
+gradient); atoms are renormalised after each step. Encoding is the `mp` encoder on the dictionary,
+the very pursuit training ran, so on a shared dictionary there is nothing to learn: `fit` binds it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from encoders.greedy import MP
+from sparsecode._validation import check_int_range
+from sparsecode.dictionary import Dictionary, as_dictionary
+from sparsecode.encoder import Encoded
+from sparsecode.training import TrainableEncoder, TrainConfig, optimise
+
+
+@dataclass(frozen=True)
+class MPSAEConfig(TrainConfig):
+    k: int = 16
+    """Matching-pursuit steps per signal (at most k atoms), in training and in encoding."""
+
+
+def pursuit(x: torch.Tensor, atoms: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable matching pursuit on unit-norm atoms: codes (n, n_atoms) and the residual (n, d).
+
+    Each step picks the atom of largest |correlation| with the residual and subtracts its projection,
+    the steps of `encoders.greedy.MP`; gradients flow to x and the atoms through the coefficients and
+    the residual.
+    """
+    r = x
+    codes = x.new_zeros(x.shape[0], atoms.shape[0])
+    for _ in range(k):
+        corr = r @ atoms.T
+        pick = corr.detach().abs().argmax(dim=1, keepdim=True)
+        coef = corr.gather(1, pick)
+        codes = codes.scatter_add(1, pick, coef)
+        r = r - coef * atoms[pick.squeeze(1)]
+    return codes, r
+
+
+class MPSAE(TrainableEncoder):
+    """Matching-pursuit SAE: learns a dictionary with k steps of matching pursuit as its encoder."""
+
+    name = "mp-sae"
+    family = "greedy"
+    knob = "k"
+    Config = MPSAEConfig
+    #: on a shared dictionary it is matching pursuit itself: nothing to train, no training signals needed
+    trainable = False
+
+    def __init__(self, config=None, **fields):
+        super().__init__(config, **fields)
+        self._mp: MP | None = None
+
+    def fit(self, dictionary, x=None, y=None) -> "MPSAE":
+        """Bind to `dictionary` (frozen): encoding is matching pursuit on it. x and y are not needed."""
+        if y is not None:
+            raise ValueError("mp-sae reconstructs its input; it has no separate targets y")
+        self.dictionary = as_dictionary(dictionary)
+        self._check_dictionary(self.dictionary)
+        self.d_in = self.dictionary.d
+        self.net = self._build(self.d_in, self.dictionary.n_atoms, None, None)
+        self._mp = None
+        return self
+
+    def learn(self, x, n_atoms: int, y=None) -> Dictionary:
+        """Learn n_atoms unit-norm atoms and a decoder bias with matching pursuit as the encoder."""
+        check_int_range("n_atoms", n_atoms, 1)
+        if y is not None:
+            raise ValueError("mp-sae reconstructs its input; it cannot learn a transcoder (targets y)")
+        k = self.config.k
+        if k > n_atoms:
+            raise ValueError(f"k={k} is larger than n_atoms={n_atoms}")
+        x, _, stream = self._data(x, None, None)
+        gen = torch.Generator().manual_seed(self.config.seed)
+        atoms = torch.randn(n_atoms, x.shape[1], generator=gen, dtype=torch.float64).to(x)
+        atoms = nn.Parameter(atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        b_dec = nn.Parameter(x.mean(0).clone())
+        fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
+        step = [0]
+        self.resampled = 0
+
+        def loss_fn(batch):
+            xb = x[batch] if stream is None else batch.to(dtype=x.dtype)
+            codes, r = pursuit(xb - b_dec, atoms, k)
+            if self.config.resample_every:
+                fired.logical_or_((codes != 0).any(0))
+                self._last_batch = (xb, xb, (xb - r).detach())
+            return (r * r).mean()
+
+        def after_step():
+            step[0] += 1
+            if self.config.resample_every and step[0] % self.config.resample_every == 0:
+                self.resampled += self._resample(~fired, atoms, b_dec)
+                fired.zero_()
+            atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+        self.losses = optimise([atoms, b_dec], loss_fn, x.shape[0], self.config, what=f"train {self.name}",
+                               lr=self._learning_rate(n_atoms), after_step=after_step, device=x.device,
+                               stream=stream)
+        self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
+                                     metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
+        self._n_atoms, self._joint = n_atoms, True
+        self.d_in = x.shape[1]
+        self.net = self._build(self.d_in, n_atoms, None, None)
+        self._mp = None
+        return self.dictionary
+
+    def _build(self, d_in, n_atoms, x, atoms):
+        return nn.Module()          # no weights of its own: the encoder is the pursuit on the dictionary
+
+    def _codes(self, x):
+        return self._pursuit_encoder().encode(x)
+
+    def _pursuit_encoder(self) -> MP:
+        if self._mp is None or self._mp.dictionary is not self.dictionary:
+            self._mp = MP(k=self.config.k).fit(self.dictionary)
+        return self._mp
+
+    def encode_with_info(self, x) -> Encoded:
+        if self.dictionary is None:
+            raise RuntimeError(f"encoder {self.name!r} is not fitted: call .fit(dictionary) or .learn(x, n_atoms) "
+                               "first")
+        return self._pursuit_encoder().encode_with_info(x)
+
+    def flops_per_signal(self) -> float:
+        mp = self._pursuit_encoder()
+        return mp.flops_per_signal()

@@ -30,6 +30,7 @@ from encoders.iterative import duality_gap, soft_threshold
 from sparsecode._validation import check_positive
 from sparsecode.encoder import Encoded, Encoder, MemoryConfig
 from sparsecode.memory import fits, rows_within
+from sparsecode.parallel import cpu_workers, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,17 @@ class _LassoSolver(Encoder):
         codes = x.new_zeros(n, n_atoms)
         iters = torch.zeros(n, dtype=torch.long, device=x.device)
         certified = torch.zeros(n, dtype=torch.bool, device=x.device)
-        for s in range(0, n, rows):
-            sl = slice(s, min(s + rows, n))
-            self._solve_chunk(x[sl], atoms, shared, codes[sl], iters[sl], certified[sl])
+        # Chunks run on worker threads, one core each (`sparsecode.parallel`): these loops run many small
+        # operations, which torch's own thread pool slows to a crawl when another process takes a core.
+        # Chunks in flight share the budget; two per worker balance a core that another process slows.
+        workers = cpu_workers(x.device)
+        chunk = max(1, min(rows // workers, -(-n // (2 * workers))))
+
+        def work(start: int, stop: int) -> None:
+            self._solve_chunk(x[start:stop], atoms, dict(shared), codes[start:stop], iters[start:stop],
+                              certified[start:stop])
+
+        run_blocks(n, chunk, workers, work)
         uncertified = int((~certified).sum())
         if uncertified:
             log.warning("%s: %d of %d signals reached max_iter=%d before their duality gap over the objective "
@@ -140,6 +149,7 @@ class _LassoSolver(Encoder):
         return Encoded(codes, n_iter=mean_iter, uncertified=uncertified)
 
     def _solve_chunk(self, x, atoms, shared, codes, iters, certified) -> None:
+        """Solve signals x; `shared` is this chunk's own copy (ADMM changes its rho)."""
         cfg = self.config
         live = torch.arange(x.shape[0], device=x.device)
         state = self._start(x, atoms, shared)
@@ -185,7 +195,7 @@ class ADMM(_LassoSolver):
 
     name = "admm"
     Config = ADMMConfig
-    state_rows = 6
+    state_rows = 8
 
     def _prepare(self, atoms, budget):
         n_atoms, d = atoms.shape
@@ -218,8 +228,8 @@ class ADMM(_LassoSolver):
 
     def _start(self, x, atoms, shared):
         b = x @ atoms.T
-        return {"b": b, "v": torch.zeros_like(b), "u": torch.zeros_like(b), "dual": torch.zeros_like(b[:, :1]),
-                "primal": torch.zeros_like(b[:, :1])}
+        return {"b": b, "v": torch.zeros_like(b), "u": torch.zeros_like(b), "z": torch.zeros_like(b),
+                "v_prev": torch.zeros_like(b)}
 
     def _step(self, state, shared):
         rho, lam, pos = shared["rho"], self.config.lam, self.config.positive
@@ -227,9 +237,8 @@ class ADMM(_LassoSolver):
         z = self._ridge(state["b"] + rho * (v_old - u), shared)
         v = soft_threshold(z + u, lam / rho, pos)
         state["u"] = u + z - v
-        state["v"] = v
-        state["primal"] = (z - v).norm(dim=1, keepdim=True)
-        state["dual"] = rho * (v - v_old).norm(dim=1, keepdim=True)
+        # the last iterates, for the residuals residual balancing compares at the next gap test
+        state["z"], state["v_prev"], state["v"] = z, v_old, v
 
     def _codes_of(self, state):
         return state["v"]
@@ -237,7 +246,9 @@ class ADMM(_LassoSolver):
     def _checked(self, state, shared):
         if not self.config.adapt:
             return
-        primal, dual = float(state["primal"].sum()), float(state["dual"].sum())
+        # Boyd et al.'s primal residual ||z - v|| and dual residual rho ||v - v_prev||, over the chunk
+        primal = float((state["z"] - state["v"]).norm())
+        dual = shared["rho"] * float((state["v"] - state["v_prev"]).norm())
         factor = 2.0 if primal > 10 * dual else 0.5 if dual > 10 * primal else 1.0
         if factor != 1.0:
             # u is the dual variable scaled by 1/rho: rescale it with rho

@@ -34,7 +34,7 @@ def optimum(problem):
 @pytest.mark.parametrize("positive", [False, True])
 @pytest.mark.parametrize("lam", [0.02, 0.2])
 def test_reaches_cvxpy_optimum(problem, optimum, name, positive, lam):
-    enc = sc.get_encoder(name, lam=lam, positive=positive, tol=1e-8, max_iter=50000).fit(problem.dictionary)
+    enc = sc.get_encoder(name, lam=lam, positive=positive, tol=1e-6, max_iter=50000).fit(problem.dictionary)
     info = enc.encode_with_info(problem.x)
     assert info.uncertified == 0
     ref = optimum(lam, positive)
@@ -65,7 +65,7 @@ def test_gram_free_paths_match_the_gram_ones():
     ref = _objective(data.x, sc.get_encoder("cvxpy-lasso", lam=lam).fit(data.dictionary).encode(data.x),
                      data.dictionary.atoms, lam)
     for name in SOLVERS:
-        codes = sc.get_encoder(name, lam=lam, tol=1e-8, max_iter=50000).fit(data.dictionary).encode(data.x)
+        codes = sc.get_encoder(name, lam=lam, tol=1e-6, max_iter=50000).fit(data.dictionary).encode(data.x)
         gap = (_objective(data.x, codes, data.dictionary.atoms, lam) - ref) / ref
         assert float(gap.abs().max()) < 1e-4, name
 
@@ -79,7 +79,7 @@ def test_non_unit_atoms_and_bias():
     ref = sc.get_encoder("cvxpy-lasso", lam=lam).fit(sc.Dictionary(D.atoms)).encode(data.x)
     r = metrics.lasso_objective(data.x + bias, ref, D.atoms, lam, bias)
     for name in SOLVERS:
-        ours = sc.get_encoder(name, lam=lam, tol=1e-8, max_iter=50000).fit(D).encode(data.x + bias)
+        ours = sc.get_encoder(name, lam=lam, tol=1e-6, max_iter=50000).fit(D).encode(data.x + bias)
         o = metrics.lasso_objective(data.x + bias, ours, D.atoms, lam, bias)
         assert float(((o - r) / r).max()) < 1e-4, name
 

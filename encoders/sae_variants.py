@@ -6,7 +6,7 @@ Each is trained like `relu` and `topk` (`encoders.amortised`): against a frozen 
 training losses follow the papers:
 
 - `jumprelu` (Rajamanoharan et al. 2024, "Jumping ahead"): ``z = pre * 1[pre > theta]`` with a learned
-  threshold per latent, ``pre = ReLU(W x + b)``; loss MSE + ``l0_coefficient`` x L0. The step
+  threshold per latent, ``pre = ReLU(W x + b)``; loss squared error + ``l0_coefficient`` x L0, per signal. The step
   function has no gradient in theta, so the backward pass uses a straight-through estimator: a
   rectangle kernel of width `bandwidth` around the threshold (the form of SAELens' JumpReLU SAE).
 - `batch-topk` (Bussmann, Leask & Nanda 2024): at training time the k x batch largest pre-activations
@@ -93,8 +93,9 @@ def _affine_without_decoder_gradient(decode, codes: torch.Tensor) -> torch.Tenso
 @dataclass(frozen=True)
 class JumpReLUConfig(TrainConfig):
     l0_coefficient: float = 1e-3
-    """Weight of the L0 penalty: the loss is MSE + l0_coefficient * mean over signals of the number of firing
-    latents."""
+    """Weight of the L0 penalty: the loss is ||x - x_hat||^2 (summed over features, as SAELens) + l0_coefficient
+    * the number of firing latents, both averaged over signals (1e-3 suits signals of unit mean squared norm,
+    as a normalised activation store gives)."""
     bandwidth: float = 1e-3
     """Width eps of the rectangle kernel of the threshold's straight-through gradient (SAELens: 0.001)."""
     threshold_init: float = 1e-3
@@ -200,6 +201,10 @@ class JumpReLU(_SAEVariant):
 
     def _penalty(self, codes):
         return self.config.l0_coefficient * self._l0
+
+    def _reconstruction_loss(self, y, y_hat):
+        # per signal, like the L0 count: the coefficient then does not depend on the width d
+        return ((y - y_hat) ** 2).sum(1).mean()
 
     def sae_weights(self) -> dict:
         return {"architecture": "jumprelu", "encoder_rows": self.net.weight, "b_enc": self.net.bias, "k": None,

@@ -57,6 +57,9 @@ def test_jumprelu_codes_and_l0_penalty_from_the_network():
     enc.net.train()
     codes = enc._codes(x)
     assert float(enc._penalty(codes).detach()) == pytest.approx(0.5 * 5 / 2)     # 5 firing latents over 2 signals
+    # squared error summed over features, averaged over signals (the L0 count's scale)
+    y_hat = torch.tensor([[0.5, 0.0, 0.0], [1.0, 2.0, 0.0]], dtype=torch.float64)
+    assert float(enc._reconstruction_loss(x, y_hat)) == pytest.approx(((0.0012 ** 2 + 0.09) + (0.9991 ** 2 + 0.0011 ** 2)) / 2)
 
 
 def test_batch_topk_keeps_exactly_k_times_batch():
@@ -101,9 +104,9 @@ def test_matryoshka_loss_sums_the_prefix_errors():
     codes = enc._codes(x)
     loss = enc._reconstruction_loss(x, codes @ atoms + b)
     expected = sum(((x - (codes[:, :m] @ atoms[:m] + b)) ** 2).mean() for m in (2, 4, 8))
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     enc.net.eval()
-    assert float(enc._reconstruction_loss(x, codes @ atoms + b)) == pytest.approx(float(((x - codes @ atoms - b) ** 2).mean()))
+    assert float(enc._reconstruction_loss(x, codes @ atoms + b).detach()) == pytest.approx(float(((x - codes @ atoms - b) ** 2).mean().detach()))
 
 
 def test_gated_forward_by_hand():

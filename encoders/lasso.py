@@ -22,7 +22,6 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -244,3 +244,11 @@ def check_pair(path, format: str, what: str) -> None:
     elif tensors_path.exists():
         raise FileExistsError(f"{tensors_path} exists without a {what} description ({meta_path.name}); "
                               "refusing to overwrite it")
+
+
+def has_format(path, format: str) -> bool:
+    """Whether `path` is a JSON object carrying the marker ``"format": format`` (a file of ours)."""
+    try:
+        return read_json(path, "JSON file").get("format") == format
+    except (OSError, ValueError):
+        return False

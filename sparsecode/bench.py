@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -294,6 +293,5 @@ def scale_figure(rows: list[dict], path, title: str = "") -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    _io._atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    path = _io.write_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,7 @@ import torch
 
 from . import _io
 from ._validation import as_tensor
+from .sae_formats import load_sae
 
 FORMAT = "sparsecode.dictionary"
 
@@ -168,14 +169,20 @@ class Dictionary:
         return cls(tensors["atoms"], tensors.get("bias"), metadata=metadata)
 
 
-def as_dictionary(value) -> Dictionary:
-    """Accept a Dictionary, an atoms array, a path to a saved dictionary, or an SAE folder
-    (SAELens, sparsify, dictionary_learning: its decoder)."""
+def load_sae_dictionary(folder, allow_pickle: bool = False) -> Dictionary:
+    """The decoder of an SAE folder (SAELens, sparsify, dictionary_learning) as a Dictionary: atoms
+    = decoder rows, bias = decoder bias; the metadata names the folder, so `sae-file` finds its encoder."""
+    sae = load_sae(folder, allow_pickle)
+    return Dictionary(sae.atoms, sae.b_dec, metadata=sae.metadata(allow_pickle))
+
+
+def as_dictionary(value, *, allow_pickle: bool = False) -> Dictionary:
+    """Accept a Dictionary, an atoms array, a path to a saved dictionary, or an SAE folder (its
+    decoder; `allow_pickle` as in `load_sae_dictionary`)."""
     if isinstance(value, Dictionary):
         return value
     if isinstance(value, (str, Path)):
         if Path(value).is_dir():
-            from .sae_formats import load_sae_dictionary   # imports Dictionary from here
-            return load_sae_dictionary(value)
+            return load_sae_dictionary(value, allow_pickle)
         return Dictionary.load(value)
     return Dictionary(value)

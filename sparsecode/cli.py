@@ -228,7 +228,7 @@ def list_encoders() -> None:
     for col in ("method", "learns", "options"):
         methods.add_column(col)
     for method in learning_methods():
-        what = "reference learner" if method in REFERENCE_METHODS else "encoder and decoder together"
+        what = "dictionary; codes by inference" if method in REFERENCE_METHODS else "encoder and dictionary together"
         methods.add_row(method, what, ", ".join(method_options(method)))
     console.print(methods)
 

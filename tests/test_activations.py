@@ -198,7 +198,7 @@ def test_splicing_exact_and_zero(tiny, loaded, site):
     zero = act.evaluate(loaded, _Zero(), identity, docs, **kw)
     assert zero.ce_spliced == pytest.approx(zero.ce_zero, abs=1e-6)
     assert zero.ce_recovered == pytest.approx(0.0, abs=1e-6)
-    assert zero["dead"] == 1.0 and zero["l0"] == 0.0
+    assert zero.dead == 1.0 and zero.l0 == 0.0
 
 
 def test_clear_errors(tmp_path, tiny, loaded):

@@ -314,7 +314,7 @@ def compare_cmd(
     with _progress_bars(len(names), "methods" if joint else "encoders", on_tokens) as on_item:
         result = run_compare(names, source, None if joint else shared, k=k, lam=lam, encoder_params=params,
                              target_l0=target_l0, x_train=x_train, joint=joint,
-                             n_atoms=(n_atoms or 16) if joint else None, seed=seed, repeats=repeats,
+                             n_atoms=n_atoms if joint else None, seed=seed, repeats=repeats,
                              reference=None if joint else reference, device=device, callback=on_item,
                              progress=on_tokens[0])
     s = result.settings
@@ -400,7 +400,8 @@ def extract_cmd(
     shard_tokens: int = typer.Option(8192, help="Tokens per shard."),
     skip_bos: bool = typer.Option(True, help="Start sequences with BOS and store no activation for it."),
     dtype: str = typer.Option("float32", help="Storage dtype: float32, float16, bfloat16."),
-    seed: int = typer.Option(0, help="Seed of the sequence order."),
+    data_seed: int = typer.Option(0, help="Seed of the order of the corpus's sequences (the manifest's 'seed')."),
+    seed: Optional[int] = typer.Option(None, hidden=True, help="Former name of --data-seed."),
     normalize: bool = typer.Option(True, help="Record the scale to unit mean squared norm in the manifest "
                                               "(readers apply it on request)."),
     measure_overhead: bool = typer.Option(False, help="Also time a bare forward pass over the same tokens."),
@@ -412,7 +413,8 @@ def extract_cmd(
     _setup_logging(verbose)
     _io.check_writable(out, "--out", folder=True)
     cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
-                        n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype, seed=seed)
+                        n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype,
+                        seed=data_seed if seed is None else seed)
     corpus_name, docs = read_corpus(corpus, text_field)
     console.print(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}...")
     loaded = load_model(model, device=device)

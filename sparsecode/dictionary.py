@@ -12,6 +12,11 @@ from .sae_formats import load_sae
 FORMAT = "sparsecode.dictionary"
 
 
+def unit_rows(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """`rows` (n, d) each scaled to unit L2 norm; a row of norm below `eps` is divided by `eps`."""
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
 class Dictionary:
     """A dictionary of `n_atoms` atoms in `R^d`, stored as rows.
 
@@ -35,7 +40,7 @@ class Dictionary:
             raise ValueError(f"atoms has zero rows (first: atom {int((norms == 0).nonzero()[0, 0])}); "
                              "every atom needs a non-zero norm")
         if normalize:
-            atoms = atoms / norms[:, None]
+            atoms = unit_rows(atoms)
         self.atoms = atoms
         self.bias = None if bias is None else as_tensor(bias, "bias", ndim=1, dtype=atoms.dtype, device=atoms.device)
         if self.bias is not None and self.bias.shape[0] != self.d:

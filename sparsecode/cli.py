@@ -17,6 +17,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from . import _io, training
+from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
+                          load_model, read_corpus)
+from .bench import scale, speed
 from ._validation import check_int_range, describe_device
 from .compare import Comparison, compare as run_compare
 from .data import (TRUE_DICTIONARY, comparison_data, load_dictionary, open_store, planted_split,
@@ -24,6 +27,8 @@ from .data import (TRUE_DICTIONARY, comparison_data, load_dictionary, open_store
 from .dictionary import FORMAT as DICTIONARY_FORMAT, as_dictionary, load_sae_dictionary
 from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods, method_options
+from .plots import firing_histogram, scale_figure
+from .recovery import default_out, preset as get_preset, recovery
 from .registry import available_encoders, encoder_class, get_encoder
 from .sae_formats import check_export_folder, export_saelens
 
@@ -409,7 +414,6 @@ def extract_cmd(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Extract LLM activations at a hookpoint into a resumable sharded store."""
-    from .activations import ExtractConfig, compute_normalization, extract, load_model, read_corpus
     _setup_logging(verbose)
     _io.check_writable(out, "--out", folder=True)
     cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
@@ -462,8 +466,6 @@ def evaluate_cmd(
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
 ) -> None:
     """Splice reconstructions into the model: CE increase, CE recovered, firing rates."""
-    from .activations import ActivationStore, Hookpoint, evaluate, load_model, read_corpus
-    from .plots import firing_histogram
     if out is not None:
         _io.check_replace(_io.check_writable(out, "--out", suffixes=(".json",)), "sparsecode evaluation",
                           lambda p: _io.has_format(p, EVALUATION_FORMAT))
@@ -524,7 +526,6 @@ def bench_speed(
     out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to .json or .csv."),
 ) -> None:
     """Throughput of our OMP and FISTA against SPAMS and scikit-learn on one problem, as ratios."""
-    from .bench import speed
     _setup_logging(False)
     if out is not None:
         Comparison.check_out(out)
@@ -565,7 +566,6 @@ def bench_scale(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Inference at the sizes of real SAEs: throughput, peak memory and time relative to the amortised floor."""
-    from .bench import scale, scale_figure
     _setup_logging(verbose)
     grid = {"n_atoms": _int_list(n_atoms, "--n-atoms"), "d": _int_list(d, "--d"), "k": _int_list(k, "--k")}
     with _progress(TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
@@ -618,7 +618,6 @@ def bench_recovery(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Sweep planted problems over a grid and record how each encoder recovers the codes."""
-    from .recovery import default_out, preset as get_preset, recovery
     _setup_logging(verbose)
     out = out or default_out(preset)
     _io.check_writable(out, "--out")

@@ -31,3 +31,26 @@ def firing_histogram(rates, path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _io.write_figure(fig, path, dpi=120)
+
+
+def scale_figure(rows: list[dict], path, title: str = "") -> Path:
+    """Throughput against n_atoms (rows of `bench.scale`), one line per encoder and (d, k), on log axes."""
+    fig, ax = _figure((7, 4.5))
+    groups: dict = {}
+    for row in rows:
+        if "signals_per_s" in row:
+            groups.setdefault((row["encoder"], row["d"], row["k"]), []).append((row["n_atoms"], row["signals_per_s"]))
+    for (name, d, k), points in sorted(groups.items()):
+        points.sort()
+        style = "--" if name == "floor" else "-"
+        label = "amortised floor (x W^T + top-k)" if name == "floor" else name
+        ax.plot(*zip(*points), style, marker="o", label=f"{label}, d={d}, k={k}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("atoms in the dictionary (n_atoms)")
+    ax.set_ylabel("throughput (signals/s)")
+    ax.set_title(title or "Inference throughput against dictionary size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _io.write_figure(fig, path, dpi=120)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
+from safetensors import safe_open
 
 from .. import _io
 
@@ -40,7 +41,6 @@ class ActivationStore:
         self._check_shards()
 
     def _check_shards(self) -> None:
-        from safetensors import safe_open
         total = 0
         for shard in self.manifest["shards"]:
             f = self.path / shard["file"]
@@ -78,7 +78,6 @@ class ActivationStore:
         return float(norm.get("scale", 1.0))
 
     def _shard(self, i: int, keys=("x", "y")) -> dict:
-        from safetensors import safe_open
         out = {}
         with safe_open(str(self.path / self.manifest["shards"][i]["file"]), framework="pt") as fh:
             for k in keys:

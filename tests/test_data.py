@@ -100,3 +100,17 @@ assert "matplotlib.pyplot" not in sys.modules
     subprocess.run([sys.executable, "-c", code], check=True)
     for name in ("h.png", "s.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_hookpoint_comes_from_the_store_unless_given(tmp_path):
+    from sparsecode.activations import DEFAULT_MODEL, Hookpoint
+    plain = sc.Dictionary(torch.eye(5))
+    alone = Hookpoint.of(plain)
+    assert (alone.model, alone.layer, alone.site, alone.scale, alone.seed) == (None, 15, "resid", 1.0, 1)
+    store = write_store(tmp_path / "s", torch.randn(40, 5), 20, scale=0.25)
+    at = Hookpoint.of(plain, store)
+    assert (at.model, at.layer, at.scale) == ("test", 0, 0.25)
+    scaled = sc.Dictionary(torch.eye(5), metadata={"input_scale": 0.5})        # the dictionary's record wins
+    assert Hookpoint.of(scaled, store, layer=3, site="mlp", model="m") == Hookpoint("m", 3, "mlp", 0.5, 1)
+    store.manifest["model"] = DEFAULT_MODEL
+    assert Hookpoint.of(plain, store).model is None                             # the embedded SmolLM2

@@ -7,14 +7,10 @@ import torch
 
 from . import _io
 from ._validation import as_tensor
+from .ops import unit_rows
 from .sae_formats import load_sae
 
 FORMAT = "sparsecode.dictionary"
-
-
-def unit_rows(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """`rows` (n, d) each scaled to unit L2 norm; a row of norm below `eps` is divided by `eps`."""
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
 class Dictionary:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import _io
+from .ops import topk_relu
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,7 @@ class ImportedSAE:
             return torch.relu(pre)
         if self.architecture == "jumprelu":
             return torch.relu(pre) * (pre > self.threshold.to(x))
-        values, idx = pre.topk(self.k, dim=1)
-        return torch.zeros_like(pre).scatter_(1, idx, torch.relu(values))
+        return topk_relu(pre, self.k)
 
 
 def detect_format(folder) -> str:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import check_int_range, check_positive
-from .dictionary import Dictionary, unit_rows
+from .dictionary import Dictionary
+from .ops import unit_rows
 
 
 @dataclass

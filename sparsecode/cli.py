@@ -22,8 +22,7 @@ from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_nor
 from .bench import scale, speed
 from ._validation import check_int_range, describe_device
 from .compare import Comparison, compare as run_compare
-from .data import (TRUE_DICTIONARY, comparison_data, load_dictionary, open_store, planted_split,
-                   training_data)
+from .data import TRUE_DICTIONARY, comparison_data, load_dictionary, planted_split, training_data
 from .dictionary import FORMAT as DICTIONARY_FORMAT, as_dictionary, load_sae_dictionary
 from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods, method_options

@@ -215,6 +215,14 @@ def _saved(path) -> None:
     console.print(f"saved {path}")
 
 
+def _renamed(old: str, new: str, value, current):
+    """The value of a former option name when it was given (with a note), else the current one's."""
+    if value is None:
+        return current
+    console.print(f"[yellow]{old} is now {new}[/]")
+    return value
+
+
 @app.command("list")
 def list_encoders() -> None:
     """Show every registered encoder (family, knobs, whether it can run here) and every dictionary
@@ -297,7 +305,7 @@ def compare_cmd(
     if out is not None:
         Comparison.check_out(out)
     check_int_range("--n-samples", n_samples, 1)
-    seed = seed if train_seed is None else train_seed
+    seed = _renamed("--train-seed", "--seed", train_seed, seed)
     names = _names(encoders)
     if not joint:
         for name in names:
@@ -417,7 +425,7 @@ def extract_cmd(
     _io.check_writable(out, "--out", folder=True)
     cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
                         n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype,
-                        seed=data_seed if seed is None else seed)
+                        seed=_renamed("--seed", "--data-seed", seed, data_seed))
     corpus_name, docs = read_corpus(corpus, text_field)
     console.print(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}...")
     loaded = load_model(model, device=device)

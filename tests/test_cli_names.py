@@ -87,3 +87,10 @@ def test_train_takes_the_qualified_set_form_and_shares_k(tmp_path):
     result = runner.invoke(app, ["train", "--method", "topk", "--n-atoms", "8", "--set", "relu.lam=1",
                                  "--out", str(tmp_path / "f")])
     assert result.exit_code == 2 and "'relu' is not among" in result.stderr
+
+
+def test_a_former_option_name_still_works_and_says_the_new_one(tmp_path):
+    renamed = _compare(tmp_path, "old", "--train-seed", "1")
+    assert renamed["settings"]["seed"] == 1
+    result = runner.invoke(app, ["compare", "--encoders", "omp", "--n-samples", "8", "--train-seed", "2"])
+    assert result.exit_code == 0 and "--train-seed is now --seed" in result.output

@@ -4,13 +4,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import _io, metrics
+from . import metrics
 from .compare import calibrate, timed_encode
 from ._validation import check_int_range, resolve_device
 from .memory import fits, format_bytes, memory_budget, rows_within
@@ -268,32 +267,3 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
 
 def _mb(nbytes) -> float:
     return float("nan") if nbytes is None else nbytes / 1e6
-
-
-def scale_figure(rows: list[dict], path, title: str = "") -> None:
-    """Throughput against n_atoms, one line per encoder and (d, k), on log axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict = {}
-    for row in rows:
-        if "signals_per_s" in row:
-            groups.setdefault((row["encoder"], row["d"], row["k"]), []).append((row["n_atoms"], row["signals_per_s"]))
-    for (name, d, k), points in sorted(groups.items()):
-        points.sort()
-        style = "--" if name == "floor" else "-"
-        label = "amortised floor (x W^T + top-k)" if name == "floor" else name
-        ax.plot(*zip(*points), style, marker="o", label=f"{label}, d={d}, k={k}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("atoms in the dictionary (n_atoms)")
-    ax.set_ylabel("throughput (signals/s)")
-    ax.set_title(title or "Inference throughput against dictionary size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    _io._atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)

@@ -17,11 +17,12 @@ import torch
 
 from . import _io, metrics
 from ._validation import as_tensor, check_positive, resolve_device
-from .dictionary import Dictionary, as_dictionary
+from .data import Signals, as_signals, with_dictionary
+from .dictionary import Dictionary
 from .encoder import Encoded, Encoder, suggest
 from .registry import encoder_class, get_encoder
 from .synthetic import SparseData
-from .training import _progress
+from .training import current_progress
 
 log = logging.getLogger(__name__)
 _UNSET = object()
@@ -90,47 +91,6 @@ def _is_results(path: Path) -> bool:
             return fh.readline().startswith("encoder,")
     obj = json.loads(path.read_text(encoding="utf-8"))
     return isinstance(obj, dict) and (obj.get("format") == FORMAT or ("rows" in obj and "settings" in obj))
-
-
-@dataclass
-class _Data:
-    x: torch.Tensor
-    codes: torch.Tensor | None
-    dictionary: Dictionary | None
-
-
-def _signals(data, device) -> tuple[torch.Tensor, torch.Tensor | None, Dictionary | None]:
-    """Signals, true codes (or None) and true dictionary (or None) of any accepted data form."""
-    if isinstance(data, SparseData):
-        x, codes, true = data.x, data.codes, data.dictionary
-    elif isinstance(data, dict):
-        if "x" not in data:
-            raise ValueError(f"data dict needs an 'x' entry (n, d); it has {sorted(data)}")
-        x, codes, true = data["x"], data.get("codes"), None
-    else:
-        x, codes, true = data, None, None
-    x = as_tensor(x, "x", device=device)
-    if codes is not None:
-        codes = as_tensor(codes, "codes", device=device, dtype=x.dtype)
-        if codes.shape[0] != x.shape[0]:
-            raise ValueError(f"codes has {codes.shape[0]} rows but x has {x.shape[0]}")
-    return x, codes, true
-
-
-def _as_data(data, dictionary, device) -> _Data:
-    x, codes, true = _signals(data, device)
-    if dictionary is None or (isinstance(dictionary, str) and dictionary == "true"):
-        if true is None:
-            raise ValueError("dictionary='true' needs synthetic data (SparseData) that carries its dictionary; "
-                             "pass a Dictionary, an atoms array or a saved dictionary path")
-        dictionary = true
-    dictionary = as_dictionary(dictionary).to(device=device, dtype=x.dtype)
-    if dictionary.d != x.shape[1]:
-        raise ValueError(f"x has d={x.shape[1]} but the dictionary's atoms have d={dictionary.d}")
-    if codes is not None and codes.shape[1] != dictionary.n_atoms:
-        codes = None
-        log.warning("true codes have a different number of atoms than the dictionary: code metrics skipped")
-    return _Data(x, codes, dictionary)
 
 
 class Unreachable(ValueError):
@@ -310,7 +270,7 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     unknown = set(encoder_params or {}) - set(names)
     if unknown:
         raise ValueError(f"options given for encoders not compared: {sorted(unknown)}")
-    d = _as_data(data, dictionary, device)
+    d = with_dictionary(data, dictionary, device)
     if k is None and isinstance(data, SparseData):
         k = data.k
     if x_train is not None and as_token_range(x_train) is None:
@@ -353,7 +313,7 @@ AUTO_REFERENCE_MAX = 1 << 22
 AUTO_REFERENCE = "fista"
 
 
-def _choose_reference(reference, items, names, d: _Data, n_samples: int) -> str | None:
+def _choose_reference(reference, items, names, d: Signals, n_samples: int) -> str | None:
     """The reference solver's name, or None (see `compare`'s `reference`)."""
     if reference is None or reference == "none":
         return None
@@ -409,7 +369,7 @@ def _loaded(item) -> Encoder:
     return load_encoder(item)
 
 
-def _prepare(name, d: _Data, k, lam, params, target_l0, x_train, seed) -> tuple[Encoder, float]:
+def _prepare(name, d: Signals, k, lam, params, target_l0, x_train, seed) -> tuple[Encoder, float]:
     cls = encoder_class(name)
     fields = set(cls.Config.__dataclass_fields__)
     config = {}
@@ -442,8 +402,8 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
     unknown = set(params) - set(methods)
     if unknown:
         raise ValueError(f"options given for methods not compared: {sorted(unknown)}")
-    x, true_codes, true = _signals(data, device)
-    d = _Data(x, true_codes, true)
+    d = as_signals(data, device)
+    true = d.dictionary
     true_atoms = None if true is None else true.atoms
     n_atoms = n_atoms or (None if true is None else true.n_atoms)
     if n_atoms is None:
@@ -500,7 +460,7 @@ def timed_encode_info(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: b
     return float(np.median(times)), info
 
 
-def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s, stream=None,
+def _measure(enc: Encoder, d: Signals, lam, reference, references, repeats, fit_s, stream=None,
              batch_size: int = 4096, progress=None) -> dict:
     """One comparison row: `d.x` encoded at once, or the `stream` (a store's tokens) batch by batch.
     Both accumulate the set-level metrics the same way (`metrics.MetricAccumulator`); only encoders
@@ -542,7 +502,7 @@ def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s,
                 uncertified = (uncertified or 0) + info.uncertified
             if totals is not None:
                 # the same batches for every encoder: the reference totals are computed once per (lam, positive)
-                batch = _Data(xb, None, d.dictionary)
+                batch = Signals(xb, None, d.dictionary)
                 totals[0] += float(_reference_objective(batch, row_lam, positive, reference, references,
                                                         keep=False).sum())
                 totals[1] += float(metrics.lasso_objective(xb, torch.zeros_like(info.codes), d.dictionary.atoms, 0.0,
@@ -582,7 +542,7 @@ def _accumulate(acc: metrics.MetricAccumulator, x, codes, dictionary: Dictionary
     return objective
 
 
-def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cache: dict,
+def _reference_objective(d: Signals, lam: float, positive: bool, solver: str, cache: dict,
                          keep: bool = True) -> torch.Tensor:
     """Per-signal lasso objective of the reference solver at (lam, positive) on `d.x`. The fitted
     solver (float64 dictionary, its Lipschitz constant and Gram matrix) is made once per comparison
@@ -592,7 +552,7 @@ def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cach
         return cache[key]
     ref = _reference_solver(d.dictionary, lam, positive, solver, cache)
     what = f"reference {solver} (lam={lam:g}{', positive' if positive else ''})"
-    report = _progress.get()
+    report = current_progress()
     if report is not None:
         report(what, 0, 1, float("nan"))
     start = time.perf_counter()

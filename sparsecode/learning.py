@@ -22,7 +22,7 @@ from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary
 from .encoder import Encoder, suggest, to_numpy64
 from .registry import encoder_class, encoder_names, get_encoder
-from .training import TrainableEncoder, _progress
+from .training import TrainableEncoder, current_progress
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
     knob = {"k": k if k is not None else max(1, min(d, n_atoms) // 4)} if inference in ("omp", "mp") else {"lam": lam}
     enc = get_encoder(inference, **knob)
     losses = []
-    callback = _progress.get()
+    callback = current_progress()
     eye = torch.eye(n_atoms, dtype=x.dtype, device=x.device)
     for it in range(n_iter):
         codes = enc.fit(Dictionary(atoms)).encode(x)
@@ -182,3 +182,16 @@ def _spams(x, n_atoms, *, seed=0, lam=0.1, n_iter=200, batch_size=256) -> Learne
     atoms = torch.from_numpy(np.ascontiguousarray(atoms.T)).to(device=x.device, dtype=x.dtype)
     dictionary = Dictionary(atoms, normalize=True, metadata={"learned_by": "spams trainDL"})
     return LearnedDictionary(dictionary, get_encoder("spams-lasso", lam=lam).fit(dictionary))
+
+
+def method_options(method: str) -> list[str]:
+    """The options `learn_dictionary` takes for `method` (its config fields, or a reference
+    method's keyword options), for help screens and for sharing a knob such as `k` or `lam`."""
+    if method in REFERENCE_METHODS:
+        learn = {"sparse-coding": _alternating, "sklearn": _sklearn, "spams": _spams}[method]
+        return [name for name, p in inspect.signature(learn).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "seed"]
+    if method not in learning_methods():
+        raise ValueError(f"unknown dictionary learning method {method!r}.{suggest(method, learning_methods())} "
+                         f"Methods: {', '.join(learning_methods())}")
+    return [name for name in encoder_class(method).Config.__dataclass_fields__ if name != "seed"]

@@ -41,6 +41,11 @@ def progress(callback: Callable[[str, int, int, float], None]):
         _progress.reset(token)
 
 
+def current_progress() -> Callable[[str, int, int, float], None] | None:
+    """The callback of the innermost `progress` block, or None outside one."""
+    return _progress.get()
+
+
 class Signum(torch.optim.Optimizer):
     """Sign of a momentum buffer (Bernstein et al. 2018): ``m = beta m + (1 - beta) g; p -= lr sign(m)``.
 

@@ -278,7 +278,7 @@ def _saelens_folder(folder, tensors, **cfg):
 
 
 def _ours(folder, x):
-    D = sc.sae_formats.load_sae_dictionary(folder)
+    D = sc.dictionary.load_sae_dictionary(folder)
     codes = sc.get_encoder("sae-file").fit(D).encode(x)
     return codes, D.decode(codes)
 
@@ -508,7 +508,7 @@ def test_export_folds_the_input_scale_so_saelens_on_raw_inputs_matches(tmp_path,
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-4)
     assert metrics.fvu(raw, theirs) < 1.0
     # and the folder reads back to the same SAE on raw inputs
-    back = sc.get_encoder("sae-file").fit(sc.sae_formats.load_sae_dictionary(tmp_path / "sae"))
+    back = sc.get_encoder("sae-file").fit(sc.dictionary.load_sae_dictionary(tmp_path / "sae"))
     torch.testing.assert_close(back.encode(raw), codes, atol=1e-4, rtol=1e-4)
 
 

@@ -2,6 +2,7 @@
 the library. The only module that prints."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -16,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import _io, training
+from . import _io, distributed, training
 from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
                           load_model, read_corpus)
 from .bench import scale, speed
@@ -37,8 +38,10 @@ DEBUG_KEY = "sparsecode.debug"
 
 
 def _error_line(message: str) -> None:
-    """One plain line on stderr (rich would wrap a long message over several lines)."""
-    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    """One plain line on stderr (rich would wrap a long message over several lines); under a
+    launcher it names the rank, since torchrun shows the first failing rank's output."""
+    where = f"rank {distributed.current().rank}: " if distributed.launched() else ""
+    click.echo(f"error: {where}{' '.join(str(message).split())}", err=True)
 
 
 def _message(err: BaseException) -> str:
@@ -86,6 +89,24 @@ SYNTHETIC = "synthetic data"
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _join(device: str) -> tuple[distributed.Group, str]:
+    """Join the launcher's process group when torchrun (or SLURM, ...) started this command as one
+    of several, and return the group and this rank's device. Only rank 0 prints and writes shared
+    files; the other ranks log warnings and errors (with their rank) on stderr. Alone, this is a
+    group of one on `device`."""
+    if not distributed.launched():
+        return distributed.Group(), device
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    group = distributed.setup(device)
+    atexit.register(distributed.teardown)
+    if not group.main:
+        console.quiet = True
+        logging.basicConfig(level=logging.WARNING, format=f"rank {group.rank}: %(message)s", force=True)
+    return group, str(distributed.rank_device(device))
 
 
 @app.callback()
@@ -302,6 +323,7 @@ def compare_cmd(
     """Run several encoders on one shared dictionary (or, with --joint, several dictionary learners)
     and print their metrics."""
     _setup_logging(verbose)
+    group, device = _join(device)
     if out is not None:
         Comparison.check_out(out)
     check_int_range("--n-samples", n_samples, 1)
@@ -342,7 +364,7 @@ def compare_cmd(
     for row in result.rows:
         if "skipped" in row:
             console.print(f"[yellow]skipped[/] {row['encoder']}: {row['skipped']}")
-    if out is not None:
+    if out is not None and group.main:
         result.save(out)
         _saved(out)
 
@@ -374,6 +396,7 @@ def train_cmd(
 ) -> None:
     """Learn a dictionary (and its encoder) from signals and save them."""
     _setup_logging(verbose)
+    group, _ = _join("auto")
     encoder_out = _io.sibling(out, "-encoder")
     _io.check_pair(out, DICTIONARY_FORMAT, "sparsecode dictionary")
     _io.check_pair(encoder_out, training.ENCODER_FORMAT, "sparsecode encoder")
@@ -388,9 +411,10 @@ def train_cmd(
         learned = learn_dictionary(train.source, method, n_atoms, y=train.y, seed=seed,
                                    input_scale=train.input_scale, **params)
         on_item(method, "done")
-    console.print(f"saved dictionary {learned.dictionary.save(out)}")
-    if isinstance(learned.encoder, training.TrainableEncoder):
-        console.print(f"saved encoder {learned.encoder.save(encoder_out)}")
+    if group.main:
+        console.print(f"saved dictionary {learned.dictionary.save(out)}")
+        if isinstance(learned.encoder, training.TrainableEncoder):
+            console.print(f"saved encoder {learned.encoder.save(encoder_out)}")
     row = {"encoder": method, **train.scores(learned.dictionary, learned.encoder)}
     print_table([row], list(row), title="on the training signals")
 
@@ -422,6 +446,7 @@ def extract_cmd(
 ) -> None:
     """Extract LLM activations at a hookpoint into a resumable sharded store."""
     _setup_logging(verbose)
+    group, device = _join(device)
     _io.check_writable(out, "--out", folder=True)
     cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
                         n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype,
@@ -438,7 +463,7 @@ def extract_cmd(
             bar.update(task, completed=min(done, total), rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
 
         stats = extract(loaded, corpus_name, docs, out, cfg, progress=on_tokens, measure_overhead=measure_overhead)
-    if normalize:
+    if normalize and group.main:
         compute_normalization(out)
     line = (f"stored {stats.tokens:,} tokens ({stats.resumed_from:,} were there already) in {out} at "
             f"{stats.tokens_per_s:,.0f} tokens/s")

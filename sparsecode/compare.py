@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import _io, metrics
+from . import _io, distributed, metrics
 from ._validation import as_tensor, check_positive, resolve_device
 from .data import Signals, as_signals, with_dictionary
 from .dictionary import Dictionary
@@ -490,13 +490,20 @@ def _measure(enc: Encoder, d: Signals, lam, reference, references, repeats, fit_
             ref = _reference_objective(d, row_lam, positive, reference, references)
             trivial = metrics.lasso_objective(d.x, torch.zeros_like(codes), d.dictionary.atoms, 0.0, d.dictionary.bias)
     else:
-        n, encode_s = 0, 0.0
+        # under a launcher each rank encodes its contiguous run of the batches (its shards) and
+        # the sums are reduced exactly: the row is the whole store's
+        group = distributed.current()
+        mine = group.part(-(-stream.n_tokens // batch_size))
+        lo, hi = mine.start * batch_size, min(mine.stop * batch_size, stream.n_tokens)
+        part = type(stream)(stream.store, stream.start + lo, hi - lo, stream.normalize)
+        n, encode_s, flops = 0, 0.0, 0.0
         key = ("store", row_lam, positive, reference)
         totals = [0.0, 0.0] if lasso and reference is not None and key not in references else None
-        for xb in stream.batches(batch_size):
+        for xb in part.batches(batch_size):
             xb = xb.to(device=d.x.device, dtype=d.x.dtype)
             seconds, info = timed_encode_info(enc, xb)
             encode_s += seconds
+            flops += enc.flops_per_signal() * xb.shape[0]          # it depends on the batch (iterations)
             _accumulate(acc, xb, info.codes, d.dictionary, row_lam if lasso else None)
             if info.uncertified is not None:
                 uncertified = (uncertified or 0) + info.uncertified
@@ -509,9 +516,14 @@ def _measure(enc: Encoder, d: Signals, lam, reference, references, repeats, fit_
                                                            d.dictionary.bias).sum())
             n += xb.shape[0]
             if progress is not None:
-                progress(name, n, stream.n_tokens)
+                progress(name, n, part.n_tokens)
+        (acc,) = distributed.reduce_accumulators(group, [acc])
+        n, encode_s = stream.n_tokens, group.max(encode_s)        # the job's time: its slowest rank
+        flops = float(group.sum(torch.tensor([flops], dtype=torch.float64))) / n
+        counts = group.gather(uncertified)
+        uncertified = None if all(c is None for c in counts) else sum(c or 0 for c in counts)
         if totals is not None:
-            references[key] = totals
+            references[key] = group.sum(torch.tensor(totals, dtype=torch.float64)).tolist()
         if lasso:
             objective = torch.tensor([acc.objective_sum / n], dtype=torch.float64)
             if reference is not None:
@@ -529,7 +541,7 @@ def _measure(enc: Encoder, d: Signals, lam, reference, references, repeats, fit_
     if uncertified is not None:
         row["uncertified"] = uncertified
     row.update(encode_s=encode_s, signals_per_s=n / encode_s if encode_s > 0 else float("inf"),
-               flops_per_signal=enc.flops_per_signal(), fit_s=fit_s)
+               flops_per_signal=enc.flops_per_signal() if stream is None else flops, fit_s=fit_s)
     log.info("%s: %s", name, {k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()})
     return row
 

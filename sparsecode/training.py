@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import _io
+from . import _io, distributed
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary, as_dictionary
 from .encoder import Encoded, Encoder, EncoderConfig
@@ -111,7 +111,18 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
 
     With `stream` (an activation store's `TokenRange`), ``loss_fn`` gets the batches of signals
     themselves, read shard by shard, shuffled within the reader's buffer, a new order every pass.
+
+    Under a launcher (`sparsecode.distributed`) the training is data-parallel: every rank draws the
+    same global batch (same seed), takes its contiguous part of it (`Group.part`), and the gradients
+    of the parts, weighted by their share, are summed over ranks before every step. For a loss that
+    is a mean over signals this is the global batch's gradient, so N ranks follow one process's
+    path up to float rounding; a loss with batch statistics (FVU's variance, the binary coders'
+    firing entropy) is then computed per part, as with DDP and batch norm.
     """
+    group = distributed.current()
+    if group.distributed and min(cfg.batch_size, n) < group.world_size:
+        raise ValueError(f"{what}: batch_size={min(cfg.batch_size, n)} is smaller than the {group.world_size} ranks "
+                         "that share every batch")
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = None if stream is None else _stream_batches(stream, cfg, device)
     opt = make_optimizer([p for p in params if p.requires_grad], cfg.optimizer, lr or cfg.lr)
@@ -130,11 +141,17 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
                 order, pos = torch.randperm(n, generator=gen), 0
             idx = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
+        weight = 1.0
+        if group.distributed:
+            share = group.part(len(idx))
+            idx, weight = idx[share.start:share.stop], len(share) / len(idx)
         loss = loss_fn(idx.to(device) if device is not None and batches is None else idx)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{what}: loss became {loss.item()} at step {step}; lower lr={lr or cfg.lr}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if group.distributed else loss).backward()
+        if group.distributed:
+            loss = _all_reduce_grads(group, opt, loss.detach() * weight)
         opt.step()
         if after_step is not None:
             with torch.no_grad():
@@ -145,6 +162,19 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
         if step % every == 0 or step == cfg.steps - 1:
             log.info("%s: step %d/%d loss %.6g", what, step + 1, cfg.steps, losses[-1])
     return losses
+
+
+def _all_reduce_grads(group, opt: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """Sum the ranks' (share-weighted) gradients, and losses, in one collective; returns the loss."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    flat = torch.cat([loss.reshape(1)] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                           for p in params])
+    flat = group.sum(flat)
+    pos = 1
+    for p in params:
+        p.grad = flat[pos:pos + p.numel()].view_as(p).to(p.dtype)
+        pos += p.numel()
+    return flat[0]
 
 
 def _stream_batches(stream, cfg: TrainConfig, device):
@@ -263,6 +293,9 @@ class TrainableEncoder(Encoder):
         step = [0]
         self.resampled = 0
         self._track = bool(self.config.resample_every)
+        if self._track and distributed.current().distributed:
+            raise ValueError("resample_every > 0 (dead-atom resampling from one batch) is not data-parallel yet: "
+                             "train with one process, or with resample_every=0")
 
         def after_step():
             step[0] += 1

@@ -16,10 +16,14 @@ TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "Sparse codes expla
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 3-layer Llama with random weights and a character tokenizer, saved as a local model folder."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_tiny_llama(folder):
+    """A 3-layer Llama with random weights and a character tokenizer, saved as a local model folder
+    (with a corpus.txt beside it)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    folder = tmp_path_factory.mktemp("tiny-llama")
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *string.printable])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")

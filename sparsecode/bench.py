@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -267,3 +273,50 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
 
 def _mb(nbytes) -> float:
     return float("nan") if nbytes is None else nbytes / 1e6
+
+
+def ranks(n_ranks: int = 2, n_tokens: int = 32768, d: int = 256, n_atoms: int = 1024, k: int = 16,
+          lam: float = 0.05, encoders: tuple[str, ...] = ("omp", "fista"), shard_tokens: int = 4096,
+          repeats: int = 1, seed: int = 0, callback: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Speed-up of a streamed comparison over an activation store on `n_ranks` processes against
+    one, each process on one CPU thread: ``sparsecode compare`` run under ``torchrun`` on a
+    synthetic store of `n_tokens` signals, median of `repeats` runs of each.
+
+    ``signals_per_s`` is the job's (tokens over the slowest rank's encoding time); ``wall_s`` is the
+    whole command, start-up (imports, joining the group) and reading included."""
+    check_int_range("n_ranks", n_ranks, 2)
+    check_int_range("repeats", repeats, 1)
+    from .activations import write_store
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory(prefix="sparsecode-bench-") as tmp:
+        tmp = Path(tmp)
+        data = make_sparse_data(n_tokens, d, n_atoms, k, seed=seed)
+        write_store(tmp / "store", data.x, shard_tokens)
+        data.dictionary.save(tmp / "dictionary.safetensors")
+        runs: dict[int, list[tuple[dict, float]]] = {1: [], n_ranks: []}
+        for i, world in enumerate([w for w in (1, n_ranks) for _ in range(repeats)]):
+            if callback:
+                callback(i, 2 * repeats)
+            out = tmp / f"result-{i}.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                       "-m", "sparsecode", "compare", "--encoders", ",".join(encoders), "--data",
+                       f"activations:{tmp / 'store'}", "--dictionary", str(tmp / "dictionary.safetensors"),
+                       "--n-train", "0", "--n-samples", str(n_tokens), "--k", str(k), "--lam", str(lam),
+                       "--reference", "none", "--device", "cpu", "--out", str(out)]
+            start = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            rows = json.loads(out.read_text())["rows"]
+            runs[world].append(({r["encoder"]: r["signals_per_s"] for r in rows}, wall))
+    rows = []
+    for name in encoders:
+        one = float(np.median([r[name] for r, _ in runs[1]]))
+        many = float(np.median([r[name] for r, _ in runs[n_ranks]]))
+        wall_one = float(np.median([w for _, w in runs[1]]))
+        wall_many = float(np.median([w for _, w in runs[n_ranks]]))
+        rows.append({"encoder": name, "ranks": n_ranks, "n_tokens": n_tokens, "n_atoms": n_atoms, "d": d,
+                     "signals_per_s_1": one, "signals_per_s": many, "speedup": many / one,
+                     "wall_s_1": wall_one, "wall_s": wall_many, "wall_speedup": wall_one / wall_many})
+    return rows

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ from rich.table import Table
 from . import _io, distributed, training
 from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
                           load_model, read_corpus)
-from .bench import scale, speed
+from .bench import ranks as bench_ranks_run, scale, speed
 from ._validation import check_int_range, describe_device
 from .compare import Comparison, compare as run_compare
 from .data import TRUE_DICTIONARY, comparison_data, load_dictionary, planted_split, training_data
@@ -40,7 +41,7 @@ DEBUG_KEY = "sparsecode.debug"
 def _error_line(message: str) -> None:
     """One plain line on stderr (rich would wrap a long message over several lines); under a
     launcher it names the rank, since torchrun shows the first failing rank's output."""
-    where = f"rank {distributed.current().rank}: " if distributed.launched() else ""
+    where = f"rank {os.environ.get('RANK', '?')}: " if distributed.launched() else ""
     click.echo(f"error: {where}{' '.join(str(message).split())}", err=True)
 
 
@@ -579,6 +580,36 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     if not values:
         raise ValueError(f"{option} needs at least one value, got {text!r}")
     return values
+
+
+@bench_app.command("ranks")
+def bench_ranks(
+    ranks: int = typer.Option(2, help="Processes of the many-process run (torchrun --nproc-per-node)."),
+    n_tokens: int = typer.Option(32768, help="Signals of the synthetic activation store compared on."),
+    d: int = typer.Option(256, help="Signal dimension."),
+    n_atoms: int = typer.Option(1024, help="Atoms of the dictionary."),
+    k: int = typer.Option(16, help="Non-zeros per synthetic code and the encoders' k."),
+    encoders: str = typer.Option("omp,fista", help="Comma-separated encoders."),
+    repeats: int = typer.Option(1, help="Runs of each command; medians are reported."),
+    out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to this JSON file."),
+) -> None:
+    """Speed-up of a comparison over an activation store on --ranks processes (torchrun, one thread
+    each) over one process."""
+    _setup_logging(False)
+    if out is not None:
+        _io.check_writable(out, "--out", suffixes=(".json",))
+    with _progress(TextColumn("{task.completed}/{task.total} runs")) as bar:
+        task = bar.add_task("ranks", total=2 * repeats)
+        rows = bench_ranks_run(n_ranks=ranks, n_tokens=n_tokens, d=d, n_atoms=n_atoms, k=k,
+                               encoders=tuple(_names(encoders)), repeats=repeats,
+                               callback=lambda done, total: bar.update(task, completed=done))
+    print_table(rows, ["encoder", "ranks", "signals_per_s_1", "signals_per_s", "speedup", "wall_s_1", "wall_s",
+                       "wall_speedup"],
+                title=f"{ranks} processes over 1, one thread each: {n_tokens:,} signals, d={d}, n_atoms={n_atoms}, "
+                      f"k={k} (signals/s: encoding; wall: the whole command)")
+    if out is not None:
+        _io.write_json(out, {"bench": "ranks", "rows": rows})
+        _saved(out)
 
 
 @bench_app.command("scale")

@@ -117,8 +117,8 @@ COMPARED = ["fista", "omp"]
 
 def _problem(folder):
     """Synthetic signals (a non-zero mean, so FVU's mean matters) in a store of 70-token shards."""
-    from test_streaming import write_store
     import sparsecode as sc
+    from sparsecode.activations import write_store
     data = sc.synthetic.make_sparse_data(n_samples=300, d=24, n_atoms=48, k=3, noise=0.02, seed=3)
     store = write_store(folder / "store", data.x + 0.5, 70)
     data.dictionary.save(folder / "dictionary.safetensors")

@@ -186,6 +186,26 @@ def as_token_range(data) -> TokenRange | None:
     return data if isinstance(data, TokenRange) else None
 
 
+def write_store(folder, x: torch.Tensor, shard_tokens: int = 8192, **identity) -> ActivationStore:
+    """A store of signals `x` (n, d) that no model produced (synthetic data, benchmarks), laid out as
+    the extractor lays out one process's store; `identity` adds manifest keys (model, site, layer...)."""
+    folder = Path(folder)
+    if (folder / "manifest.json").exists() or (folder.exists() and any(folder.iterdir())):
+        raise ValueError(f"{folder} is not empty: a store is written into a new folder")
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"x must be (n_tokens, d) with n_tokens >= 1, got {tuple(x.shape)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for i, part in enumerate(x.split(shard_tokens)):
+        name = f"shard-{i:05d}.safetensors"
+        _io.write_tensors(folder / name, {"x": part.contiguous()})
+        shards.append({"file": name, "n_tokens": part.shape[0]})
+    _io.write_json(folder / "manifest.json", {
+        "format": FORMAT, "version": 1, "model": "none", "site": "resid", "layer": 0, **identity, "d": x.shape[1],
+        "dtype": str(x.dtype).removeprefix("torch."), "n_tokens": x.shape[0], "shards": shards, "keys": ["x"]})
+    return ActivationStore(folder)
+
+
 def compute_normalization(path) -> float:
     """Scale that brings the store's activations to unit mean squared norm; recorded in the manifest."""
     store = ActivationStore(path)

@@ -102,7 +102,10 @@ def _join(device: str) -> tuple[distributed.Group, str]:
     import torch
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    group = distributed.setup(device)
+    try:
+        group = distributed.setup(device)
+    except RuntimeError as err:         # a launch without torchrun's variables, an unreachable rank 0
+        raise ValueError(f"could not join the job: {err}") from err
     atexit.register(distributed.teardown)
     if not group.main:
         console.quiet = True

@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import _io, metrics, training
+from . import _io, encoder_file, metrics, training
 from ._validation import check_int_range
 from .compare import Comparison, compare as run_compare
 from .dictionary import FORMAT as DICTIONARY_FORMAT, Dictionary
@@ -261,7 +261,8 @@ def compare_cmd(
     firing: str = typer.Option("uniform", help="Synthetic support: 'uniform' or 'power-law'."),
     signed: bool = typer.Option(False, help="Synthetic code values N(0,1) instead of |N(0,1)|."),
     seed: int = typer.Option(0, help="Seed of the synthetic data."),
-    lam: float = typer.Option(0.1, help="Lasso penalty for every encoder with a lam knob."),
+    lam: Optional[float] = typer.Option(None, help="Lasso penalty 0.5||x - zD||^2 + lam||z||_1 for every encoder "
+                                        "that has lam [default: each encoder's own]."),
     set_: list[str] = typer.Option([], "--set", help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
     target_l0: Optional[float] = typer.Option(None, help="Calibrate every encoder's knob (k or lam) to this mean L0."),
     n_train: int = typer.Option(1024, help="Synthetic training signals (same dictionary, other codes) for learned "
@@ -369,7 +370,7 @@ def train_cmd(
     _setup_logging(verbose)
     encoder_out = _io.sibling(out, "-encoder")
     _io.check_pair(out, DICTIONARY_FORMAT, "sparsecode dictionary")
-    _io.check_pair(encoder_out, training.ENCODER_FORMAT, "sparsecode encoder")
+    _io.check_pair(encoder_out, encoder_file.ENCODER_FORMAT, "sparsecode encoder")
     if method not in learning_methods():
         raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
                          f"Methods: {', '.join(learning_methods())}")
@@ -492,7 +493,7 @@ def evaluate_cmd(
     """Splice reconstructions into the model: CE increase, CE recovered, firing rates."""
     from .activations import ActivationStore, evaluate, firing_histogram, load_model, read_corpus
     from .registry import get_encoder
-    from .training import load_encoder
+    from .encoder_file import load_encoder
     from .dictionary import as_dictionary
     if out is not None:
         _io.check_replace(_io.check_writable(out, "--out", suffixes=(".json",)), "sparsecode evaluation",
@@ -539,7 +540,7 @@ def export_cmd(
     allow_pickle: bool = typer.Option(False, help="Allow reading a pickle SAE weights file (ae.pt)."),
 ) -> None:
     """Export a ReLU/TopK SAE encoder and its dictionary in SAELens's format."""
-    from .training import load_encoder
+    from .encoder_file import load_encoder
     from .registry import get_encoder
     check_export_folder(out)
     if Path(encoder).is_dir():

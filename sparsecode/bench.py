@@ -179,8 +179,8 @@ def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budge
     need = dictionary.n_atoms ** 2 * cls.gram_itemsize
     if not fits(budget, need):
         return None, f"it forms a Gram matrix of {format_bytes(need)}, more than the memory budget {format_bytes(budget)}"
-    if cls.knob == "lam":
-        # Lasso solvers: the lam giving about the planted L0, found on a small subsample.
+    if cls.knob not in (None, "k") and not cls.trainable:
+        # Penalty knobs (the lasso's lam): the value giving about the planted L0, found on a small subsample.
         enc, _ = calibrate(name, dictionary, x[:min(64, x.shape[0])], float(k), params=params, rel_tol=0.1,
                            max_steps=12)
         return enc, None

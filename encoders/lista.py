@@ -96,9 +96,7 @@ class LISTA(TrainableEncoder):
             solver = FISTA(lam=self.config.lam, positive=self.config.positive, tol=1e-7)
             target = solver.fit(self.dictionary).encode(x)
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            torch.manual_seed(self.config.seed)
-            self.net = self._build(x.shape[1], self.dictionary.n_atoms, x, atoms).to(x)
+        self.net = self._seeded_build(x, self.dictionary.n_atoms, atoms)
         self.d_in = x.shape[1]
         self.net.train()
         self.losses = optimise(list(self.net.parameters()),

@@ -256,6 +256,7 @@ class TrainableEncoder(Encoder):
         self.net.eval()
 
     def _seeded_build(self, x: torch.Tensor, n_atoms: int, atoms: torch.Tensor | None) -> nn.Module:
+        """`_build` under the config's seed, without touching the caller's random state."""
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(self.config.seed)
             return self._build(x.shape[1], n_atoms, x, atoms).to(x)

@@ -62,8 +62,10 @@ def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16,
         if callback:
             callback(name)
         params = {cls.knob: k if cls.knob == "k" else lam}
-        if "threads" in cls.Config.__dataclass_fields__:
-            params["threads"] = threads or -1
+        if threads and "threads" in cls.Config.__dataclass_fields__:
+            # a thread count the user gave reaches every encoder with that option (SPAMS, the pursuits);
+            # left 0, each keeps its own default (all cores)
+            params["threads"] = threads
         try:
             enc = get_encoder(name, **params).fit(dictionary)
         except ImportError as err:

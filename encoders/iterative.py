@@ -483,6 +483,17 @@ class _ProximalGradientEncoder(Encoder):
     knob = "lam"
     momentum: bool
 
+    @classmethod
+    def budget_params(cls, budget: int) -> dict:
+        # no tolerance and all atoms from the start: every signal runs exactly `budget` iterations
+        return {"max_iter": budget, "tol": 0.0, "working_set": 0}
+
+    @classmethod
+    def reference_params(cls, lam: float, positive: bool) -> dict:
+        # converged tightly: a relative duality gap of 1e-9 certifies the optimum
+        return {**super().reference_params(lam, positive), "tol": 1e-9, "criterion": "gap",
+                "max_iter": max(20000, cls.Config.max_iter)}
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._encode_with_info(x).codes
 
@@ -505,10 +516,9 @@ class _ProximalGradientEncoder(Encoder):
             log.warning("%s: %d of %d signals reached max_iter=%d before their %s fell below tol=%g; "
                         "raise max_iter (or tol)", self.name, uncertified, x.shape[0], cfg.max_iter, what, cfg.tol)
         mean_iter = float(n_iter.float().mean()) if x.shape[0] else 0.0
-        self.n_iter_ = mean_iter
-        return Encoded(codes, n_iter=mean_iter, uncertified=uncertified)
+        return Encoded(codes, n_iter=mean_iter, uncertified=uncertified, variant="gram" if use_gram else "gram-free")
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
         w = self.config.working_set
         if 0 < w < n_atoms // 2:
@@ -517,7 +527,8 @@ class _ProximalGradientEncoder(Encoder):
         else:
             per_iter = (2 * n_atoms * n_atoms if n_atoms <= 2 * d else 4 * n_atoms * d) + 8 * n_atoms
             checks = 4 * d * n_atoms
-        return 2 * d * n_atoms + checks + (self.n_iter_ or self.config.max_iter) * per_iter
+        n_iter = encoded.n_iter if encoded is not None and encoded.n_iter is not None else self.config.max_iter
+        return 2 * d * n_atoms + checks + n_iter * per_iter
 
 
 class ISTA(_ProximalGradientEncoder):
@@ -526,6 +537,7 @@ class ISTA(_ProximalGradientEncoder):
     name = "ista"
     Config = LassoConfig
     momentum = False
+    slow = True             # hundreds to thousands of iterations per signal without momentum
 
 
 class FISTA(_ProximalGradientEncoder):

@@ -20,18 +20,27 @@ from .compare import calibrate, timed_encode
 from ._validation import check_int_range, resolve_device
 from .memory import fits, format_bytes, memory_budget, rows_within
 from .parallel import cpu_workers, run_blocks
-from .registry import encoder_class, get_encoder
+from .registry import encoder_class, encoder_names, get_encoder
 from .synthetic import make_sparse_data
 
 log = logging.getLogger(__name__)
 
-#: (encoder, reference it is compared with, config fields from the knobs).
-SPEED_GROUPS = (
-    ("omp", "spams-omp", "k"), ("spams-omp", "spams-omp", "k"), ("sklearn-omp", "spams-omp", "k"),
-    ("fista", "spams-lasso", "lam"), ("ista", "spams-lasso", "lam"), ("spams-lasso", "spams-lasso", "lam"),
-    ("sklearn-lasso", "spams-lasso", "lam"),
-)
-SLOW = {"sklearn-omp", "sklearn-lasso", "ista"}   # timed once: each run takes seconds
+#: Encoders of `speed` by default. Each row's reference is the encoder marked `speed_reference` that
+#: solves the same problem (the same knob, k or lam, and the same `solves_lasso`).
+SPEED_ENCODERS = ("omp", "spams-omp", "sklearn-omp", "fista", "ista", "spams-lasso", "sklearn-lasso")
+
+
+def speed_reference(name: str) -> str | None:
+    """The registered `speed_reference` encoder that solves the problem `name` solves, or None."""
+    cls = encoder_class(name)
+    for other in encoder_names():
+        try:
+            ref = encoder_class(other)
+        except Exception:       # a broken plug-in is no one's reference
+            continue
+        if ref.speed_reference and ref.knob == cls.knob and bool(ref.solves_lasso) == bool(cls.solves_lasso):
+            return other
+    return None
 
 
 def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16, lam: float = 0.05,
@@ -51,24 +60,28 @@ def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16,
     x = data.x.to(device)
     dictionary = data.dictionary.to(device)
     rows, throughput, objectives = [], {}, {}
-    for name, reference, knob in SPEED_GROUPS:
-        if encoders is not None and name not in encoders:
-            continue
+    for name in encoders if encoders is not None else SPEED_ENCODERS:
+        cls = encoder_class(name)
+        if cls.knob not in ("k", "lam"):
+            raise ValueError(f"bench speed times encoders set by k or lam; {name!r} is set by {cls.knob!r}")
         if callback:
             callback(name)
-        params = {knob: k if knob == "k" else lam}
-        if name.startswith("spams"):
-            params["threads"] = threads or -1
+        params = {cls.knob: k if cls.knob == "k" else lam}
+        if threads and "threads" in cls.Config.__dataclass_fields__:
+            # a thread count the user gave reaches every encoder with that option (SPAMS, the pursuits);
+            # left 0, each keeps its own default (all cores)
+            params["threads"] = threads
         try:
             enc = get_encoder(name, **params).fit(dictionary)
         except ImportError as err:
             log.warning("skipping %s: %s", name, err)
             continue
-        seconds, codes = timed_encode(enc, x, 1 if name in SLOW else repeats, warmup=True)
+        reference = speed_reference(name)
+        seconds, codes = timed_encode(enc, x, 1 if cls.slow else repeats, warmup=True)
         throughput[name] = n_samples / seconds
         row = {"encoder": name, "reference": reference, "signals_per_s": throughput[name],
                "f1": metrics.support_scores(data.codes, codes.cpu())["f1"], "l0": metrics.mean_l0(codes.cpu())}
-        if knob == "lam":
+        if cls.solves_lasso:
             objectives[name] = metrics.lasso_objective(data.x, codes.cpu(), data.dictionary.atoms, lam)
         rows.append(row)
     for row in rows:
@@ -173,8 +186,8 @@ def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budge
     need = dictionary.n_atoms ** 2 * cls.gram_itemsize
     if not fits(budget, need):
         return None, f"it forms a Gram matrix of {format_bytes(need)}, more than the memory budget {format_bytes(budget)}"
-    if cls.knob == "lam":
-        # Lasso solvers: the lam giving about the planted L0, found on a small subsample.
+    if cls.knob not in (None, "k") and not cls.trainable:
+        # Penalty knobs (the lasso's lam): the value giving about the planted L0, found on a small subsample.
         enc, _ = calibrate(name, dictionary, x[:min(64, x.shape[0])], float(k), params=params, rel_tol=0.1,
                            max_steps=12)
         return enc, None
@@ -245,15 +258,16 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
                             # as the first batch of such a stream would (the cell's few signals alone would
                             # not repay it).
                             dictionary.gram(x.dtype, x.device)
-                        codes = enc.encode(x)
+                        info = enc.encode_with_info(x)
+                        codes = info.codes
                         row["setup_s"] = time.perf_counter() - start
                     seconds = _timed(lambda: enc.encode(x), repeats, device)
                     row.update(signals_per_s=n / seconds, ratio_to_floor=seconds / floor_s,
                                peak_memory_mb=_mb(peak.bytes), f1=metrics.support_scores(data.codes, codes.cpu())["f1"],
                                l0=metrics.mean_l0(codes))
-                    for field in ("variant_", "working_bytes_"):
-                        if getattr(enc, field, None) is not None:
-                            row[field.rstrip("_")] = getattr(enc, field)
+                    for field in ("variant", "working_bytes"):
+                        if getattr(info, field) is not None:
+                            row[field] = getattr(info, field)
                     if "lam" in fields:
                         row["lam"] = enc.config.lam
             except ImportError as err:

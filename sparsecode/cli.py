@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import _io, distributed, training
+from . import _io, distributed, encoder_file, training
 from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
                           load_model, read_corpus)
 from .bench import ranks as bench_ranks_run, scale, speed
@@ -300,7 +300,8 @@ def compare_cmd(
     data_seed: int = typer.Option(0, help="Seed of the synthetic data."),
     seed: int = typer.Option(0, help="Seed of training runs (trained encoders, dictionary learning)."),
     train_seed: Optional[int] = typer.Option(None, hidden=True, help="Former name of --seed."),
-    lam: float = typer.Option(0.1, help="Lasso penalty for every encoder with a lam knob."),
+    lam: Optional[float] = typer.Option(None, show_default="each encoder's own",
+                                        help="Lasso penalty 0.5||x - zD||^2 + lam||z||_1 for every encoder that has lam."),
     set_: list[str] = typer.Option([], "--set", show_default="none",
                                    help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
     target_l0: Optional[float] = typer.Option(None, show_default="off",
@@ -403,7 +404,7 @@ def train_cmd(
     group, _ = _join("auto")
     encoder_out = _io.sibling(out, "-encoder")
     _io.check_pair(out, DICTIONARY_FORMAT, "sparsecode dictionary")
-    _io.check_pair(encoder_out, training.ENCODER_FORMAT, "sparsecode encoder")
+    _io.check_pair(encoder_out, encoder_file.ENCODER_FORMAT, "sparsecode encoder")
     options = method_options(method)
     params = _parse_sets(set_, [method]).get(method, {})
     if k is not None and "k" in options:
@@ -511,7 +512,7 @@ def evaluate_cmd(
     activations = ActivationStore(store) if store is not None else None
     D = as_dictionary(dictionary)
     if encoder.endswith(".safetensors"):
-        enc = training.load_encoder(encoder)
+        enc = encoder_file.load_encoder(encoder)
     else:
         enc = get_encoder(encoder, **_parse_sets(set_, [encoder]).get(encoder, {}))
         if enc.trainable and activations is None:
@@ -544,7 +545,7 @@ def export_cmd(
     if Path(encoder).is_dir():
         enc = get_encoder("sae-file", allow_pickle=allow_pickle).fit(load_sae_dictionary(encoder, allow_pickle))
     else:
-        enc = training.load_encoder(encoder)
+        enc = encoder_file.load_encoder(encoder)
     folder = export_saelens(enc, out)
     console.print(f"saved SAELens folder {folder}")
 

@@ -232,3 +232,15 @@ def test_two_ranks_extract_the_one_process_tokens_and_resume_rank_by_rank(tmp_pa
     # the same rows in the same order (shards in rank order); batches of other sizes may round differently
     torch.testing.assert_close(two.load().x, one.load().x, rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.slow
+def test_bench_ranks_runs_compare_under_torchrun_on_one_and_two_processes():
+    from sparsecode.bench import ranks
+    rows = ranks(2, n_tokens=8192 + 512, d=16, n_atoms=32, k=3, encoders=("omp",))
+    (row,) = rows
+    assert row["encoder"] == "omp" and row["ranks"] == 2
+    assert row["signals_per_s_1"] > 0 and row["signals_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["signals_per_s"] / row["signals_per_s_1"])
+    with pytest.raises(ValueError, match="n_ranks"):
+        ranks(1)

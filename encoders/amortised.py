@@ -10,13 +10,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsecode.training import TrainableEncoder, TrainConfig
+from sparsecode.training import Forward, TrainableEncoder, TrainConfig
 
 
 @dataclass(frozen=True)
 class ReLUConfig(TrainConfig):
-    lam: float = 0.01
-    """L1 weight: the loss is MSE + lam * mean|z| (paper c uses 0.01)."""
+    l1_coefficient: float = 0.01
+    """L1 weight of the training loss MSE + l1_coefficient * mean|z|, both means over the batch (and over
+    dimensions / atoms), as SAELens's l1_coefficient; paper c uses 0.01. Not the lasso's lam: per signal
+    this is the lasso at lam = l1_coefficient * d / (2 n_atoms), and the encoder only approximates it."""
     bias: bool = False
     """Give the encoder a bias (paper c's SAE encoder ReLU(Wx) has none)."""
 
@@ -67,8 +69,15 @@ def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class _L1Mixin:
-    def _penalty(self, codes):
-        return self.config.lam * codes.abs().mean()
+    """Paper c's L1 penalty on a mean-scaled loss (`l1_coefficient`)."""
+
+    @classmethod
+    def lam_per_unit(cls, n_atoms: int, d: int) -> float:
+        # mean_d r^2 + c mean_atoms |z| is (2/d) times 0.5 ||r||^2 + (c d / (2 n_atoms)) ||z||_1
+        return d / (2 * n_atoms)
+
+    def _penalty(self, out: Forward):
+        return self.config.l1_coefficient * out.codes.abs().mean()
 
 
 class _LinearSAE(TrainableEncoder):
@@ -80,7 +89,7 @@ class _LinearSAE(TrainableEncoder):
     def _build(self, d_in, n_atoms, x, atoms):
         return Linear(d_in, n_atoms, atoms, self.config.bias)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n_atoms = self.dictionary.n_atoms
         return 2 * self.d_in * n_atoms + (2 if self.architecture == "relu" else 3) * n_atoms
 
@@ -94,7 +103,7 @@ class ReLU(_L1Mixin, _LinearSAE):
     """The sparse autoencoder encoder ReLU(W x + b), trained with an L1 penalty."""
 
     name = "relu"
-    knob = "lam"
+    knob = "l1_coefficient"
     Config = ReLUConfig
     architecture = "relu"
 
@@ -119,7 +128,7 @@ class MLP(_L1Mixin, TrainableEncoder):
 
     name = "mlp"
     family = "amortised"
-    knob = "lam"
+    knob = "l1_coefficient"
     Config = MLPConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
@@ -129,6 +138,6 @@ class MLP(_L1Mixin, TrainableEncoder):
     def _codes(self, x):
         return self.net(x)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         d, h, n = self.d_in, self.config.hidden, self.dictionary.n_atoms
         return 2 * d * h + h + 2 * h * n + n

@@ -20,7 +20,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsecode.training import TrainableEncoder, TrainConfig, covariance_penalty, entropy_penalty, fvu_loss
+from sparsecode.metrics import binary_entropy_bits
+from sparsecode.training import Forward, TrainableEncoder, TrainConfig
+
+
+def fvu_loss(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """FVU of a batch: squared error over squared deviation from the batch mean (paper a's loss)."""
+    return ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(torch.finfo(y.dtype).tiny)
+
+
+def entropy_penalty(h: torch.Tensor) -> torch.Tensor:
+    """Paper b's L_e: sum over features of the binary entropy (bits) of their minibatch firing rate."""
+    return binary_entropy_bits(h.mean(0)).sum()
+
+
+def covariance_penalty(h: torch.Tensor) -> torch.Tensor:
+    """Paper b's L_c: sum of |Cov(h)_ij| over pairs i != j, covariance over the minibatch."""
+    c = h - h.mean(0)
+    cov = c.T @ c / max(h.shape[0] - 1, 1)
+    return cov.abs().sum() - cov.diagonal().abs().sum()
 
 
 class SigmoidSTE(torch.autograd.Function):
@@ -126,7 +144,8 @@ class BinaryTopK(TrainableEncoder):
     Config = BinaryTopKConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
-        return _BinaryNet(d_in, n_atoms, n_atoms, atoms, x, learn_scale=self.config.decode_scale or not self._joint,
+        # on a shared dictionary (atoms given) the scale is what lets 0/1 codes decode with it
+        return _BinaryNet(d_in, n_atoms, n_atoms, atoms, x, learn_scale=self.config.decode_scale or atoms is not None,
                           active=self.config.k, log_theta=math.log(self.config.theta_init))
 
     def _learning_rate(self, n_atoms):
@@ -145,7 +164,7 @@ class BinaryTopK(TrainableEncoder):
     def _reconstruction_loss(self, y, y_hat):
         return fvu_loss(y, y_hat)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         return 2 * self.d_in * self.dictionary.n_atoms + 4 * self.dictionary.n_atoms
 
 
@@ -194,16 +213,18 @@ class BinaryEntropy(TrainableEncoder):
         return (h.view(h.shape[0], -1, bits) * weights).sum(-1)
 
     def _codes(self, x):
-        h = self.bits_of(x)
-        self._hidden = h                     # the penalties act on the binary units themselves
-        return self._group(h) * torch.exp(self.net.log_scale)
+        return self.forward(x).codes
 
-    def _penalty(self, codes):
-        h = self._hidden
+    def forward(self, x) -> Forward:
+        h = self.bits_of(x)                  # the penalties act on the binary units themselves
+        return Forward(self._group(h) * torch.exp(self.net.log_scale), units=h)
+
+    def _penalty(self, out: Forward):
+        h = out.units
         penalty = self.config.entropy * entropy_penalty(h)
         if self.config.covariance:
             penalty = penalty + self.config.covariance * covariance_penalty(h)
         return penalty
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         return 2 * self.d_in * self.dictionary.n_atoms * self.config.bits + 2 * self.dictionary.n_atoms

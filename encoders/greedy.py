@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecode.encoder import Encoder, MemoryConfig
+from sparsecode.encoder import Encoded, Encoder, MemoryConfig
 from sparsecode.memory import fits, format_bytes, rows_within
 from sparsecode.parallel import cpu_workers, run_blocks
 
@@ -353,11 +353,6 @@ class _Pursuit(Encoder):
     knob = "k"
     Config = PursuitConfig
 
-    def __init__(self, config=None, **fields):
-        super().__init__(config, **fields)
-        self.variant_: str | None = None           # the variant the last encode ran
-        self.working_bytes_: int | None = None     # its planned working memory (Gram matrix included)
-
     @abc.abstractmethod
     def _row_items(self, variant: str) -> int:
         """What a variant keeps per signal (bytes / itemsize), on top of the returned codes."""
@@ -368,8 +363,9 @@ class _Pursuit(Encoder):
             return None
         return (1 - self.config.tol ** 2) * (x * x).sum(1)
 
-    def _plan(self, x: torch.Tensor) -> tuple[str, int, int, int]:
-        """The variant, signals per block, per pursuit sub-block, and worker threads for `x`, from the budget.
+    def _plan(self, x: torch.Tensor) -> tuple[str, int, int, int, int]:
+        """The variant, signals per block, per pursuit sub-block, worker threads and planned working memory
+        (bytes, the Gram matrix included) for `x`, from the budget.
 
         A block's correlations with all atoms come from one matrix product (large enough to run at the
         machine's arithmetic speed); the Gram variant then runs its pursuit on sub-blocks whose state
@@ -406,15 +402,17 @@ class _Pursuit(Encoder):
         workers = max(1, min(workers, rows, -(-n // MIN_BLOCK)))
         block = max(1, min(rows // workers, preferred, -(-n // workers), self.config.chunk or n))
         inner = min(inner, block)
-        self.variant_ = variant
-        self.working_bytes_ = int(fixed + row_bytes * block * workers)
+        working_bytes = int(fixed + row_bytes * block * workers)
         log.debug("%s: variant %s, %d signals per block (%d per pursuit), %d workers, %s working memory "
-                  "(budget %s)", self.name, variant, block, inner, workers, format_bytes(self.working_bytes_),
+                  "(budget %s)", self.name, variant, block, inner, workers, format_bytes(working_bytes),
                   format_bytes(budget))
-        return variant, block, inner, workers
+        return variant, block, inner, workers, working_bytes
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        variant, block, inner, workers = self._plan(x)
+        return self._encode_with_info(x).codes
+
+    def _encode_with_info(self, x: torch.Tensor) -> Encoded:
+        variant, block, inner, workers, working_bytes = self._plan(x)
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
         if variant == "gram":
             gram = self.dictionary.gram(x.dtype, x.device)
@@ -434,8 +432,14 @@ class _Pursuit(Encoder):
                 self._encode_block(xs[part], alpha[part], codes[start:stop][part], atoms, gram, diag, workspace)
 
         run_blocks(x.shape[0], block, workers, work)
-        self.n_iter_ = float(self.config.k)
-        return codes
+        return Encoded(codes, n_iter=float(self.config.k), variant=variant, working_bytes=working_bytes)
+
+    def _variant(self, encoded) -> str:
+        """The variant a call ran (given its `Encoded`), else the one `variant` names ('gram' for auto:
+        the variant used wherever the Gram matrix fits and pays)."""
+        if encoded is not None and encoded.variant is not None:
+            return encoded.variant
+        return "gram" if self.config.variant == "auto" else self.config.variant
 
     @abc.abstractmethod
     def _encode_block(self, x, alpha, codes, atoms, gram, diag, workspace: dict) -> None:
@@ -463,9 +467,9 @@ class OMP(_Pursuit):
             idx, coef = omp_chunk(alpha, gram, diag, self.config.k, energy, workspace)
         codes.scatter_add_(1, idx, coef)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
-        if self.variant_ == "gram-free":
+        if self._variant(encoded) == "gram-free":
             # per step: r D^T (2 d n_atoms), argmax (2 n_atoms), two Gram-Schmidt passes (8 j d)
             return sum(2 * d * n_atoms + 2 * n_atoms + 8 * j * d + 4 * d for j in range(k)) + k * k
         # x D^T, then per step j: rank-one update of C (2 j n_atoms) and alpha (2 n_atoms),
@@ -490,9 +494,9 @@ class MP(_Pursuit):
         else:
             mp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
-        if self.variant_ == "gram-free":
+        if self._variant(encoded) == "gram-free":
             return k * (2 * d * n_atoms + 2 * n_atoms + 4 * d)
         return 2 * d * n_atoms + k * 5 * n_atoms
 
@@ -517,9 +521,9 @@ class GradientPursuit(_Pursuit):
         else:
             gp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n_atoms, d, k = self.dictionary.n_atoms, self.dictionary.d, self.config.k
-        if self.variant_ == "gram-free":
+        if self._variant(encoded) == "gram-free":
             # per step j: r D^T (2 d n_atoms), argmax, g D on the support (2 (j + 1) d), residual update
             return sum(2 * d * n_atoms + 2 * n_atoms + 2 * (j + 1) * d + 4 * d for j in range(k))
         # x D^T, then per step j: g G from j + 1 Gram rows (2 (j + 1) n_atoms), alpha update and argmax

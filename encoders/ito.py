@@ -11,8 +11,10 @@ from sparsecode.training import TrainConfig, optimise
 
 @dataclass(frozen=True)
 class ITOConfig(EncoderConfig):
-    lam: float = 0.01
-    """L1 weight: each signal minimises mean_d (x - z D)^2 + lam * mean_atoms |z| (paper c)."""
+    l1_coefficient: float = 0.01
+    """L1 weight: each signal minimises mean_d (x - z D)^2 + l1_coefficient * mean_atoms |z| (paper c; the
+    relu encoder's training loss per signal). The same problem as the lasso with z >= 0 at
+    lam = l1_coefficient * d / (2 n_atoms), which this Adam descent only approaches."""
     steps: int = 2000
     """Adam steps per batch of signals."""
     lr: float = 0.01
@@ -33,8 +35,17 @@ class ITO(Encoder):
 
     name = "ito"
     family = "optimisation"
-    knob = "lam"
+    knob = "l1_coefficient"
     Config = ITOConfig
+
+    @classmethod
+    def budget_params(cls, budget: int) -> dict:
+        return {"steps": budget}
+
+    @classmethod
+    def lam_per_unit(cls, n_atoms: int, d: int) -> float:
+        # mean_d r^2 + c mean_atoms |z| is (2/d) times 0.5 ||r||^2 + (c d / (2 n_atoms)) ||z||_1
+        return d / (2 * n_atoms)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
@@ -43,7 +54,7 @@ class ITO(Encoder):
 
         def loss(idx):
             z = torch.exp(u)
-            per_signal = ((x - z @ atoms) ** 2).mean(1) + cfg.lam * z.mean(1)
+            per_signal = ((x - z @ atoms) ** 2).mean(1) + cfg.l1_coefficient * z.mean(1)
             return per_signal.sum()    # signals are independent: a sum keeps each one's gradient its own
 
         with torch.enable_grad():
@@ -52,6 +63,6 @@ class ITO(Encoder):
         z = torch.exp(u.detach())
         return torch.where(z >= cfg.threshold, z, torch.zeros_like(z))
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         d, n, t = self.dictionary.d, self.dictionary.n_atoms, self.config.steps
         return (d * n + n) + t * (4 * d * n + 2 * d + 11 * n)      # paper c's count

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from encoders.iterative import duality_gap, soft_threshold
+from sparsecode_encoders.iterative import duality_gap, soft_threshold
 from sparsecode._validation import check_positive
 from sparsecode.encoder import Encoded, Encoder, MemoryConfig
 from sparsecode.memory import fits, rows_within
@@ -95,6 +95,11 @@ class _LassoSolver(Encoder):
     #: per-signal rows of n_atoms values in the state (for chunk sizes)
     state_rows: int = 6
 
+    @classmethod
+    def budget_params(cls, budget: int) -> dict:
+        # no tolerance: every signal runs exactly `budget` iterations (a recovery sweep's --budget)
+        return {"max_iter": budget, "tol": 0.0}
+
     @abc.abstractmethod
     def _start(self, x: torch.Tensor, atoms: torch.Tensor, shared: dict) -> dict:
         """The initial state of signals x; `shared` holds what `_prepare` made for the whole call."""
@@ -144,7 +149,6 @@ class _LassoSolver(Encoder):
                         "fell below tol=%g; raise max_iter (or tol)", self.name, uncertified, n,
                         self.config.max_iter, self.config.tol)
         mean_iter = float(iters.float().mean()) if n else 0.0
-        self.n_iter_ = mean_iter
         return Encoded(codes, n_iter=mean_iter, uncertified=uncertified)
 
     def _solve_chunk(self, x, atoms, shared, codes, iters, certified) -> None:
@@ -172,9 +176,9 @@ class _LassoSolver(Encoder):
             if live.numel():
                 self._checked(state, shared)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
-        iters = self.n_iter_ or self.config.max_iter
+        iters = encoded.n_iter if encoded is not None and encoded.n_iter is not None else self.config.max_iter
         checks = iters / self.check_every * 4 * d * n_atoms
         return 2 * d * n_atoms + iters * self._flops_per_iteration() + checks
 

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from encoders.iterative import FISTA, soft_threshold
+from sparsecode_encoders.iterative import FISTA, soft_threshold
 from sparsecode._validation import as_tensor
-from sparsecode.dictionary import as_dictionary
 from sparsecode.training import TrainableEncoder, TrainConfig, optimise
 
 
@@ -75,21 +74,22 @@ class LISTA(TrainableEncoder):
     family = "unrolled"
     knob = "lam"
     Config = LISTAConfig
-    #: it learns to infer codes for a given dictionary, not a dictionary
+    #: it unrolls a given dictionary's ISTA: it cannot learn one
     learns_dictionary = False
 
-    def fit(self, dictionary, x=None, y=None, codes=None) -> "LISTA":
-        """Train on x (n, d) against the frozen dictionary. With target='codes', `codes` (n, n_atoms)
-        are the targets; with 'lasso', FISTA's solutions at `lam` are."""
-        if x is None:
-            raise ValueError(f"encoder {self.name!r} is trained: call fit(dictionary, x_train)")
+    @classmethod
+    def budget_params(cls, budget: int) -> dict:
+        return {"unroll": budget}
+
+    def _fit(self, x, y=None, codes=None) -> None:
+        """Train on x (n, d) against the frozen dictionary (`fit(dictionary, x, codes=...)`). With
+        target='codes', `codes` (n, n_atoms) are the targets; with 'lasso', FISTA's solutions at `lam` are."""
         if y is not None:
             raise ValueError(f"{self.name} learns codes of x itself; it has no separate target signals y")
         if not isinstance(x, torch.Tensor) and hasattr(x, "head"):
             # its targets are the lasso solutions of all its signals, so it holds them in memory
             x = x.head(x.n_tokens)
-        self.dictionary = as_dictionary(dictionary)
-        x, _ = self._xy(x, None, self.dictionary.d)
+        x, _ = self.training_tensors(x, None, self.dictionary.d)
         if self.config.target == "codes":
             if codes is None:
                 raise ValueError("target='codes' needs fit(dictionary, x, codes=true_codes)")
@@ -100,16 +100,13 @@ class LISTA(TrainableEncoder):
             solver = FISTA(lam=self.config.lam, positive=self.config.positive, tol=1e-7)
             target = solver.fit(self.dictionary).encode(x)
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            torch.manual_seed(self.config.seed)
-            self.net = self._build(x.shape[1], self.dictionary.n_atoms, x, atoms).to(x)
+        self.net = self._seeded_build(x, self.dictionary.n_atoms, atoms)
         self.d_in = x.shape[1]
         self.net.train()
         self.losses = optimise(list(self.net.parameters()),
                                lambda idx: ((self.net(x[idx]) - target[idx]) ** 2).sum(1).mean(),
                                x.shape[0], self.config, what=f"train {self.name}", device=x.device)
         self.net.eval()
-        return self
 
     def learn(self, x, n_atoms, y=None):
         raise ValueError(f"{self.name} learns to infer codes for a given dictionary; learn one first "
@@ -123,7 +120,7 @@ class LISTA(TrainableEncoder):
     def _codes(self, x):
         return self.net(x)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n, d, t = self.dictionary.n_atoms, self.dictionary.d, self.config.unroll
         return 2 * d * n + (t - 1) * (2 * n * n + 3 * n) + 3 * n
 
@@ -187,6 +184,6 @@ class ALISTA(LISTA):
             raise ValueError(f"{self.name} needs the dictionary it unrolls")
         return _Analytic(atoms, self.config)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n, d, t = self.dictionary.n_atoms, self.dictionary.d, self.config.unroll
         return 2 * d * n + (t - 1) * (4 * d * n + 2 * d + 3 * n) + 3 * n

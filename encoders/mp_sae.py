@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from encoders.greedy import MP
+from sparsecode_encoders.greedy import MP
 from sparsecode._validation import check_int_range
-from sparsecode.dictionary import Dictionary, as_dictionary
+from sparsecode.dictionary import Dictionary
 from sparsecode.encoder import Encoded
-from sparsecode.training import TrainableEncoder, TrainConfig, optimise
+from sparsecode.training import Batch, TrainableEncoder, TrainConfig, optimise
 
 
 @dataclass(frozen=True)
@@ -55,21 +55,18 @@ class MPSAE(TrainableEncoder):
     Config = MPSAEConfig
     #: on a shared dictionary it is matching pursuit itself: nothing to train, no training signals needed
     trainable = False
+    #: the pursuit it hands signals to removes the dictionary's bias itself
+    sees_raw_input = True
 
     def __init__(self, config=None, **fields):
         super().__init__(config, **fields)
-        self._mp: MP | None = None
+        self._mp: MP | None = None          # the pursuit on the bound dictionary
 
-    def fit(self, dictionary, x=None, y=None) -> "MPSAE":
-        """Bind to `dictionary` (frozen): encoding is matching pursuit on it. x and y are not needed."""
-        if y is not None:
-            raise ValueError("mp-sae reconstructs its input; it has no separate targets y")
-        self.dictionary = as_dictionary(dictionary)
-        self._check_dictionary(self.dictionary)
+    def _fit(self, x, y=None) -> None:
+        # bind only: encoding is matching pursuit on the frozen dictionary
         self.d_in = self.dictionary.d
         self.net = self._build(self.d_in, self.dictionary.n_atoms, None, None)
-        self._mp = None
-        return self
+        self._mp = self._pursuit_on(self.dictionary)
 
     def learn(self, x, n_atoms: int, y=None) -> Dictionary:
         """Learn n_atoms unit-norm atoms and a decoder bias with matching pursuit as the encoder."""
@@ -87,20 +84,24 @@ class MPSAE(TrainableEncoder):
         fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
         step = [0]
         self.resampled = 0
+        track = bool(self.config.resample_every)
 
         def loss_fn(batch):
             xb = x[batch] if stream is None else batch.to(dtype=x.dtype)
             codes, r = pursuit(xb - b_dec, atoms, k)
-            if self.config.resample_every:
-                fired.logical_or_((codes != 0).any(0))
-                self._last_batch = (xb, xb, (xb - r).detach())
-            return (r * r).mean()
+            loss = (r * r).mean()
+            if not track:
+                return loss
+            # dead-atom resampling needs the batch: handed to this step's `after_step`
+            return loss, Batch(xb, xb, (xb - r).detach(), (codes != 0).any(0).detach())
 
-        def after_step():
+        def after_step(batch: Batch | None = None):
             step[0] += 1
-            if self.config.resample_every and step[0] % self.config.resample_every == 0:
-                self.resampled += self._resample(~fired, atoms, b_dec)
-                fired.zero_()
+            if batch is not None:
+                fired.logical_or_(batch.fired)
+                if step[0] % self.config.resample_every == 0:
+                    self.resampled += self._resample(~fired, atoms, batch)
+                    fired.zero_()
             atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
         self.losses = optimise([atoms, b_dec], loss_fn, x.shape[0], self.config, what=f"train {self.name}",
@@ -108,29 +109,27 @@ class MPSAE(TrainableEncoder):
                                stream=stream)
         self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
                                      metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
-        self._n_atoms, self._joint = n_atoms, True
         self.d_in = x.shape[1]
         self.net = self._build(self.d_in, n_atoms, None, None)
-        self._mp = None
+        self._mp = self._pursuit_on(self.dictionary)
         return self.dictionary
 
     def _build(self, d_in, n_atoms, x, atoms):
         return nn.Module()          # no weights of its own: the encoder is the pursuit on the dictionary
 
     def _codes(self, x):
-        return self._pursuit_encoder().encode(x)
+        return self._mp.encode(x)
 
-    def _pursuit_encoder(self) -> MP:
-        if self._mp is None or self._mp.dictionary is not self.dictionary:
-            self._mp = MP(k=self.config.k).fit(self.dictionary)
-        return self._mp
+    def _pursuit_on(self, dictionary: Dictionary) -> MP:
+        """The matching pursuit this encoder is, on `dictionary` (made when the dictionary is bound)."""
+        return MP(k=self.config.k).fit(dictionary)
 
-    def encode_with_info(self, x) -> Encoded:
-        if self.dictionary is None:
-            raise RuntimeError(f"encoder {self.name!r} is not fitted: call .fit(dictionary) or .learn(x, n_atoms) "
-                               "first")
-        return self._pursuit_encoder().encode_with_info(x)
+    def _work_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
-    def flops_per_signal(self) -> float:
-        mp = self._pursuit_encoder()
-        return mp.flops_per_signal()
+    def _encode_with_info(self, x) -> Encoded:
+        return self._mp.encode_with_info(x)
+
+    def flops_per_signal(self, encoded=None) -> float:
+        return self._pursuit_on(self.dictionary).flops_per_signal(encoded) if self._mp is None else \
+            self._mp.flops_per_signal(encoded)

@@ -92,15 +92,19 @@ class _Reference(Encoder):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         codes = self._solve(to_numpy64(x), to_numpy64(self.dictionary.atoms))
-        self._last_l0 = float((codes != 0).sum(1).mean())
         return torch.from_numpy(np.asarray(codes)).to(device=x.device, dtype=x.dtype)
 
     @abc.abstractmethod
     def _solve(self, x: np.ndarray, atoms: np.ndarray) -> np.ndarray:
         """Codes (n, n_atoms) for float64 signals (n, d) and atoms (n_atoms, d)."""
 
-    def flops_per_signal(self) -> float:
-        return _greedy_flops(self.dictionary.d, self.dictionary.n_atoms, getattr(self, "_last_l0", 0))
+    def flops_per_signal(self, encoded=None) -> float:
+        # the homotopy / greedy steps are the atoms a signal ends with: the call's mean L0 (k when not given)
+        if encoded is not None:
+            steps = float((encoded.codes != 0).sum(1).double().mean()) if encoded.codes.shape[0] else 0.0
+        else:
+            steps = getattr(self.config, "k", 0)
+        return _greedy_flops(self.dictionary.d, self.dictionary.n_atoms, steps)
 
 
 def _unit_atoms(atoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +119,7 @@ class SklearnOMP(_Reference):
     family = "greedy"
     knob = "k"
     k_within_d = True
+    slow = True
     gram_itemsize = 8
     Config = OMPReferenceConfig
 
@@ -132,6 +137,11 @@ class SklearnLasso(_Reference):
     family = "lasso"
     knob = "lam"
     Config = SklearnLassoConfig
+    slow = True
+
+    @classmethod
+    def reference_params(cls, lam: float, positive: bool) -> dict:
+        return {**super().reference_params(lam, positive), "max_iter": max(20000, cls.Config.max_iter)}
 
     def _solve(self, x, atoms):
         from sklearn.decomposition import sparse_encode
@@ -140,7 +150,7 @@ class SklearnLasso(_Reference):
         return sparse_encode(x, atoms, algorithm=algorithm, alpha=self.config.lam, positive=self.config.positive,
                              max_iter=self.config.max_iter, n_jobs=None)
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         return super().flops_per_signal() if self.config.algorithm == "lars" else float("nan")
 
 
@@ -164,6 +174,7 @@ class SpamsOMP(_Spams):
     family = "greedy"
     knob = "k"
     k_within_d = True
+    speed_reference = True
     Config = SpamsOMPConfig
 
     def _solve(self, x, atoms):
@@ -179,6 +190,7 @@ class SpamsLasso(_Spams):
     name = "spams-lasso"
     family = "lasso"
     knob = "lam"
+    speed_reference = True
     Config = SpamsLassoConfig
 
     def _solve(self, x, atoms):
@@ -196,6 +208,7 @@ class CvxpyLasso(_Reference):
     knob = "lam"
     Config = CvxpyLassoConfig
     requires = {"cvxpy": "cvxpy", "clarabel": "clarabel"}
+    slow = True
 
     def _solve(self, x, atoms):
         cp = importlib.import_module("cvxpy")
@@ -216,5 +229,5 @@ class CvxpyLasso(_Reference):
         codes[np.abs(codes) < 1e-8 * max(1.0, np.abs(codes).max())] = 0.0
         return codes
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         return float("nan")

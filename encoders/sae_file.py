@@ -23,6 +23,8 @@ class SAEFile(Encoder):
     name = "sae-file"
     family = "amortised"
     Config = SAEFileConfig
+    #: the SAE's encoder handles b_dec itself
+    sees_raw_input = True
 
     def _fit(self, x) -> None:
         meta = self.dictionary.metadata
@@ -35,14 +37,6 @@ class SAEFile(Encoder):
             raise ValueError(f"the SAE at {path} has a ({self.sae.atoms.shape[0]}, {self.sae.atoms.shape[1]}) decoder "
                              f"but the dictionary is ({self.dictionary.n_atoms}, {self.dictionary.d})")
 
-    def encode(self, x) -> torch.Tensor:
-        # The SAE's encoder sees the raw input (it handles b_dec itself), not x - bias.
-        if self.dictionary is None:
-            raise RuntimeError("encoder 'sae-file' is not fitted: call .fit(dictionary) first")
-        x = self._check_x(x)
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        return self._encode(work).to(x.dtype)
-
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x)
 
@@ -51,6 +45,6 @@ class SAEFile(Encoder):
         return {"architecture": s.architecture, "encoder_rows": s.encoder_rows, "b_enc": s.b_enc, "k": s.k,
                 "center": s.center, "threshold": s.threshold}
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         n, d = self.dictionary.n_atoms, self.dictionary.d
         return 2 * d * n + 3 * n + (d if self.sae.center else 0)

@@ -16,7 +16,7 @@ training losses follow the papers:
   prefixes of the latents, so the first latents reconstruct on their own.
 - `gated` (Rajamanoharan et al. 2024, "Improving dictionary learning with gated SAEs"): a gate path
   decides which latents fire, a magnitude path sharing its weights (times exp(r_mag)) how much; loss
-  MSE + ``lam`` x L1 of the gate's ReLU + an auxiliary reconstruction from the gate alone through the
+  MSE + ``l1_coefficient`` x L1 of the gate's ReLU + an auxiliary reconstruction from the gate alone through the
   decoder held fixed.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from encoders.amortised import Linear
+from sparsecode_encoders.amortised import Linear
 from sparsecode._validation import check_int_range, check_positive
-from sparsecode.training import TrainableEncoder, TrainConfig
+from sparsecode.training import Forward, TrainableEncoder, TrainConfig
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -134,8 +134,9 @@ class MatryoshkaConfig(BatchTopKConfig):
 
 @dataclass(frozen=True)
 class GatedConfig(TrainConfig):
-    lam: float = 0.01
-    """L1 weight on the gate: the loss is MSE + lam * mean ReLU(gate pre-activation) + the auxiliary MSE."""
+    l1_coefficient: float = 0.01
+    """L1 weight on the gate: the loss is MSE + l1_coefficient * mean ReLU(gate pre-activation) + the
+    auxiliary MSE (means over the batch and over dimensions / atoms, as the relu encoder's)."""
 
 
 # --- networks ----------------------------------------------------------------------------------
@@ -166,19 +167,9 @@ class _GatedNet(Linear):
 
 # --- encoders ----------------------------------------------------------------------------------
 class _SAEVariant(TrainableEncoder):
-    """Keeps the training decoder at hand for losses that decode more than the codes themselves."""
-
     family = "amortised"
-    _decode = None           # the decoder (an affine map) while training
 
-    def _train(self, x, y, decode, params, after_step=None, stream=None):
-        self._decode = decode
-        try:
-            return super()._train(x, y, decode, params, after_step=after_step, stream=stream)
-        finally:
-            self._decode = None
-
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         return 2 * self.d_in * self.dictionary.n_atoms + 4 * self.dictionary.n_atoms
 
 
@@ -193,14 +184,17 @@ class JumpReLU(_SAEVariant):
         return _ThresholdNet(d_in, n_atoms, atoms, math.log(self.config.threshold_init))
 
     def _codes(self, x):
+        return self.forward(x).codes
+
+    def forward(self, x) -> Forward:
+        # units: the step 1[pre > threshold], whose straight-through gradient trains the threshold
         pre = torch.relu(self.net(x))
         threshold = torch.exp(self.net.log_threshold)
-        if self.net.training:
-            self._l0 = StepFunction.apply(pre, threshold, self.config.bandwidth).sum(1).mean()
-        return JumpReLUFunction.apply(pre, threshold, self.config.bandwidth)
+        return Forward(JumpReLUFunction.apply(pre, threshold, self.config.bandwidth),
+                       StepFunction.apply(pre, threshold, self.config.bandwidth))
 
-    def _penalty(self, codes):
-        return self.config.l0_coefficient * self._l0
+    def _penalty(self, out: Forward):
+        return self.config.l0_coefficient * out.units.sum(1).mean()
 
     def _reconstruction_loss(self, y, y_hat):
         # per signal, like the L0 count: the coefficient then does not depend on the width d
@@ -252,20 +246,12 @@ class Matryoshka(BatchTopK):
         sizes = {max(1, n_atoms >> (self.config.groups - 1 - g)) for g in range(self.config.groups)}
         return sorted(sizes | {n_atoms})
 
-    def _codes(self, x):
-        codes = super()._codes(x)
-        if self.net.training:
-            self._train_codes = codes
-        return codes
-
-    def _reconstruction_loss(self, y, y_hat):
-        if self._decode is None or not self.net.training:
-            return super()._reconstruction_loss(y, y_hat)
-        codes = self._train_codes
+    def _loss(self, y, y_hat, out: Forward, decode):
+        codes = out.codes
         position = torch.arange(codes.shape[1], device=codes.device)
-        loss = super()._reconstruction_loss(y, y_hat)            # the last prefix: all latents
+        loss = self._reconstruction_loss(y, y_hat)            # the last prefix: all latents
         for size in self.prefixes(codes.shape[1])[:-1]:
-            loss = loss + super()._reconstruction_loss(y, self._decode(codes * (position < size)))
+            loss = loss + self._reconstruction_loss(y, decode(codes * (position < size)))
         return loss
 
 
@@ -273,29 +259,34 @@ class Gated(_SAEVariant):
     """Gated SAE encoder: 1[W x + b_gate > 0] * ReLU(exp(r_mag) * (W x) + b_mag)."""
 
     name = "gated"
-    knob = "lam"
+    knob = "l1_coefficient"
     Config = GatedConfig
+
+    @classmethod
+    def lam_per_unit(cls, n_atoms: int, d: int) -> float:
+        # the relu encoder's scaling: mean_d r^2 + c mean_atoms |gate| is (2/d) times the lasso at c d / (2 n_atoms)
+        return d / (2 * n_atoms)
 
     def _build(self, d_in, n_atoms, x, atoms):
         return _GatedNet(d_in, n_atoms, atoms)
 
     def _codes(self, x):
+        return self.forward(x).codes
+
+    def forward(self, x) -> Forward:
+        # units: ReLU of the gate's pre-activation, which the penalty and the auxiliary loss act on
         wx = x @ self.net.weight.T
         gate = wx + self.net.bias
         magnitude = torch.relu(torch.exp(self.net.r_mag) * wx + self.net.b_mag)
-        if self.net.training:
-            self._gate = torch.relu(gate)
-        return (gate > 0).to(x.dtype) * magnitude
+        return Forward((gate > 0).to(x.dtype) * magnitude, torch.relu(gate))
 
-    def _penalty(self, codes):
-        return self.config.lam * self._gate.mean()
+    def _penalty(self, out: Forward):
+        return self.config.l1_coefficient * out.units.mean()
 
-    def _reconstruction_loss(self, y, y_hat):
-        loss = super()._reconstruction_loss(y, y_hat)
-        if self._decode is None or not self.net.training:
-            return loss
+    def _loss(self, y, y_hat, out: Forward, decode):
         # the gate alone must reconstruct too; the decoder is held fixed in this term (paper's L_aux)
-        return loss + super()._reconstruction_loss(y, _affine_without_decoder_gradient(self._decode, self._gate))
+        aux = self._reconstruction_loss(y, _affine_without_decoder_gradient(decode, out.units))
+        return super()._loss(y, y_hat, out, decode) + aux
 
-    def flops_per_signal(self) -> float:
+    def flops_per_signal(self, encoded=None) -> float:
         return 2 * self.d_in * self.dictionary.n_atoms + 7 * self.dictionary.n_atoms

@@ -23,8 +23,9 @@ LABELS = {"code_mcc": "code MCC", "fvu": "FVU", "l0": "L0", "flops_per_signal": 
 
 def run(steps: int, seeds: int) -> list[dict]:
     encoders = ["relu", "mlp", "topk", "binary-topk", "ito", "lista", "fista", "omp"]
-    params = {"relu": {"steps": steps, "lam": LAM}, "mlp": {"steps": steps, "lam": LAM, "hidden": 256},
-              "topk": {"steps": steps}, "binary-topk": {"steps": steps}, "ito": {"lam": LAM},
+    params = {"relu": {"steps": steps, "l1_coefficient": LAM},
+              "mlp": {"steps": steps, "l1_coefficient": LAM, "hidden": 256},
+              "topk": {"steps": steps}, "binary-topk": {"steps": steps}, "ito": {"l1_coefficient": LAM},
               "lista": {"steps": steps, "lam": LASSO_LAM, "positive": True},
               "fista": {"lam": LASSO_LAM, "positive": True, "tol": 1e-7}}
     rows = []

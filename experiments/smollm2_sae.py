@@ -22,6 +22,7 @@ import torch
 
 import sparsecode as sc
 from sparsecode import activations as act
+from sparsecode.plots import firing_histogram
 from _common import RESULTS
 
 
@@ -55,9 +56,9 @@ def main() -> None:
     extracted = json.loads(extraction.read_text()) if extraction.is_file() else {}
     store = act.ActivationStore(out / "store")
     n_test = min(4096, store.n_tokens // 5)
-    x_train = torch.cat(list(store.batches(8192, shuffle=True, seed=0, normalize=True,
-                                           max_tokens=store.n_tokens - n_test)))
-    x_test = store.load(n_test, start=store.n_tokens - n_test, normalize=True).to(device)
+    x_train = torch.cat([b.x for b in store.batches(8192, shuffle=True, seed=0, normalize=True,
+                                                    max_tokens=store.n_tokens - n_test)])
+    x_test = store.load(n_test, start=store.n_tokens - n_test, normalize=True).x.to(device)
     print(f"extracted {extracted.get('tokens', 0)} tokens at {extracted.get('tokens_per_s', 0):,.0f} tok/s "
           f"(bare forward {extracted.get('bare_tokens_per_s') or 0:,.0f} tok/s); scale {scale:.4g}", flush=True)
 
@@ -90,10 +91,10 @@ def main() -> None:
         enc, dictionary = on_model[row["encoder"]]
         ev = act.evaluate(loaded, enc, dictionary.to(device), held_out, layer=args.layer, n_tokens=args.eval_tokens,
                           scale=scale)
-        act.firing_histogram(ev.pop("firing_rates"), out / f"firing-{row['encoder']}.png", title=row["encoder"])
-        row.update({f"model_{k}": v for k, v in ev.items()})
-        print(f"{row['encoder']}: FVU {row['fvu']:.3f} L0 {row['l0']:.1f} CE +{ev['ce_increase']:.3f} "
-              f"recovered {ev['ce_recovered']:.3f}", flush=True)
+        firing_histogram(ev.firing_rates, out / f"firing-{row['encoder']}.png", title=row["encoder"])
+        row.update({f"model_{k}": v for k, v in ev.metrics().items()})
+        print(f"{row['encoder']}: FVU {row['fvu']:.3f} L0 {row['l0']:.1f} CE +{ev.ce_increase:.3f} "
+              f"recovered {ev.ce_recovered:.3f}", flush=True)
 
     keys = ("fvu", "l0", "dead", "dense", "model_ce_clean", "model_ce_spliced", "model_ce_increase",
             "model_ce_recovered", "model_dense_10", "model_dense_50", "signals_per_s")

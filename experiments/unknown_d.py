@@ -22,7 +22,7 @@ LABELS = {"dictionary_mcc": "dictionary MCC", "code_mcc": "code MCC", "fvu": "FV
 def variants(steps: int) -> list[tuple[str, str, dict]]:
     """(row label, learning method, options)."""
     return [
-        ("relu", "relu", {"steps": steps, "lam": LAM}),
+        ("relu", "relu", {"steps": steps, "l1_coefficient": LAM}),
         ("topk", "topk", {"steps": steps, "k": K}),
         ("binary-topk", "binary-topk", {"steps": steps, "k": K}),
         ("sparse-coding/fista", "sparse-coding", {"inference": "fista", "lam": LASSO_LAM, "n_iter": 30}),

@@ -237,10 +237,16 @@ def check_pair(path, format: str, what: str) -> None:
     for file in (tensors_path, meta_path):
         check_writable(file, what)
     if meta_path.exists():
-        try:
-            read_json(meta_path, what, format=format)
-        except (ValueError, OSError):
-            raise FileExistsError(f"{meta_path} exists and is not a {what}; refusing to overwrite it") from None
+        if not has_format(meta_path, format):
+            raise FileExistsError(f"{meta_path} exists and is not a {what}; refusing to overwrite it")
     elif tensors_path.exists():
         raise FileExistsError(f"{tensors_path} exists without a {what} description ({meta_path.name}); "
                               "refusing to overwrite it")
+
+
+def has_format(path, format: str) -> bool:
+    """Whether `path` is a JSON object carrying the marker ``"format": format`` (a file of ours)."""
+    try:
+        return read_json(path, "JSON file").get("format") == format
+    except (OSError, ValueError):
+        return False

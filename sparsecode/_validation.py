@@ -62,3 +62,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here")
     return device
+
+
+def describe_device(device: str | torch.device | None) -> str:
+    """The device `resolve_device` picks, in words for result files and titles: the GPU's name, or
+    the CPU and torch's thread count."""
+    where = resolve_device(device)
+    if where.type == "cuda":
+        return torch.cuda.get_device_name(where)
+    return f"CPU, {torch.get_num_threads()} threads"

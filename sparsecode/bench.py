@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -10,23 +15,32 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import _io, metrics
+from . import metrics
 from .compare import calibrate, timed_encode
 from ._validation import check_int_range, resolve_device
 from .memory import fits, format_bytes, memory_budget, rows_within
 from .parallel import cpu_workers, run_blocks
-from .registry import encoder_class, get_encoder
+from .registry import encoder_class, encoder_names, get_encoder
 from .synthetic import make_sparse_data
 
 log = logging.getLogger(__name__)
 
-#: (encoder, reference it is compared with, config fields from the knobs).
-SPEED_GROUPS = (
-    ("omp", "spams-omp", "k"), ("spams-omp", "spams-omp", "k"), ("sklearn-omp", "spams-omp", "k"),
-    ("fista", "spams-lasso", "lam"), ("ista", "spams-lasso", "lam"), ("spams-lasso", "spams-lasso", "lam"),
-    ("sklearn-lasso", "spams-lasso", "lam"),
-)
-SLOW = {"sklearn-omp", "sklearn-lasso", "ista"}   # timed once: each run takes seconds
+#: Encoders of `speed` by default. Each row's reference is the encoder marked `speed_reference` that
+#: solves the same problem (the same knob, k or lam, and the same `solves_lasso`).
+SPEED_ENCODERS = ("omp", "spams-omp", "sklearn-omp", "fista", "ista", "spams-lasso", "sklearn-lasso")
+
+
+def speed_reference(name: str) -> str | None:
+    """The registered `speed_reference` encoder that solves the problem `name` solves, or None."""
+    cls = encoder_class(name)
+    for other in encoder_names():
+        try:
+            ref = encoder_class(other)
+        except Exception:       # a broken plug-in is no one's reference
+            continue
+        if ref.speed_reference and ref.knob == cls.knob and bool(ref.solves_lasso) == bool(cls.solves_lasso):
+            return other
+    return None
 
 
 def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16, lam: float = 0.05,
@@ -46,24 +60,28 @@ def speed(n_samples: int = 4096, d: int = 256, n_atoms: int = 1024, k: int = 16,
     x = data.x.to(device)
     dictionary = data.dictionary.to(device)
     rows, throughput, objectives = [], {}, {}
-    for name, reference, knob in SPEED_GROUPS:
-        if encoders is not None and name not in encoders:
-            continue
+    for name in encoders if encoders is not None else SPEED_ENCODERS:
+        cls = encoder_class(name)
+        if cls.knob not in ("k", "lam"):
+            raise ValueError(f"bench speed times encoders set by k or lam; {name!r} is set by {cls.knob!r}")
         if callback:
             callback(name)
-        params = {knob: k if knob == "k" else lam}
-        if name.startswith("spams"):
-            params["threads"] = threads or -1
+        params = {cls.knob: k if cls.knob == "k" else lam}
+        if threads and "threads" in cls.Config.__dataclass_fields__:
+            # a thread count the user gave reaches every encoder with that option (SPAMS, the pursuits);
+            # left 0, each keeps its own default (all cores)
+            params["threads"] = threads
         try:
             enc = get_encoder(name, **params).fit(dictionary)
         except ImportError as err:
             log.warning("skipping %s: %s", name, err)
             continue
-        seconds, codes = timed_encode(enc, x, 1 if name in SLOW else repeats, warmup=True)
+        reference = speed_reference(name)
+        seconds, codes = timed_encode(enc, x, 1 if cls.slow else repeats, warmup=True)
         throughput[name] = n_samples / seconds
         row = {"encoder": name, "reference": reference, "signals_per_s": throughput[name],
                "f1": metrics.support_scores(data.codes, codes.cpu())["f1"], "l0": metrics.mean_l0(codes.cpu())}
-        if knob == "lam":
+        if cls.solves_lasso:
             objectives[name] = metrics.lasso_objective(data.x, codes.cpu(), data.dictionary.atoms, lam)
         rows.append(row)
     for row in rows:
@@ -168,8 +186,8 @@ def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budge
     need = dictionary.n_atoms ** 2 * cls.gram_itemsize
     if not fits(budget, need):
         return None, f"it forms a Gram matrix of {format_bytes(need)}, more than the memory budget {format_bytes(budget)}"
-    if cls.knob == "lam":
-        # Lasso solvers: the lam giving about the planted L0, found on a small subsample.
+    if cls.knob not in (None, "k") and not cls.trainable:
+        # Penalty knobs (the lasso's lam): the value giving about the planted L0, found on a small subsample.
         enc, _ = calibrate(name, dictionary, x[:min(64, x.shape[0])], float(k), params=params, rel_tol=0.1,
                            max_steps=12)
         return enc, None
@@ -240,15 +258,16 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
                             # as the first batch of such a stream would (the cell's few signals alone would
                             # not repay it).
                             dictionary.gram(x.dtype, x.device)
-                        codes = enc.encode(x)
+                        info = enc.encode_with_info(x)
+                        codes = info.codes
                         row["setup_s"] = time.perf_counter() - start
                     seconds = _timed(lambda: enc.encode(x), repeats, device)
                     row.update(signals_per_s=n / seconds, ratio_to_floor=seconds / floor_s,
                                peak_memory_mb=_mb(peak.bytes), f1=metrics.support_scores(data.codes, codes.cpu())["f1"],
                                l0=metrics.mean_l0(codes))
-                    for field in ("variant_", "working_bytes_"):
-                        if getattr(enc, field, None) is not None:
-                            row[field.rstrip("_")] = getattr(enc, field)
+                    for field in ("variant", "working_bytes"):
+                        if getattr(info, field) is not None:
+                            row[field] = getattr(info, field)
                     if "lam" in fields:
                         row["lam"] = enc.config.lam
             except ImportError as err:
@@ -270,30 +289,48 @@ def _mb(nbytes) -> float:
     return float("nan") if nbytes is None else nbytes / 1e6
 
 
-def scale_figure(rows: list[dict], path, title: str = "") -> None:
-    """Throughput against n_atoms, one line per encoder and (d, k), on log axes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def ranks(n_ranks: int = 2, n_tokens: int = 32768, d: int = 256, n_atoms: int = 1024, k: int = 16,
+          lam: float = 0.05, encoders: tuple[str, ...] = ("omp", "fista"), shard_tokens: int = 4096,
+          repeats: int = 1, seed: int = 0, callback: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Speed-up of a streamed comparison over an activation store on `n_ranks` processes against
+    one, each process on one CPU thread: ``sparsecode compare`` run under ``torchrun`` on a
+    synthetic store of `n_tokens` signals, median of `repeats` runs of each.
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict = {}
-    for row in rows:
-        if "signals_per_s" in row:
-            groups.setdefault((row["encoder"], row["d"], row["k"]), []).append((row["n_atoms"], row["signals_per_s"]))
-    for (name, d, k), points in sorted(groups.items()):
-        points.sort()
-        style = "--" if name == "floor" else "-"
-        label = "amortised floor (x W^T + top-k)" if name == "floor" else name
-        ax.plot(*zip(*points), style, marker="o", label=f"{label}, d={d}, k={k}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("atoms in the dictionary (n_atoms)")
-    ax.set_ylabel("throughput (signals/s)")
-    ax.set_title(title or "Inference throughput against dictionary size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    _io._atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
+    ``signals_per_s`` is the job's (tokens over the slowest rank's encoding time); ``wall_s`` is the
+    whole command, start-up (imports, joining the group) and reading included."""
+    check_int_range("n_ranks", n_ranks, 2)
+    check_int_range("repeats", repeats, 1)
+    from .activations import write_store
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory(prefix="sparsecode-bench-") as tmp:
+        tmp = Path(tmp)
+        data = make_sparse_data(n_tokens, d, n_atoms, k, seed=seed)
+        write_store(tmp / "store", data.x, shard_tokens)
+        data.dictionary.save(tmp / "dictionary.safetensors")
+        runs: dict[int, list[tuple[dict, float]]] = {1: [], n_ranks: []}
+        for i, world in enumerate([w for w in (1, n_ranks) for _ in range(repeats)]):
+            if callback:
+                callback(i, 2 * repeats)
+            out = tmp / f"result-{i}.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                       "-m", "sparsecode", "compare", "--encoders", ",".join(encoders), "--data",
+                       f"activations:{tmp / 'store'}", "--dictionary", str(tmp / "dictionary.safetensors"),
+                       "--n-train", "0", "--n-samples", str(n_tokens), "--k", str(k), "--lam", str(lam),
+                       "--reference", "none", "--device", "cpu", "--out", str(out)]
+            start = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            rows = json.loads(out.read_text())["rows"]
+            runs[world].append(({r["encoder"]: r["signals_per_s"] for r in rows}, wall))
+    rows = []
+    for name in encoders:
+        one = float(np.median([r[name] for r, _ in runs[1]]))
+        many = float(np.median([r[name] for r, _ in runs[n_ranks]]))
+        wall_one = float(np.median([w for _, w in runs[1]]))
+        wall_many = float(np.median([w for _, w in runs[n_ranks]]))
+        rows.append({"encoder": name, "ranks": n_ranks, "n_tokens": n_tokens, "n_atoms": n_atoms, "d": d,
+                     "signals_per_s_1": one, "signals_per_s": many, "speedup": many / one,
+                     "wall_s_1": wall_one, "wall_s": wall_many, "wall_speedup": wall_one / wall_many})
+    return rows

@@ -1,10 +1,12 @@
-"""The `sparsecode` command. The only module that prints."""
+"""The `sparsecode` command: argument parsing, printing and progress display; the work is done by
+the library. The only module that prints."""
 from __future__ import annotations
 
+import atexit
 import contextlib
-import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,15 +18,20 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import _io, metrics, training
-from ._validation import check_int_range
+from . import _io, distributed, encoder_file, training
+from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
+                          load_model, read_corpus)
+from .bench import ranks as bench_ranks_run, scale, speed
+from ._validation import check_int_range, describe_device
 from .compare import Comparison, compare as run_compare
-from .dictionary import FORMAT as DICTIONARY_FORMAT, Dictionary
+from .data import TRUE_DICTIONARY, comparison_data, load_dictionary, planted_split, training_data
+from .dictionary import FORMAT as DICTIONARY_FORMAT, as_dictionary, load_sae_dictionary
 from .encoder import coerce_field, suggest
-from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods
-from .registry import available_encoders, encoder_class
-from .sae_formats import check_export_folder, export_saelens, load_sae_dictionary
-from .synthetic import make_sparse_data
+from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods, method_options
+from .plots import firing_histogram, scale_figure
+from .recovery import default_out, preset as get_preset, recovery
+from .registry import available_encoders, encoder_class, get_encoder
+from .sae_formats import check_export_folder, export_saelens
 
 #: errors a user can act on: bad input, a file that cannot be read or written, a missing package
 EXPECTED_ERRORS = (ValueError, TypeError, OSError, ImportError)
@@ -32,8 +39,10 @@ DEBUG_KEY = "sparsecode.debug"
 
 
 def _error_line(message: str) -> None:
-    """One plain line on stderr (rich would wrap a long message over several lines)."""
-    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    """One plain line on stderr (rich would wrap a long message over several lines); under a
+    launcher it names the rank, since torchrun shows the first failing rank's output."""
+    where = f"rank {os.environ.get('RANK', '?')}: " if distributed.launched() else ""
+    click.echo(f"error: {where}{' '.join(str(message).split())}", err=True)
 
 
 def _message(err: BaseException) -> str:
@@ -67,19 +76,41 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(bench_app, name="bench")
 # Tables are wide: when the output is not a terminal (a file, CI), do not wrap them at 80 columns.
 console = Console(width=None if Console().is_terminal else 200)
-#: Columns shown on screen (the saved file has every column) and their headers.
-SHOWN = {"encoder": "encoder", "cells": "cells", "ce_clean": "CE clean", "ce_spliced": "CE spliced",
-         "ce_zero": "CE zero-abl.", "ce_increase": "CE increase", "ce_recovered": "CE recovered",
-         "dense_50": ">50%", "dense_10": ">10%", "tokens": "tokens", "k": "k", "lam": "lam", "fvu": "FVU", "l0": "L0", "f1": "F1",
-         "exact_support": "exact", "nmse_db": "NMSE dB",
-         "code_mcc": "MCC", "dictionary_mcc": "dict. MCC", "objective_gap": "obj. gap", "dead": "dead", "signals_per_s": "signals/s",
-         "flops_per_signal": "FLOPs/signal", "ratio": "ratio", "ratio_to_floor": "x floor", "peak_memory_mb": "peak MB",
-         "n_atoms": "n_atoms", "variant": "variant", "reference": "reference", "fit_s": "fit s"}
+#: Columns shown on screen, headed by their names in the saved file (which has every column).
+SHOWN = ("encoder", "cells", "tokens", "ce_clean", "ce_spliced", "ce_zero", "ce_increase", "ce_recovered", "dense_50",
+         "dense_10", "k", "lam", "fvu", "l0", "f1", "exact_support", "nmse_db", "code_mcc", "dictionary_mcc",
+         "objective_gap", "dead", "signals_per_s", "flops_per_signal", "ratio", "ratio_to_floor", "peak_memory_mb",
+         "n_atoms", "variant", "reference", "fit_s")
+#: tokens of a store an encoder named to `evaluate` is trained on
+EVALUATE_TRAIN_TOKENS = 8192
+#: what a help text says for an option whose default is "none given"
+SYNTHETIC = "synthetic data"
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _join(device: str) -> tuple[distributed.Group, str]:
+    """Join the launcher's process group when torchrun (or SLURM, ...) started this command as one
+    of several, and return the group and this rank's device. Only rank 0 prints and writes shared
+    files; the other ranks log warnings and errors (with their rank) on stderr. Alone, this is a
+    group of one on `device`."""
+    if not distributed.launched():
+        return distributed.Group(), device
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        group = distributed.setup(device)
+    except RuntimeError as err:         # a launch without torchrun's variables, an unreachable rank 0
+        raise ValueError(f"could not join the job: {err}") from err
+    atexit.register(distributed.teardown)
+    if not group.main:
+        console.quiet = True
+        logging.basicConfig(level=logging.WARNING, format=f"rank {group.rank}: %(message)s", force=True)
+    return group, str(distributed.rank_device(device))
 
 
 @app.callback()
@@ -88,11 +119,6 @@ def _options(ctx: typer.Context,
                                         help="Show the full traceback of an error instead of one line.")) -> None:
     """Compare sparse-coding inference methods on a shared dictionary."""
     ctx.meta[DEBUG_KEY] = debug
-
-
-def _fail(message: str) -> None:
-    _error_line(message)
-    raise typer.Exit(2)
 
 
 def _fmt(value) -> str:
@@ -112,10 +138,15 @@ def _fmt(value) -> str:
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
     table = Table(title=title, header_style="bold")
     for col in columns:
-        table.add_column(SHOWN.get(col, col), justify="left" if col in ("encoder", "reference") else "right")
+        table.add_column(col, justify="left" if col in ("encoder", "reference") else "right")
     for row in rows:
         table.add_row(*(_fmt(row.get(col)) for col in columns))
     console.print(table)
+
+
+def _names(text: str) -> list[str]:
+    """`a, b,c` -> ["a", "b", "c"]."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _literal(text: str):
@@ -137,29 +168,27 @@ def _parse_option(name: str, item: str, fld: str, value: str):
     return coerce_field(config, fld, value)
 
 
-def _method_options(name: str, sets: list[str]) -> dict:
-    """`--set FIELD=VALUE` options of a single method or encoder, typed by its config."""
-    options = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
-        options[key] = _parse_option(name, item, key, value)
-    return options
-
-
 def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
-    """`--set fista.lam=0.05` -> {"fista": {"lam": 0.05}}, typed by the encoder's config."""
+    """`--set fista.lam=0.05` -> {"fista": {"lam": 0.05}}, typed by the encoder's config. A command
+    about one method or encoder also takes the older `--set FIELD=VALUE`."""
     params: dict[str, dict] = {}
     for item in sets:
         key, sep, value = item.partition("=")
         name, dot, fld = key.rpartition(".")
+        if not dot and len(names) == 1:
+            name, dot = names[0], "."
         if not sep or not dot:
             raise ValueError(f"--set takes ENCODER.FIELD=VALUE, got {item!r}")
         if name not in names:
             raise ValueError(f"--set {item!r}: {name!r} is not among --encoders ({', '.join(names)})")
         params.setdefault(name, {})[fld] = _parse_option(name, item, fld, value)
     return params
+
+
+def _progress(*columns) -> Progress:
+    """A transient progress display: spinner, description, bar, then `columns`, then elapsed time."""
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *columns, TimeElapsedColumn(),
+                    console=console, transient=True)
 
 
 @contextlib.contextmanager
@@ -169,9 +198,8 @@ def _progress_bars(total: int, label: str, tokens: list | None = None):
     When `tokens` is a list, the function appended to it is `compare`'s progress callback: a bar
     over the tokens of a streamed store, with tokens/s and the time left.
     """
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed:,}/{task.total:,}"), TextColumn("{task.fields[loss]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
+    with _progress(TextColumn("{task.completed:,}/{task.total:,}"), TextColumn("{task.fields[loss]}"),
+                   TimeRemainingColumn()) as progress:
         items = progress.add_task(label, total=total, loss="")
         steps = {}
         streamed = {}
@@ -208,26 +236,22 @@ def _progress_bars(total: int, label: str, tokens: list | None = None):
             yield on_item
 
 
-def _load_data(path: Path, n_tokens: int | None = None, start: int = 0, stream: bool = False):
-    """Signals from a .safetensors file (tensor 'x', optional 'codes') or an activation store
-    (`activations:FOLDER`: `n_tokens` tokens from `start`, normalised if the store records a scale;
-    with `stream`, the store's token range itself, read batch by batch by whoever uses it)."""
-    text = str(path)
-    if text.startswith("activations:"):
-        from .activations import ActivationStore
-        store = ActivationStore(text.removeprefix("activations:"))
-        if stream:
-            return store.tokens(start, n_tokens)
-        return {"x": store.load(n_tokens, start=start, normalize=True)}
-    tensors = _io.read_tensors(path, "data")
-    if "x" not in tensors:
-        raise ValueError(f"{path} has no tensor 'x' (signals, shape (n, d)); found {sorted(tensors)}")
-    return {"x": tensors["x"], "codes": tensors.get("codes")}
+def _saved(path) -> None:
+    console.print(f"saved {path}")
+
+
+def _renamed(old: str, new: str, value, current):
+    """The value of a former option name when it was given (with a note), else the current one's."""
+    if value is None:
+        return current
+    console.print(f"[yellow]{old} is now {new}[/]")
+    return value
 
 
 @app.command("list")
 def list_encoders() -> None:
-    """Show every registered encoder, its family and knobs, and whether it can run here."""
+    """Show every registered encoder (family, knobs, whether it can run here) and every dictionary
+    learning method (`train --method`, `compare --joint`) with its options."""
     table = Table(title="sparsecode encoders", header_style="bold", show_lines=True)
     for col in ("encoder", "family", "options (default): meaning", "runs here"):
         table.add_column(col)
@@ -237,39 +261,59 @@ def list_encoders() -> None:
                   f"[red]no[/]: pip install {' '.join(info.missing)}" if info.missing else f"[red]broken[/]: {info.error}")
         table.add_row(info.name, info.family, knobs, status)
     console.print(table)
+    methods = Table(title="dictionary learning methods", header_style="bold")
+    for col in ("method", "learns", "options"):
+        methods.add_column(col)
+    for method in learning_methods():
+        what = "dictionary; codes by inference" if method in REFERENCE_METHODS else "encoder and dictionary together"
+        methods.add_row(method, what, ", ".join(method_options(method)))
+    console.print(methods)
 
 
 @app.command("compare")
 def compare_cmd(
     encoders: str = typer.Option("fista,omp", help="Comma-separated encoder names (see `sparsecode list`)."),
-    data: Optional[Path] = typer.Option(None, help="A .safetensors file with 'x' (n, d) and optionally 'codes' "
-                                                   "(n, n_atoms), or activations:STORE (--n-train tokens to train "
-                                                   "on, then --n-samples to compare on); default: synthetic data."),
-    dictionary: str = typer.Option("true", help="'true' (the synthetic data's own), a saved dictionary path, or an "
-                                                "SAE folder (SAELens, sparsify, dictionary_learning: its decoder). "
-                                                "Without --data, synthetic signals are planted in this dictionary "
-                                                "(its n_atoms and d; --k non-zeros per code)."),
-    n_samples: int = typer.Option(1024, help="Synthetic signals, or tokens of an activation store to compare on "
-                                             "(streamed shard by shard; more than the store holds: all after "
-                                             "--n-train)."),
-    d: int = typer.Option(8, help="Signal dimension of synthetic data."),
-    n_atoms: int = typer.Option(16, help="Atoms of the synthetic dictionary."),
-    k: Optional[int] = typer.Option(None, help="Non-zeros per synthetic code; also the default k of k-encoders "
-                                               "[default: 3 for synthetic data]."),
+    data: Optional[Path] = typer.Option(None, show_default=SYNTHETIC,
+                                        help="A .safetensors file with 'x' (n, d) and optionally 'codes' (n, "
+                                             "n_atoms), or activations:STORE (--n-train tokens to train on, then "
+                                             "--n-samples to compare on)."),
+    dictionary: str = typer.Option(TRUE_DICTIONARY,
+                                   help="'true' (the synthetic data's own), a saved dictionary path, or an SAE folder "
+                                        "(SAELens, sparsify, dictionary_learning: its decoder). Without --data, "
+                                        "synthetic signals are planted in this dictionary (its n_atoms and d; --k "
+                                        "non-zeros per code)."),
+    n_samples: int = typer.Option(1024, help="Signals to compare on: synthetic ones, or tokens of an activation "
+                                             "store, one signal each (streamed shard by shard; more than the store "
+                                             "holds: all after --n-train)."),
+    d: Optional[int] = typer.Option(None, show_default="8, or the --dictionary's",
+                                    help="Signal dimension of synthetic data."),
+    n_atoms: Optional[int] = typer.Option(None, show_default="16, or the --dictionary's",
+                                          help="Atoms of the synthetic dictionary (with --joint: of every learned "
+                                               "one too)."),
+    k: Optional[int] = typer.Option(None, show_default="3 for synthetic data, else each encoder's own",
+                                    help="Non-zeros per synthetic code; also the k of every encoder with a k."),
     noise: float = typer.Option(0.0, help="Standard deviation of Gaussian noise added to synthetic signals."),
-    snr_db: Optional[float] = typer.Option(None, help="Noise level as signal-to-noise ratio in dB instead of --noise."),
+    snr_db: Optional[float] = typer.Option(None, show_default="no noise, or --noise",
+                                           help="Noise level as signal-to-noise ratio in dB instead of --noise."),
     firing: str = typer.Option("uniform", help="Synthetic support: 'uniform' or 'power-law'."),
     signed: bool = typer.Option(False, help="Synthetic code values N(0,1) instead of |N(0,1)|."),
-    seed: int = typer.Option(0, help="Seed of the synthetic data."),
-    lam: float = typer.Option(0.1, help="Lasso penalty for every encoder with a lam knob."),
-    set_: list[str] = typer.Option([], "--set", help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
-    target_l0: Optional[float] = typer.Option(None, help="Calibrate every encoder's knob (k or lam) to this mean L0."),
-    n_train: int = typer.Option(1024, help="Synthetic training signals (same dictionary, other codes) for learned "
-                                          "encoders and, with --joint, for dictionary learning."),
-    train_data: Optional[Path] = typer.Option(None, help="A .safetensors file with training signals 'x' (with --data)."),
+    data_seed: int = typer.Option(0, help="Seed of the synthetic data."),
+    seed: int = typer.Option(0, help="Seed of training runs (trained encoders, dictionary learning)."),
+    train_seed: Optional[int] = typer.Option(None, hidden=True, help="Former name of --seed."),
+    lam: Optional[float] = typer.Option(None, show_default="each encoder's own",
+                                        help="Lasso penalty 0.5||x - zD||^2 + lam||z||_1 for every encoder that has lam."),
+    set_: list[str] = typer.Option([], "--set", show_default="none",
+                                   help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
+    target_l0: Optional[float] = typer.Option(None, show_default="off",
+                                              help="Calibrate every encoder's knob (k or lam) to this mean L0."),
+    n_train: int = typer.Option(1024, help="Training signals (synthetic: same dictionary, other codes; a store: its "
+                                          "first tokens) for trained encoders and, with --joint, for dictionary "
+                                          "learning."),
+    train_data: Optional[Path] = typer.Option(None, show_default="none",
+                                              help="A .safetensors file (or activations:STORE) with training "
+                                                   "signals 'x' (with --data)."),
     joint: bool = typer.Option(False, help="Each method learns its own dictionary (--encoders are learning methods: "
-                                           + ", ".join(learning_methods()) + ")."),
-    train_seed: int = typer.Option(0, help="Seed of training runs."),
+                                           "see `sparsecode list`)."),
     allow_pickle: bool = typer.Option(False, help="Allow reading a pickle SAE weights file (dictionary_learning's "
                                                   "ae.pt), with torch.load(weights_only=True)."),
     reference: str = typer.Option("auto", help="Lasso solver whose optimum is the reference of the objective gap "
@@ -278,149 +322,115 @@ def compare_cmd(
                                                "n_samples is small)."),
     repeats: int = typer.Option(1, help="Encode this many times; the median time is reported."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
-    out: Optional[Path] = typer.Option(None, help="Save results to this .json or .csv file."),
+    out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save results to this .json or .csv file."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Run several encoders on one shared dictionary (or, with --joint, several dictionary learners)
     and print their metrics."""
     _setup_logging(verbose)
+    group, device = _join(device)
     if out is not None:
         Comparison.check_out(out)
     check_int_range("--n-samples", n_samples, 1)
-    names = [n.strip() for n in encoders.split(",") if n.strip()]
+    seed = _renamed("--train-seed", "--seed", train_seed, seed)
+    names = _names(encoders)
     if not joint:
         for name in names:
             if not name.endswith(".safetensors"):
                 encoder_class(name)
     params = _parse_sets(set_, names)
+    shared = load_dictionary(dictionary, allow_pickle)
     if data is not None:
-        from_store = str(data).startswith("activations:")
-        source = _load_data(data, n_samples, start=n_train if from_store else 0, stream=from_store)
-        if dictionary == "true" and not joint:
-            _fail("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
-        if train_data is not None:
-            x_train = _load_data(train_data, n_train)["x"]
-        else:
-            x_train = _load_data(data, n_train, stream=True) if from_store and n_train else None
-    planted_in = None
-    if dictionary != "true" and Path(dictionary).is_dir():
-        planted_in = dictionary
-        dictionary = load_sae_dictionary(dictionary, allow_pickle=allow_pickle)
-    elif dictionary != "true":
-        planted_in = dictionary
-        dictionary = Dictionary.load(dictionary)
-    if data is None:
-        kk = 3 if k is None else k
+        if shared is None and not joint:
+            raise ValueError("--data needs --dictionary PATH (a file's signals have no 'true' dictionary)")
+        source, x_train = comparison_data(data, n_samples, n_train, train_data)
+    else:
         # Signals are planted in the dictionary the encoders use, so the codes are the truth for it.
-        planted = None if dictionary == "true" or joint else dictionary
-        if planted is not None:
-            if (d, n_atoms) not in ((8, 16), (planted.d, planted.n_atoms)):     # set, and not the defaults
-                raise ValueError(f"--d {d} --n-atoms {n_atoms} differ from the dictionary's d={planted.d}, "
-                                 f"n_atoms={planted.n_atoms}; signals are planted in the given dictionary")
-            d, n_atoms = planted.d, planted.n_atoms
-        both = make_sparse_data(n_samples + n_train, d, n_atoms, kk, noise=noise, snr_db=snr_db, firing=firing,
-                                positive=not signed, seed=seed, dictionary=planted)
-        x_train, source = (both.split(n_train) if n_train else (None, both))
-        x_train = None if x_train is None else x_train.x
-        if planted is not None:
-            source = {"x": source.x, "codes": source.codes}
+        source, x_train = planted_split(n_samples, n_train, d=d, n_atoms=n_atoms, k=3 if k is None else k,
+                                       dictionary=None if joint else shared, noise=noise, snr_db=snr_db,
+                                       firing=firing, positive=not signed, seed=data_seed)
     on_tokens: list = []
     with _progress_bars(len(names), "methods" if joint else "encoders", on_tokens) as on_item:
-        result = run_compare(names, source, None if joint else dictionary, k=k, lam=lam, encoder_params=params,
+        result = run_compare(names, source, None if joint else shared, k=k, lam=lam, encoder_params=params,
                              target_l0=target_l0, x_train=x_train, joint=joint,
-                             n_atoms=n_atoms if joint else None, seed=train_seed, repeats=repeats,
+                             n_atoms=n_atoms if joint else None, seed=seed, repeats=repeats,
                              reference=None if joint else reference, device=device, callback=on_item,
                              progress=on_tokens[0])
     s = result.settings
+    if data is None:
+        s["data_seed"] = data_seed
     where = ""
-    if data is None and planted_in is not None and not joint:
-        where = f" planted in {planted_in} ({kk} non-zeros per code: the codes are the truth for it)"
-        s["data"] = f"synthetic, planted in {planted_in}"
+    if data is None and shared is not None and not joint:
+        where = f" planted in {dictionary} ({3 if k is None else k} non-zeros per code: the codes are the truth for it)"
+        s["data"] = f"synthetic, planted in {dictionary}"
     print_table(result.rows, [c for c in result.columns() if c in SHOWN],
                 title=f"{s['n_samples']} signals{where}, d={s['d']}, n_atoms={s['n_atoms']}"
                       + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}"))
     for row in result.rows:
         if "skipped" in row:
             console.print(f"[yellow]skipped[/] {row['encoder']}: {row['skipped']}")
-    if out is not None:
+    if out is not None and group.main:
         result.save(out)
-        console.print(f"saved {out}")
+        _saved(out)
 
 
 @app.command("train")
 def train_cmd(
-    method: str = typer.Option("topk", help="Dictionary learning method: " + ", ".join(learning_methods()) + "."),
-    n_atoms: int = typer.Option(..., help="Atoms to learn."),
+    method: str = typer.Option("topk", help="Dictionary learning method (see `sparsecode list`)."),
+    n_atoms: int = typer.Option(..., help="Atoms to learn (and of the synthetic data's true dictionary)."),
     out: Path = typer.Option(..., help="Where to save: OUT.safetensors/.json (dictionary) and, for trained "
                                        "encoders, OUT-encoder.safetensors/.json."),
-    data: Optional[Path] = typer.Option(None, help="A .safetensors file with signals 'x' (and 'y', targets of a "
-                                                   "transcoder), or activations:STORE; default: synthetic data."),
-    n_samples: int = typer.Option(1024, help="Synthetic signals, or tokens of an activation store to train on "
-                                             "(streamed shard by shard by the trainable methods)."),
+    data: Optional[Path] = typer.Option(None, show_default=SYNTHETIC,
+                                        help="A .safetensors file with signals 'x' (and 'y', targets of a "
+                                             "transcoder), or activations:STORE."),
+    n_samples: int = typer.Option(1024, help="Signals to train on: synthetic ones, or tokens of an activation "
+                                             "store, one signal each (streamed shard by shard by the trainable "
+                                             "methods)."),
     d: int = typer.Option(8, help="Signal dimension of synthetic data."),
-    k: int = typer.Option(3, help="Non-zeros per synthetic code."),
-    true_atoms: int = typer.Option(16, help="Atoms of the synthetic data's true dictionary."),
-    noise: float = typer.Option(0.0, help="Gaussian noise of synthetic data."),
-    seed: int = typer.Option(0, help="Seed of the synthetic data and of training."),
-    set_: list[str] = typer.Option([], "--set", help="Method option FIELD=VALUE, e.g. --set k=16 --set steps=5000."),
+    k: Optional[int] = typer.Option(None, show_default="3 for synthetic data, else the method's own",
+                                    help="Non-zeros per synthetic code; also the k of a method with a k."),
+    true_atoms: Optional[int] = typer.Option(None, hidden=True,
+                                             help="Atoms of the synthetic data's true dictionary when they differ "
+                                                  "from --n-atoms."),
+    noise: float = typer.Option(0.0, help="Standard deviation of Gaussian noise added to synthetic signals."),
+    data_seed: int = typer.Option(0, help="Seed of the synthetic data."),
+    seed: int = typer.Option(0, help="Seed of training (initialisation and data order)."),
+    set_: list[str] = typer.Option([], "--set", show_default="none",
+                                   help="Method option METHOD.FIELD=VALUE, e.g. --set topk.steps=5000 (repeatable)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Learn a dictionary (and its encoder) from signals and save them."""
     _setup_logging(verbose)
+    group, _ = _join("auto")
     encoder_out = _io.sibling(out, "-encoder")
     _io.check_pair(out, DICTIONARY_FORMAT, "sparsecode dictionary")
-    _io.check_pair(encoder_out, training.ENCODER_FORMAT, "sparsecode encoder")
-    if method not in learning_methods():
-        raise ValueError(f"unknown method {method!r}.{suggest(method, learning_methods())} "
-                         f"Methods: {', '.join(learning_methods())}")
-    params = _method_options(method, set_)
-    truth, input_scale, train_on = None, 1.0, None
-    if data is not None and str(data).startswith("activations:"):
-        from .activations import ActivationStore
-        store = ActivationStore(str(data).removeprefix("activations:"))
-        input_scale = store.scale          # recorded with the dictionary: evaluate and export need it
-        if store.manifest["site"] == "mlp" or method in REFERENCE_METHODS:
-            loaded = store.load(n_samples, normalize=True, targets=store.manifest["site"] == "mlp")
-            x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
-        else:
-            # trainable autoencoders stream the store; the summary below uses its first tokens
-            train_on = store.tokens(0, n_samples)
-            x, y = train_on.head(training.STREAM_SAMPLE), None
-    elif data is not None:
-        tensors = _io.read_tensors(data, "data")
-        if "x" not in tensors:
-            raise ValueError(f"{data} has no tensor 'x'; found {sorted(tensors)}")
-        x, y = tensors["x"], tensors.get("y")
-    else:
-        truth = make_sparse_data(n_samples, d, true_atoms, k, noise=noise, seed=seed)
-        x, y = truth.x, None
+    _io.check_pair(encoder_out, encoder_file.ENCODER_FORMAT, "sparsecode encoder")
+    options = method_options(method)
+    params = _parse_sets(set_, [method]).get(method, {})
+    if k is not None and "k" in options:
+        params.setdefault("k", k)
+    train = training_data(data, n_samples, streams=method not in REFERENCE_METHODS, d=d,
+                          n_atoms=true_atoms or n_atoms, k=3 if k is None else k, noise=noise, seed=data_seed)
     with _progress_bars(1, "train") as on_item:
         on_item(method, "start")
-        learned = learn_dictionary(x if train_on is None else train_on, method, n_atoms, y=y, seed=seed,
-                                   input_scale=input_scale, **params)
+        learned = learn_dictionary(train.source, method, n_atoms, y=train.y, seed=seed,
+                                   input_scale=train.input_scale, **params)
         on_item(method, "done")
-    path = learned.dictionary.save(out)
-    console.print(f"saved dictionary {path}")
-    if isinstance(learned.encoder, training.TrainableEncoder):
-        enc_path = learned.encoder.save(encoder_out)
-        console.print(f"saved encoder {enc_path}")
-    codes = learned.encoder.encode(x)
-    target = x if y is None else y
-    row = {"encoder": method, "fvu": metrics.fvu(target, learned.dictionary.decode(codes)), "l0": metrics.mean_l0(codes),
-           "dead": metrics.dead_fraction(codes)}
-    if truth is not None:
-        row["dictionary_mcc"] = metrics.dictionary_mcc(truth.dictionary.atoms, learned.dictionary.atoms)
-        row["code_mcc"] = metrics.code_mcc(truth.codes, codes)
+    if group.main:
+        console.print(f"saved dictionary {learned.dictionary.save(out)}")
+        if isinstance(learned.encoder, training.TrainableEncoder):
+            console.print(f"saved encoder {learned.encoder.save(encoder_out)}")
+    row = {"encoder": method, **train.scores(learned.dictionary, learned.encoder)}
     print_table([row], list(row), title="on the training signals")
 
 
 @app.command("extract")
 def extract_cmd(
     out: Path = typer.Option(..., help="Store folder (manifest.json + shards); an existing store is resumed."),
-    model: Optional[str] = typer.Option(None, help="Hugging Face hub id or local model folder [default: the "
-                                                   "embedded SmolLM2-135M-Instruct]."),
-    corpus: Optional[str] = typer.Option(None, help="A .txt file, a .jsonl file, or a Hugging Face dataset name "
-                                                    "[default: the Python documentation that ships with Python]."),
+    model: Optional[str] = typer.Option(None, show_default="the embedded SmolLM2-135M-Instruct",
+                                        help="Hugging Face hub id or local model folder."),
+    corpus: Optional[str] = typer.Option(None, show_default="the Python documentation that ships with Python",
+                                         help="A .txt file, a .jsonl file, or a Hugging Face dataset name."),
     text_field: str = typer.Option("text", help="Field holding the text in a JSONL corpus."),
     layer: int = typer.Option(15, help="Block index (0-based; negative counts from the end)."),
     site: str = typer.Option("resid", help="'resid' (residual stream after the block) or 'mlp' (MLP input and "
@@ -431,7 +441,8 @@ def extract_cmd(
     shard_tokens: int = typer.Option(8192, help="Tokens per shard."),
     skip_bos: bool = typer.Option(True, help="Start sequences with BOS and store no activation for it."),
     dtype: str = typer.Option("float32", help="Storage dtype: float32, float16, bfloat16."),
-    seed: int = typer.Option(0, help="Seed of the sequence order."),
+    data_seed: int = typer.Option(0, help="Seed of the order of the corpus's sequences (the manifest's 'seed')."),
+    seed: Optional[int] = typer.Option(None, hidden=True, help="Former name of --data-seed."),
     normalize: bool = typer.Option(True, help="Record the scale to unit mean squared norm in the manifest "
                                               "(readers apply it on request)."),
     measure_overhead: bool = typer.Option(False, help="Also time a bare forward pass over the same tokens."),
@@ -439,26 +450,25 @@ def extract_cmd(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Extract LLM activations at a hookpoint into a resumable sharded store."""
-    from .activations import ExtractConfig, compute_normalization, extract, load_model, read_corpus
     _setup_logging(verbose)
+    group, device = _join(device)
     _io.check_writable(out, "--out", folder=True)
     cfg = ExtractConfig(layer=layer, site=site, context_length=context_length, batch_size=batch_size,
-                        n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype, seed=seed)
+                        n_tokens=n_tokens, shard_tokens=shard_tokens, skip_bos=skip_bos, dtype=dtype,
+                        seed=_renamed("--seed", "--data-seed", seed, data_seed))
     corpus_name, docs = read_corpus(corpus, text_field)
     console.print(f"loading {model or 'the embedded SmolLM2-135M-Instruct'}...")
     loaded = load_model(model, device=device)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("extracting", total=n_tokens, rate="")
+    with _progress(TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("extracting", total=n_tokens, rate="")
         t0 = time.perf_counter()
 
         def on_tokens(done: int, total: int) -> None:
             elapsed = time.perf_counter() - t0
-            progress.update(task, completed=min(done, total), rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
+            bar.update(task, completed=min(done, total), rate=f"{done / max(elapsed, 1e-9):,.0f} tok/s")
 
         stats = extract(loaded, corpus_name, docs, out, cfg, progress=on_tokens, measure_overhead=measure_overhead)
-    if normalize:
+    if normalize and group.main:
         compute_normalization(out)
     line = (f"stored {stats.tokens:,} tokens ({stats.resumed_from:,} were there already) in {out} at "
             f"{stats.tokens_per_s:,.0f} tokens/s")
@@ -474,61 +484,53 @@ EVALUATION_FORMAT = "sparsecode.evaluation"
 @app.command("evaluate")
 def evaluate_cmd(
     dictionary: str = typer.Option(..., help="A saved dictionary or SAE folder."),
-    encoder: str = typer.Option(..., help="An encoder name (fitted to the dictionary; trained ones need --train-"
-                                          "store) or a saved trained encoder (.safetensors)."),
-    store: Optional[Path] = typer.Option(None, help="Activation store the dictionary belongs to: gives model, "
-                                                    "layer, site and normalisation, and training data."),
-    model: Optional[str] = typer.Option(None, help="Model [default: the store's, else the embedded SmolLM2]."),
-    layer: Optional[int] = typer.Option(None, help="Block index [default: the store's]."),
-    site: Optional[str] = typer.Option(None, help="resid or mlp [default: the store's]."),
-    corpus: Optional[str] = typer.Option(None, help="Held-out text [default: the Python documentation]."),
+    encoder: str = typer.Option(..., help="An encoder name (fitted to the dictionary; trained ones need --store) or "
+                                          "a saved trained encoder (.safetensors)."),
+    store: Optional[Path] = typer.Option(None, show_default="none",
+                                         help="Activation store the dictionary belongs to: gives model, layer, site "
+                                              "and normalisation, and training data."),
+    model: Optional[str] = typer.Option(None, show_default="the store's, else the embedded SmolLM2",
+                                        help="Hugging Face hub id or local model folder."),
+    layer: Optional[int] = typer.Option(None, show_default="the store's, else 15", help="Block index."),
+    site: Optional[str] = typer.Option(None, show_default="the store's, else resid", help="resid or mlp."),
+    corpus: Optional[str] = typer.Option(None, show_default="the Python documentation", help="Held-out text."),
     n_tokens: int = typer.Option(4096, help="Tokens to evaluate on."),
     context_length: int = typer.Option(128, help="Tokens per sequence."),
-    set_: list[str] = typer.Option([], "--set", help="Encoder option FIELD=VALUE."),
-    histogram: Optional[Path] = typer.Option(None, help="Save the firing-rate histogram here (.png)."),
-    out: Optional[Path] = typer.Option(None, help="Save the results (.json)."),
+    set_: list[str] = typer.Option([], "--set", show_default="none", help="Encoder option ENCODER.FIELD=VALUE."),
+    histogram: Optional[Path] = typer.Option(None, show_default="not drawn",
+                                             help="Save the firing-rate histogram here (.png)."),
+    out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the results (.json)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
 ) -> None:
     """Splice reconstructions into the model: CE increase, CE recovered, firing rates."""
-    from .activations import ActivationStore, evaluate, firing_histogram, load_model, read_corpus
-    from .registry import get_encoder
-    from .training import load_encoder
-    from .dictionary import as_dictionary
     if out is not None:
         _io.check_replace(_io.check_writable(out, "--out", suffixes=(".json",)), "sparsecode evaluation",
-                          lambda p: json.loads(p.read_text(encoding="utf-8")).get("format") == EVALUATION_FORMAT)
+                          lambda p: _io.has_format(p, EVALUATION_FORMAT))
     if histogram is not None:
         _io.check_replace(_io.check_writable(histogram, "--histogram", suffixes=(".png",)), "PNG figure",
                           lambda p: p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
-    meta = ActivationStore(store).manifest if store is not None else {}
+    activations = ActivationStore(store) if store is not None else None
     D = as_dictionary(dictionary)
-    # the dictionary's own record of its input scale wins; a store's normalisation otherwise
-    scale = D.metadata.get("input_scale") or float((meta.get("normalization") or {}).get("scale", 1.0))
     if encoder.endswith(".safetensors"):
-        enc = load_encoder(encoder)
+        enc = encoder_file.load_encoder(encoder)
     else:
-        enc = get_encoder(encoder, **_method_options(encoder, set_))
-        if enc.trainable:
-            if store is None:
-                raise ValueError(f"encoder {encoder!r} is trained: give --store to train it on")
-            enc.fit(D, ActivationStore(store).load(8192, normalize=True))
-        else:
-            enc.fit(D)
-    name = model or (None if meta.get("model", "").startswith("SmolLM2-135M-Instruct (embedded") else meta.get("model"))
-    loaded = load_model(name, device=device)
+        enc = get_encoder(encoder, **_parse_sets(set_, [encoder]).get(encoder, {}))
+        if enc.trainable and activations is None:
+            raise ValueError(f"encoder {encoder!r} is trained: give --store to train it on")
+        enc.fit(D, activations.load(EVALUATE_TRAIN_TOKENS, normalize=True).x if enc.trainable else None)
+    at = Hookpoint.of(D, activations, model=model, layer=layer, site=site)
+    loaded = load_model(at.model, device=device)
     _, docs = read_corpus(corpus)
-    result = evaluate(loaded, enc, D, docs, layer=layer if layer is not None else meta.get("layer", 15),
-                      site=site or meta.get("site", "resid"), context_length=context_length, n_tokens=n_tokens,
-                      scale=scale, seed=meta.get("seed", 0) + 1)
-    shown = {k: v for k, v in result.items() if k != "firing_rates"}
+    result = evaluate(loaded, enc, D, docs, layer=at.layer, site=at.site, context_length=context_length,
+                      n_tokens=n_tokens, scale=at.scale, seed=at.seed)
+    shown = result.metrics()
     print_table([{"encoder": enc.name, **shown}], ["encoder", *shown],
-                title=f"spliced into the model at layer {layer if layer is not None else meta.get('layer')}")
+                title=f"spliced into the model at layer {at.layer} ({at.site})")
     if histogram is not None:
-        firing_histogram(result["firing_rates"], histogram, title=enc.name)
-        console.print(f"saved {histogram}")
+        _saved(firing_histogram(result.firing_rates, histogram, title=enc.name))
     if out is not None:
-        _io.write_json(out, {"format": EVALUATION_FORMAT, **result})
-        console.print(f"saved {out}")
+        _io.write_json(out, {"format": EVALUATION_FORMAT, **result.to_dict()})
+        _saved(out)
 
 
 @app.command("export")
@@ -539,13 +541,11 @@ def export_cmd(
     allow_pickle: bool = typer.Option(False, help="Allow reading a pickle SAE weights file (ae.pt)."),
 ) -> None:
     """Export a ReLU/TopK SAE encoder and its dictionary in SAELens's format."""
-    from .training import load_encoder
-    from .registry import get_encoder
     check_export_folder(out)
     if Path(encoder).is_dir():
         enc = get_encoder("sae-file", allow_pickle=allow_pickle).fit(load_sae_dictionary(encoder, allow_pickle))
     else:
-        enc = load_encoder(encoder)
+        enc = encoder_file.load_encoder(encoder)
     folder = export_saelens(enc, out)
     console.print(f"saved SAELens folder {folder}")
 
@@ -560,10 +560,9 @@ def bench_speed(
     repeats: int = typer.Option(5, help="Timed runs per encoder; medians are reported."),
     threads: int = typer.Option(0, help="Threads for torch and SPAMS (0: leave as is)."),
     device: str = typer.Option("cpu", help="Device of our encoders."),
-    out: Optional[Path] = typer.Option(None, help="Save the rows to .json or .csv."),
+    out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to .json or .csv."),
 ) -> None:
     """Throughput of our OMP and FISTA against SPAMS and scikit-learn on one problem, as ratios."""
-    from .bench import speed
     _setup_logging(False)
     if out is not None:
         Comparison.check_out(out)
@@ -573,7 +572,7 @@ def bench_speed(
                 title=f"speed: {n_samples} signals, d={d}, n_atoms={n_atoms}, k={k}, lam={lam}")
     if out is not None:
         Comparison(rows, {"bench": "speed"}).save(out)
-        console.print(f"saved {out}")
+        _saved(out)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -587,6 +586,36 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+@bench_app.command("ranks")
+def bench_ranks(
+    ranks: int = typer.Option(2, help="Processes of the many-process run (torchrun --nproc-per-node)."),
+    n_tokens: int = typer.Option(32768, help="Signals of the synthetic activation store compared on."),
+    d: int = typer.Option(256, help="Signal dimension."),
+    n_atoms: int = typer.Option(1024, help="Atoms of the dictionary."),
+    k: int = typer.Option(16, help="Non-zeros per synthetic code and the encoders' k."),
+    encoders: str = typer.Option("omp,fista", help="Comma-separated encoders."),
+    repeats: int = typer.Option(1, help="Runs of each command; medians are reported."),
+    out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to this JSON file."),
+) -> None:
+    """Speed-up of a comparison over an activation store on --ranks processes (torchrun, one thread
+    each) over one process."""
+    _setup_logging(False)
+    if out is not None:
+        _io.check_writable(out, "--out", suffixes=(".json",))
+    with _progress(TextColumn("{task.completed}/{task.total} runs")) as bar:
+        task = bar.add_task("ranks", total=2 * repeats)
+        rows = bench_ranks_run(n_ranks=ranks, n_tokens=n_tokens, d=d, n_atoms=n_atoms, k=k,
+                               encoders=tuple(_names(encoders)), repeats=repeats,
+                               callback=lambda done, total: bar.update(task, completed=done))
+    print_table(rows, ["encoder", "ranks", "signals_per_s_1", "signals_per_s", "speedup", "wall_s_1", "wall_s",
+                       "wall_speedup"],
+                title=f"{ranks} processes over 1, one thread each: {n_tokens:,} signals, d={d}, n_atoms={n_atoms}, "
+                      f"k={k} (signals/s: encoding; wall: the whole command)")
+    if out is not None:
+        _io.write_json(out, {"bench": "ranks", "rows": rows})
+        _saved(out)
+
+
 @bench_app.command("scale")
 def bench_scale(
     n_atoms: str = typer.Option("4096,16384,65536", help="Dictionary sizes, comma-separated."),
@@ -595,35 +624,23 @@ def bench_scale(
     n_samples: int = typer.Option(256, help="Signals per cell at n_atoms=4,096, d=576; larger cells get proportionally "
                                             "fewer (at least 32)."),
     repeats: int = typer.Option(3, help="Timed runs per encoder; medians are reported."),
-    memory: Optional[str] = typer.Option(None, help="Working-memory budget of every encoder, e.g. 4GB [default: half "
-                                                    "the device's free memory]."),
+    memory: Optional[str] = typer.Option(None, show_default="half the device's free memory",
+                                         help="Working-memory budget of every encoder, e.g. 4GB."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     encoders: str = typer.Option("omp,mp,fista,topk,spams-omp", help="Comma-separated encoders."),
-    out: Optional[Path] = typer.Option(None, help="Save the rows to this JSON file."),
-    figure: Optional[Path] = typer.Option(None, help="Save a figure of throughput against n_atoms (.png, .pdf, .svg)."),
+    out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to this JSON file."),
+    figure: Optional[Path] = typer.Option(None, show_default="not drawn", help="Save a figure of throughput against n_atoms (.png, .pdf, .svg)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Inference at the sizes of real SAEs: throughput, peak memory and time relative to the amortised floor."""
-    from rich.progress import TimeRemainingColumn
-
-    from .bench import scale, scale_figure
     _setup_logging(verbose)
-    try:
-        grid = {"n_atoms": _int_list(n_atoms, "--n-atoms"), "d": _int_list(d, "--d"), "k": _int_list(k, "--k")}
-        names = tuple(n.strip() for n in encoders.split(",") if n.strip())
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                      console=console, transient=True) as progress:
-            task = progress.add_task("scale", total=None)
-            rows = scale(**grid, n_samples=n_samples, repeats=repeats, memory=memory, device=device, encoders=names,
-                         callback=lambda done, total, what: progress.update(task, completed=done, total=total,
-                                                                            description=what))
-    except (ValueError, TypeError, ImportError) as err:
-        _fail(str(err))
-    import torch
-    from ._validation import resolve_device
-    where = resolve_device(device)
-    label = torch.cuda.get_device_name(where) if where.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    grid = {"n_atoms": _int_list(n_atoms, "--n-atoms"), "d": _int_list(d, "--d"), "k": _int_list(k, "--k")}
+    with _progress(TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("scale", total=None)
+        rows = scale(**grid, n_samples=n_samples, repeats=repeats, memory=memory, device=device,
+                     encoders=tuple(_names(encoders)),
+                     callback=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
+    label = describe_device(device)
     print_table([r for r in rows if "skipped" not in r],
                 ["n_atoms", "d", "k", "encoder", "variant", "signals_per_s", "ratio_to_floor", "peak_memory_mb", "f1",
                  "l0"], title=f"scale: {label}, float32 (ratio: time / amortised floor's time)")
@@ -633,10 +650,10 @@ def bench_scale(
                           f"k={row['k']}: {row['skipped']}")
     if out is not None:
         _io.write_json(out, {"bench": "scale", "device": label, "dtype": "float32", "memory": memory, "rows": rows})
-        console.print(f"saved {out}")
+        _saved(out)
     if figure is not None:
         scale_figure(rows, figure, title=f"Inference throughput ({label}, float32)")
-        console.print(f"saved {figure}")
+        _saved(figure)
 
 
 def _grid(items: list[str]) -> dict:
@@ -653,40 +670,38 @@ def _grid(items: list[str]) -> dict:
 @bench_app.command("recovery")
 def bench_recovery(
     preset: str = typer.Option("paper-c", help="paper-c, compressed-sensing or sae-realistic."),
-    out: Optional[Path] = typer.Option(None, help="Results, one JSON line per cell after a settings header; an "
-                                                  "existing results file is resumed (finished cells are skipped), "
-                                                  "one with other settings is refused [default: "
-                                                  "recovery-PRESET.jsonl]."),
-    encoders: Optional[str] = typer.Option(None, help="Comma-separated encoders instead of the preset's."),
-    grid: list[str] = typer.Option([], help="Replace a grid axis: AXIS=V1,V2 (axes: n_atoms, d, k, snr_db, "
+    out: Optional[Path] = typer.Option(None, show_default="recovery-PRESET.jsonl",
+                                       help="Results, one JSON line per cell after a settings header; an existing "
+                                            "results file is resumed (finished cells are skipped), one with other "
+                                            "settings is refused."),
+    encoders: Optional[str] = typer.Option(None, show_default="the preset's", help="Comma-separated encoders."),
+    grid: list[str] = typer.Option([], show_default="the preset's", help="Replace a grid axis: AXIS=V1,V2 (axes: n_atoms, d, k, snr_db, "
                                             "coherence, power_law). Repeatable."),
-    seeds: Optional[int] = typer.Option(None, help="Seeds per grid point (>= 1) instead of the preset's."),
-    n_samples: Optional[int] = typer.Option(None, help="Test signals per cell instead of the preset's."),
+    seeds: Optional[int] = typer.Option(None, show_default="the preset's", help="Seeds per grid point (>= 1)."),
+    n_samples: Optional[int] = typer.Option(None, show_default="the preset's", help="Test signals per cell."),
     match: str = typer.Option("l0", help="'l0': every encoder at the planted k (k set, lam calibrated); 'none'."),
-    budget: Optional[int] = typer.Option(None, help="Iterations per signal for iterative encoders (matched compute)."),
+    budget: Optional[int] = typer.Option(None, show_default="each encoder's own", help="Iterations per signal for iterative encoders (matched compute)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Sweep planted problems over a grid and record how each encoder recovers the codes."""
-    from .recovery import default_out, preset as get_preset, recovery
     _setup_logging(verbose)
     out = out or default_out(preset)
     _io.check_writable(out, "--out")
-    names = None if encoders is None else [n.strip() for n in encoders.split(",") if n.strip()]
+    names = None if encoders is None else _names(encoders)
     axes = _grid(grid)
     get_preset(preset)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task(f"{preset} cells", total=None)
+    with _progress(TextColumn("{task.completed}/{task.total}")) as bar:
+        task = bar.add_task(f"{preset} cells", total=None)
 
         def on_cell(done: int, total: int, record: dict) -> None:
-            progress.update(task, completed=done, total=total,
-                            description=f"{preset} cells ({', '.join(f'{k}={v}' for k, v in record['cell'].items())})")
+            bar.update(task, completed=done, total=total,
+                       description=f"{preset} cells ({', '.join(f'{k}={v}' for k, v in record['cell'].items())})")
 
         records = recovery(preset, out=out, encoders=names, grid=axes, seeds=seeds, n_samples=n_samples,
                            match=match, budget=budget, device=device, callback=on_cell)
-    from .report import _rows, ranking
-    rows = ranking(_rows(records))
+    from .report import flat_rows, ranking
+    rows = ranking(flat_rows(records))
     print_table(rows, ["encoder", "cells", "code_mcc", "f1", "exact_support", "fvu", "l0", "flops_per_signal"],
                 title=f"{preset}: {len(records)} cells, means")
     skipped = [(r["encoder"], r["skipped"]) for rec in records for r in rec.get("rows", []) if "skipped" in r]
@@ -698,8 +713,8 @@ def bench_recovery(
 @app.command("report")
 def report_cmd(
     results: Path = typer.Argument(..., help="A results file from `sparsecode bench recovery`."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the figures and report.md [default: RESULTS stem + "
-                                                  "'-report']."),
+    out: Optional[Path] = typer.Option(None, show_default="RESULTS without .jsonl, plus -report",
+                                       help="Folder for the figures and report.md."),
 ) -> None:
     """Render phase-transition maps, MCC-vs-N curves, Pareto fronts and a ranking table."""
     from .report import report

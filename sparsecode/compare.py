@@ -15,13 +15,16 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import _io, metrics
+from . import _io, distributed, metrics
 from ._validation import as_tensor, check_positive, resolve_device
-from .dictionary import Dictionary, as_dictionary
+from .data import Signals, as_signals, with_dictionary
+from .dictionary import Dictionary
 from .encoder import Encoded, Encoder, suggest
-from .registry import encoder_class, get_encoder
+from .encoder_file import load_encoder
+from .learning import learn_dictionary, learning_methods, method_options
+from .registry import encoder_class, encoder_names, get_encoder
 from .synthetic import SparseData
-from .training import _progress
+from .training import progress_callback
 
 log = logging.getLogger(__name__)
 _UNSET = object()
@@ -30,7 +33,7 @@ _UNSET = object()
 CALIBRATION_TOKENS = 4096
 
 #: Column order of a comparison table (a row omits what is undefined for it).
-COLUMNS = ("encoder", "k", "lam", "fvu", "mse", "l0", "precision", "recall", "f1", "exact_support", "code_mcc",
+COLUMNS = ("encoder", "k", "lam", "l1_coefficient", "fvu", "mse", "l0", "precision", "recall", "f1", "exact_support", "code_mcc",
            "nmse_db", "dictionary_mcc",
            "objective", "objective_gap", "objective_excess", "uncertified", "dead", "dense", "encode_s",
            "signals_per_s",
@@ -92,47 +95,6 @@ def _is_results(path: Path) -> bool:
     return isinstance(obj, dict) and (obj.get("format") == FORMAT or ("rows" in obj and "settings" in obj))
 
 
-@dataclass
-class _Data:
-    x: torch.Tensor
-    codes: torch.Tensor | None
-    dictionary: Dictionary | None
-
-
-def _signals(data, device) -> tuple[torch.Tensor, torch.Tensor | None, Dictionary | None]:
-    """Signals, true codes (or None) and true dictionary (or None) of any accepted data form."""
-    if isinstance(data, SparseData):
-        x, codes, true = data.x, data.codes, data.dictionary
-    elif isinstance(data, dict):
-        if "x" not in data:
-            raise ValueError(f"data dict needs an 'x' entry (n, d); it has {sorted(data)}")
-        x, codes, true = data["x"], data.get("codes"), None
-    else:
-        x, codes, true = data, None, None
-    x = as_tensor(x, "x", device=device)
-    if codes is not None:
-        codes = as_tensor(codes, "codes", device=device, dtype=x.dtype)
-        if codes.shape[0] != x.shape[0]:
-            raise ValueError(f"codes has {codes.shape[0]} rows but x has {x.shape[0]}")
-    return x, codes, true
-
-
-def _as_data(data, dictionary, device) -> _Data:
-    x, codes, true = _signals(data, device)
-    if dictionary is None or (isinstance(dictionary, str) and dictionary == "true"):
-        if true is None:
-            raise ValueError("dictionary='true' needs synthetic data (SparseData) that carries its dictionary; "
-                             "pass a Dictionary, an atoms array or a saved dictionary path")
-        dictionary = true
-    dictionary = as_dictionary(dictionary).to(device=device, dtype=x.dtype)
-    if dictionary.d != x.shape[1]:
-        raise ValueError(f"x has d={x.shape[1]} but the dictionary's atoms have d={dictionary.d}")
-    if codes is not None and codes.shape[1] != dictionary.n_atoms:
-        codes = None
-        log.warning("true codes have a different number of atoms than the dictionary: code metrics skipped")
-    return _Data(x, codes, dictionary)
-
-
 class Unreachable(ValueError):
     """A target L0 the encoder cannot reach with any value of its knob (found before searching)."""
 
@@ -143,10 +105,12 @@ REACH_SAMPLE = 256
 
 def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: float, *, params: dict | None = None,
               x_train: torch.Tensor | None = None, rel_tol: float = 0.02, max_steps: int = 40) -> tuple[Encoder, float]:
-    """Set an encoder's sparsity knob (`k` or `lam`) so its mean L0 on `x` is `target_l0`.
+    """Set an encoder's sparsity knob (`k`, `lam` or another penalty) so its mean L0 on `x` is `target_l0`.
 
     `k` is searched over integers (bisection on the monotone L0(k)); `lam` by bisection on
-    log(lam) between lam_max = max |x D^T| (all codes zero) and lam_max * 1e-6. Stops when the
+    log(lam) between lam_max = max |x D^T| (all codes zero) and lam_max * 1e-6, and any other
+    penalty knob over the same range divided by the encoder's `lam_per_unit` (the lasso penalty one
+    unit of that knob amounts to). Stops when the
     L0 is within `rel_tol` of the target (at least 0.05 absolute), or returns the closest value
     found. Returns the fitted encoder and its mean L0.
 
@@ -181,6 +145,7 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
         densest = cls.max_k(dictionary.n_atoms, dictionary.d)
     else:
         scale = float((x @ dictionary.atoms_as(x.dtype, x.device).T).abs().max())
+        scale /= cls.lam_per_unit(dictionary.n_atoms, dictionary.d)
         densest = scale * 1e-6
     _check_reachable(name, cls, dictionary, x, target_l0, tol, fit_at, densest)
     if cls.knob == "k":
@@ -230,12 +195,12 @@ def _check_reachable(name, cls, dictionary: Dictionary, x, target_l0, tol, fit_a
     margin = 3 * float(per_signal.std()) / math.sqrt(len(per_signal)) if len(per_signal) > 1 else 0.0
     reach = float(per_signal.mean())
     if reach + tol + margin < target_l0:
-        knob = f"k={densest}" if cls.knob == "k" else f"lam={densest:.3g} (lam_max * 1e-6)"
+        knob = f"k={densest}" if cls.knob == "k" else f"{cls.knob}={densest:.3g} (its lam_max * 1e-6)"
         raise Unreachable(f"target_l0={target_l0:g} is out of {name}'s reach: at its densest setting, {knob}, "
                           f"its mean L0 is {reach:.3g} (on {len(per_signal)} signals)")
 
 
-def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, lam: float = 0.1,
+def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, lam: float | None = None,
             encoder_params: dict[str, dict] | None = None, target_l0: float | None = None,
             x_train=None, joint: bool = False, n_atoms: int | None = None, seed: int = 0,
             reference: str | None = "auto", repeats: int = 1, device=None,
@@ -255,7 +220,10 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         it may be larger than memory (calibration with `target_l0` uses its first 4,096 tokens).
     dictionary : a Dictionary, atoms (n_atoms, d), a saved dictionary path, or "true"/None for
         the synthetic data's own dictionary.
-    k, lam : shared defaults for every encoder that has that knob (k defaults to the data's k).
+    k, lam : set on every encoder that has that config field; left None, each encoder keeps its own
+        default (k: the synthetic data's k where the data has one). `lam` is always the lasso
+        penalty ``0.5 ||x - z D||^2 + lam ||z||_1`` per signal; encoders with another penalty name it
+        otherwise (relu, mlp, ito: `l1_coefficient`) and are set through `encoder_params`.
     encoder_params : per-encoder config fields, ``{"fista": {"lam": 0.05}}``; they win over k/lam.
     target_l0 : calibrate each encoder's knob so its mean L0 matches (see `calibrate`).
     x_train : training signals for trainable encoders (and for learning, with joint=True).
@@ -288,7 +256,8 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     items = list(encoders)
     if not items:
         raise ValueError("no encoders given")
-    check_positive("lam", lam)
+    if lam is not None:
+        check_positive("lam", lam)
     device = resolve_device(device)
     from .activations import as_token_range
     stream = as_token_range(data)
@@ -310,7 +279,7 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     unknown = set(encoder_params or {}) - set(names)
     if unknown:
         raise ValueError(f"options given for encoders not compared: {sorted(unknown)}")
-    d = _as_data(data, dictionary, device)
+    d = with_dictionary(data, dictionary, device)
     if k is None and isinstance(data, SparseData):
         k = data.k
     if x_train is not None and as_token_range(x_train) is None:
@@ -340,7 +309,7 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
             if enc.dictionary.n_atoms != d.dictionary.n_atoms or enc.dictionary.d != d.dictionary.d:
                 raise ValueError(f"encoder {name!r} was fitted to a ({enc.dictionary.n_atoms}, {enc.dictionary.d}) "
                                  f"dictionary, the comparison uses ({d.dictionary.n_atoms}, {d.dictionary.d})")
-        rows.append(_measure(enc, d, lam, solver, references, repeats, fit_s, stream, batch_size, progress))
+        rows.append(_measure(enc, d, solver, references, repeats, fit_s, stream, batch_size, progress))
         if callback:
             callback(name, "done")
     return Comparison(rows, settings)
@@ -353,7 +322,7 @@ AUTO_REFERENCE_MAX = 1 << 22
 AUTO_REFERENCE = "fista"
 
 
-def _choose_reference(reference, items, names, d: _Data, n_samples: int) -> str | None:
+def _choose_reference(reference, items, names, d: Signals, n_samples: int) -> str | None:
     """The reference solver's name, or None (see `compare`'s `reference`)."""
     if reference is None or reference == "none":
         return None
@@ -372,7 +341,6 @@ def _choose_reference(reference, items, names, d: _Data, n_samples: int) -> str 
         return AUTO_REFERENCE
     cls = encoder_class(reference)
     if not cls.solves_lasso:
-        from .registry import encoder_names
         lasso = [n for n in encoder_names() if _solves_lasso(n, n)]
         raise ValueError(f"reference {reference!r} does not solve the lasso objective; lasso solvers: "
                          f"{', '.join(lasso)} (or 'auto', 'none')")
@@ -391,12 +359,8 @@ def _solves_lasso(item, name) -> bool:
 
 
 def _shared_knobs(method: str, k, lam) -> dict:
-    """The comparison's k and lam, for the learning methods that take them."""
-    from .learning import REFERENCE_METHODS
-    if method in REFERENCE_METHODS:
-        fields = {"sparse-coding": ("k", "lam"), "sklearn": ("lam",), "spams": ("lam",)}[method]
-    else:
-        fields = tuple(encoder_class(method).Config.__dataclass_fields__)
+    """The comparison's k and lam, for the learning methods that take them (and were set)."""
+    fields = method_options(method)
     return {key: value for key, value in (("k", k), ("lam", lam)) if key in fields and value is not None}
 
 
@@ -405,17 +369,16 @@ def _loaded(item) -> Encoder:
         if item.dictionary is None:
             raise ValueError(f"encoder object {item.name!r} is not fitted; pass its name to have it fitted")
         return item
-    from .training import load_encoder
     return load_encoder(item)
 
 
-def _prepare(name, d: _Data, k, lam, params, target_l0, x_train, seed) -> tuple[Encoder, float]:
+def _prepare(name, d: Signals, k, lam, params, target_l0, x_train, seed) -> tuple[Encoder, float]:
     cls = encoder_class(name)
     fields = set(cls.Config.__dataclass_fields__)
     config = {}
     if "k" in fields and k is not None:
         config["k"] = k
-    if "lam" in fields:
+    if "lam" in fields and lam is not None:
         config["lam"] = lam
     if "seed" in fields:
         config["seed"] = seed
@@ -433,7 +396,6 @@ def _prepare(name, d: _Data, k, lam, params, target_l0, x_train, seed) -> tuple[
 
 
 def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callback, k, lam) -> Comparison:
-    from .learning import learn_dictionary, learning_methods
     known = learning_methods()
     for m in methods:
         if not isinstance(m, str) or m not in known:
@@ -442,8 +404,8 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
     unknown = set(params) - set(methods)
     if unknown:
         raise ValueError(f"options given for methods not compared: {sorted(unknown)}")
-    x, true_codes, true = _signals(data, device)
-    d = _Data(x, true_codes, true)
+    d = as_signals(data, device)
+    true = d.dictionary
     true_atoms = None if true is None else true.atoms
     n_atoms = n_atoms or (None if true is None else true.n_atoms)
     if n_atoms is None:
@@ -458,8 +420,9 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
         learned = learn_dictionary(x_train, method, n_atoms, seed=seed, **options)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
-        codes = learned.encoder.encode(d.x)
+        info = learned.encoder.encode_with_info(d.x)
         encode_s = time.perf_counter() - start
+        codes = info.codes
         x_hat = learned.dictionary.decode(codes)
         row = {"encoder": method, "fvu": metrics.fvu(d.x, x_hat), "mse": metrics.mse(d.x, x_hat),
                "l0": metrics.mean_l0(codes)}
@@ -469,7 +432,7 @@ def _compare_joint(methods, data, x_train, n_atoms, params, seed, device, callba
             row["dictionary_mcc"] = metrics.dictionary_mcc(true_atoms, learned.dictionary.atoms)
         row.update(dead=metrics.dead_fraction(codes), dense=metrics.dense_fraction(codes), encode_s=encode_s,
                    signals_per_s=d.x.shape[0] / max(encode_s, 1e-12),
-                   flops_per_signal=learned.encoder.flops_per_signal(), fit_s=fit_s)
+                   flops_per_signal=learned.encoder.flops_per_signal(info), fit_s=fit_s)
         rows.append(row)
         if callback:
             callback(method, "done")
@@ -500,25 +463,26 @@ def timed_encode_info(enc: Encoder, x: torch.Tensor, repeats: int = 1, warmup: b
     return float(np.median(times)), info
 
 
-def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s, stream=None,
+def _measure(enc: Encoder, d: Signals, reference, references, repeats, fit_s, stream=None,
              batch_size: int = 4096, progress=None) -> dict:
     """One comparison row: `d.x` encoded at once, or the `stream` (a store's tokens) batch by batch.
     Both accumulate the set-level metrics the same way (`metrics.MetricAccumulator`); only encoders
     that solve the lasso get its objective and, against `reference`, the gap to its optimum."""
     name = enc.name
     row = {"encoder": name}
-    for knob in ("k", "lam"):
-        if hasattr(enc.config, knob):
+    for knob in dict.fromkeys(("k", "lam", enc.knob)):
+        if knob is not None and hasattr(enc.config, knob):
             row[knob] = getattr(enc.config, knob)
-    row_lam = getattr(enc.config, "lam", lam)
-    positive = bool(getattr(enc.config, "positive", False))
     lasso = bool(enc.solves_lasso)
+    row_lam = enc.config.lam if lasso else None          # a lasso solver's config has the lam it solves at
+    positive = bool(getattr(enc.config, "positive", False))
     acc = metrics.MetricAccumulator(d.dictionary.n_atoms)
-    uncertified = None
+    uncertified = last = None
     objective = ref = trivial = None
     if stream is None:
         n = d.x.shape[0]
         encode_s, info = timed_encode_info(enc, d.x, repeats)
+        last = info
         codes, uncertified = info.codes, info.uncertified
         objective = _accumulate(acc, d.x, codes, d.dictionary, row_lam if lasso else None)
         if d.codes is not None:
@@ -530,28 +494,41 @@ def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s,
             ref = _reference_objective(d, row_lam, positive, reference, references)
             trivial = metrics.lasso_objective(d.x, torch.zeros_like(codes), d.dictionary.atoms, 0.0, d.dictionary.bias)
     else:
-        n, encode_s = 0, 0.0
+        # under a launcher each rank encodes its contiguous run of the batches (its shards) and
+        # the sums are reduced exactly: the row is the whole store's
+        group = distributed.current()
+        mine = group.part(-(-stream.n_tokens // batch_size))
+        lo, hi = mine.start * batch_size, min(mine.stop * batch_size, stream.n_tokens)
+        part = type(stream)(stream.store, stream.start + lo, hi - lo, stream.normalize)
+        n, encode_s, flops = 0, 0.0, 0.0
         key = ("store", row_lam, positive, reference)
         totals = [0.0, 0.0] if lasso and reference is not None and key not in references else None
-        for xb in stream.batches(batch_size):
+        for xb in part.batches(batch_size):
             xb = xb.to(device=d.x.device, dtype=d.x.dtype)
             seconds, info = timed_encode_info(enc, xb)
+            last = info
             encode_s += seconds
+            flops += enc.flops_per_signal(info) * xb.shape[0]      # it depends on the batch (iterations)
             _accumulate(acc, xb, info.codes, d.dictionary, row_lam if lasso else None)
             if info.uncertified is not None:
                 uncertified = (uncertified or 0) + info.uncertified
             if totals is not None:
                 # the same batches for every encoder: the reference totals are computed once per (lam, positive)
-                batch = _Data(xb, None, d.dictionary)
+                batch = Signals(xb, None, d.dictionary)
                 totals[0] += float(_reference_objective(batch, row_lam, positive, reference, references,
                                                         keep=False).sum())
                 totals[1] += float(metrics.lasso_objective(xb, torch.zeros_like(info.codes), d.dictionary.atoms, 0.0,
                                                            d.dictionary.bias).sum())
             n += xb.shape[0]
             if progress is not None:
-                progress(name, n, stream.n_tokens)
+                progress(name, n, part.n_tokens)
+        (acc,) = distributed.reduce_accumulators(group, [acc])
+        n, encode_s = stream.n_tokens, group.max(encode_s)        # the job's time: its slowest rank
+        flops = float(group.sum(torch.tensor([flops], dtype=torch.float64))) / n
+        counts = group.gather(uncertified)
+        uncertified = None if all(c is None for c in counts) else sum(c or 0 for c in counts)
         if totals is not None:
-            references[key] = totals
+            references[key] = group.sum(torch.tensor(totals, dtype=torch.float64)).tolist()
         if lasso:
             objective = torch.tensor([acc.objective_sum / n], dtype=torch.float64)
             if reference is not None:
@@ -569,7 +546,7 @@ def _measure(enc: Encoder, d: _Data, lam, reference, references, repeats, fit_s,
     if uncertified is not None:
         row["uncertified"] = uncertified
     row.update(encode_s=encode_s, signals_per_s=n / encode_s if encode_s > 0 else float("inf"),
-               flops_per_signal=enc.flops_per_signal(), fit_s=fit_s)
+               flops_per_signal=enc.flops_per_signal(last) if stream is None else flops, fit_s=fit_s)
     log.info("%s: %s", name, {k_: round(v, 4) if isinstance(v, float) else v for k_, v in row.items()})
     return row
 
@@ -582,7 +559,7 @@ def _accumulate(acc: metrics.MetricAccumulator, x, codes, dictionary: Dictionary
     return objective
 
 
-def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cache: dict,
+def _reference_objective(d: Signals, lam: float, positive: bool, solver: str, cache: dict,
                          keep: bool = True) -> torch.Tensor:
     """Per-signal lasso objective of the reference solver at (lam, positive) on `d.x`. The fitted
     solver (float64 dictionary, its Lipschitz constant and Gram matrix) is made once per comparison
@@ -592,7 +569,7 @@ def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cach
         return cache[key]
     ref = _reference_solver(d.dictionary, lam, positive, solver, cache)
     what = f"reference {solver} (lam={lam:g}{', positive' if positive else ''})"
-    report = _progress.get()
+    report = progress_callback()
     if report is not None:
         report(what, 0, 1, float("nan"))
     start = time.perf_counter()
@@ -609,18 +586,6 @@ def _reference_objective(d: _Data, lam: float, positive: bool, solver: str, cach
 def _reference_solver(dictionary: Dictionary, lam: float, positive: bool, solver: str, cache: dict) -> Encoder:
     key = ("solver", lam, positive)
     if key not in cache:
-        fields = encoder_class(solver).Config.__dataclass_fields__
-        params = {"lam": lam}
-        if "positive" in fields:
-            params["positive"] = positive
-        elif positive:
-            raise ValueError(f"reference {solver!r} has no positive option, but a row constrains codes to be >= 0")
-        # tight convergence where the solver has these knobs (shared meaning across configs)
-        if "tol" in fields:
-            params["tol"] = 1e-9
-        if "criterion" in fields:
-            params["criterion"] = "gap"
-        if "max_iter" in fields:
-            params["max_iter"] = max(20000, fields["max_iter"].default)
+        params = encoder_class(solver).reference_params(lam, positive)
         cache[key] = get_encoder(solver, **params).fit(dictionary.to(dtype=torch.float64))
     return cache[key]

@@ -7,6 +7,8 @@ import torch
 
 from . import _io
 from ._validation import as_tensor
+from .ops import unit_rows
+from .sae_formats import load_sae
 
 FORMAT = "sparsecode.dictionary"
 
@@ -34,7 +36,7 @@ class Dictionary:
             raise ValueError(f"atoms has zero rows (first: atom {int((norms == 0).nonzero()[0, 0])}); "
                              "every atom needs a non-zero norm")
         if normalize:
-            atoms = atoms / norms[:, None]
+            atoms = unit_rows(atoms)
         self.atoms = atoms
         self.bias = None if bias is None else as_tensor(bias, "bias", ndim=1, dtype=atoms.dtype, device=atoms.device)
         if self.bias is not None and self.bias.shape[0] != self.d:
@@ -168,14 +170,20 @@ class Dictionary:
         return cls(tensors["atoms"], tensors.get("bias"), metadata=metadata)
 
 
-def as_dictionary(value) -> Dictionary:
-    """Accept a Dictionary, an atoms array, a path to a saved dictionary, or an SAE folder
-    (SAELens, sparsify, dictionary_learning: its decoder)."""
+def load_sae_dictionary(folder, allow_pickle: bool = False) -> Dictionary:
+    """The decoder of an SAE folder (SAELens, sparsify, dictionary_learning) as a Dictionary: atoms
+    = decoder rows, bias = decoder bias; the metadata names the folder, so `sae-file` finds its encoder."""
+    sae = load_sae(folder, allow_pickle)
+    return Dictionary(sae.atoms, sae.b_dec, metadata=sae.metadata(allow_pickle))
+
+
+def as_dictionary(value, *, allow_pickle: bool = False) -> Dictionary:
+    """Accept a Dictionary, an atoms array, a path to a saved dictionary, or an SAE folder (its
+    decoder; `allow_pickle` as in `load_sae_dictionary`)."""
     if isinstance(value, Dictionary):
         return value
     if isinstance(value, (str, Path)):
         if Path(value).is_dir():
-            from .sae_formats import load_sae_dictionary   # imports Dictionary from here
-            return load_sae_dictionary(value)
+            return load_sae_dictionary(value, allow_pickle)
         return Dictionary.load(value)
     return Dictionary(value)

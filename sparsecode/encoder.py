@@ -56,7 +56,7 @@ class EncoderConfig:
             value = getattr(self, f.name)
             if f.name == "k" and value is not None:
                 check_int_range("k", value, 1)
-            elif f.name in ("lam", "tol") and value is not None:
+            elif f.name in ("lam", "l1_coefficient", "tol") and value is not None:
                 check_positive(f.name, value)
             elif f.name == "max_iter":
                 check_int_range("max_iter", value, 1)
@@ -142,6 +142,10 @@ class Encoded:
     uncertified: int | None = None
     """Signals whose stopping criterion was not met when the iteration budget ran out (None: the
     method gives no certificate)."""
+    variant: str | None = None
+    """The variant of the method this call ran, where it chooses one from the sizes (e.g. 'gram')."""
+    working_bytes: int | None = None
+    """The working memory this call planned (bytes), where the method plans it from a budget."""
 
 
 def field_docs(config_cls: type) -> dict[str, str]:
@@ -203,16 +207,34 @@ class Encoder(abc.ABC):
     """Infers sparse codes for a fixed dictionary.
 
     Subclasses set `name`, `family`, `Config` (a frozen dataclass), optionally `requires`
-    (import name -> pip name) and `knob` (the config field that sets sparsity: "k" or "lam"),
-    and implement `_encode(x)` on a validated tensor with the decoder bias already removed.
+    (import name -> pip name), `knob` (the config field that sets sparsity) and the capabilities
+    below, and implement `_encode(x)` (or `_encode_with_info`) on a validated tensor; `_fit` when
+    fitting precomputes or learns something. The framework asks these attributes, never the name,
+    so a plug-in gets exactly the treatment of a built-in encoder.
+
+    `fit` and `encode` are template methods: the dictionary's and the signals' checks, the dtype
+    handling, the decoder bias and the not-fitted check live here, once, for every encoder.
     """
 
     name: ClassVar[str]
     family: ClassVar[str]
     Config: ClassVar[type[EncoderConfig]]
     requires: ClassVar[dict[str, str]] = {}
+    #: the config field that sets sparsity: "k" (active atoms per signal), "lam" (the lasso penalty)
+    #: or the method's own continuous penalty (e.g. "l1_coefficient"); None: none
     knob: ClassVar[str | None] = None
+    #: learns a network from signals in `fit(dictionary, x)` (with the dictionary frozen)
     trainable: ClassVar[bool] = False
+    #: can learn its own dictionary too, in `learn(x, n_atoms)`: a dictionary learning method
+    learns_dictionary: ClassVar[bool] = False
+    #: the method removes the dictionary's bias itself (a network trained on raw signals, an imported
+    #: SAE): `encode` passes it x as given instead of x - bias
+    sees_raw_input: ClassVar[bool] = False
+    #: encoding a thousand signals takes seconds or more: benchmarks time it once, not a median of several
+    slow: ClassVar[bool] = False
+    #: the CPU speed reference of `bench speed` for the encoders that solve its problem (the same knob,
+    #: the same `solves_lasso`)
+    speed_reference: ClassVar[bool] = False
     #: k may not exceed d either: the method refits the selected atoms by least squares (OMP)
     k_within_d: ClassVar[bool] = False
     #: The codes minimise the lasso objective 0.5||x - z D||^2 + lam ||z||_1 at the config's `lam`
@@ -238,7 +260,6 @@ class Encoder(abc.ABC):
         self.config = dataclasses.replace(config, **fields)
         self.config.validate()
         self.dictionary: Dictionary | None = None
-        self.n_iter_: float | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -248,21 +269,63 @@ class Encoder(abc.ABC):
         """pip names of the packages this encoder needs that are not installed."""
         return [pip for module, pip in cls.requires.items() if importlib.util.find_spec(module) is None]
 
-    def fit(self, dictionary, x=None) -> "Encoder":
+    # --- capabilities the framework asks for (class-level: no instance or dictionary needed) --------
+    @classmethod
+    def max_k(cls, n_atoms: int, d: int) -> int:
+        """The largest k this method accepts for a dictionary of n_atoms atoms in R^d."""
+        return min(n_atoms, d) if cls.k_within_d else n_atoms
+
+    @classmethod
+    def lam_per_unit(cls, n_atoms: int, d: int) -> float:
+        """The lasso penalty per signal that one unit of this encoder's penalty knob amounts to: 1 for
+        `lam` itself; a penalty on a loss averaged over dimensions and atoms converts otherwise. Calibration
+        brackets a penalty knob with it."""
+        return 1.0
+
+    @classmethod
+    def budget_params(cls, budget: int) -> dict:
+        """Config fields that give exactly `budget` iterations per signal ({}: the method does not iterate)."""
+        return {}
+
+    @classmethod
+    def reference_params(cls, lam: float, positive: bool) -> dict:
+        """Config fields that make this lasso solver the (tightly converged) reference of a comparison at
+        (lam, positive): the optimum that rows' objective gaps are measured against."""
+        if not cls.solves_lasso:
+            raise ValueError(f"{cls.name!r} does not solve the lasso objective: it cannot be a reference")
+        params = {"lam": lam}
+        if "positive" in cls.Config.__dataclass_fields__:
+            params["positive"] = positive
+        elif positive:
+            raise ValueError(f"reference {cls.name!r} has no positive option, but a row constrains codes to be >= 0")
+        return params
+
+    # --- the template: fit ------------------------------------------------------------------------
+    def fit(self, dictionary, x=None, y=None, **targets) -> "Encoder":
         """Bind to `dictionary` (a Dictionary, atoms array or saved path) and precompute what encoding needs.
 
-        Trainable encoders also learn from `x` of shape (n, d), with the dictionary frozen.
+        Trainable encoders also learn from `x` of shape (n, d) (or an activation store), with the
+        dictionary frozen; `y` (n, d_out) is a transcoder's targets (default x) and `targets` are a
+        method's other training targets (LISTA's `codes`).
         """
+        if y is not None:
+            targets["y"] = y
         missing = self.missing_requirements()
         if missing:
             raise ImportError(f"encoder {self.name!r} needs {', '.join(missing)}: pip install {' '.join(missing)}")
-        self.dictionary = as_dictionary(dictionary)
-        self._check_dictionary(self.dictionary)
-        if x is not None:
-            x = self._check_x(x)
-        self._fit(x)
+        if self.trainable and x is None:
+            raise ValueError(f"encoder {self.name!r} is trained: call fit(dictionary, x_train)")
+        if targets and not self.trainable:
+            raise TypeError(f"encoder {self.name!r} is not trained: it takes no {', '.join(sorted(targets))}")
+        dictionary = as_dictionary(dictionary)
+        self._check_dictionary(dictionary)
+        self.dictionary = dictionary
+        if x is not None and not self.trainable:
+            x = self._check_x(x)          # a trainable encoder's x may be a store: its `_fit` reads it
+        self._fit(x, **targets)
         return self
 
+    # --- the template: encode ---------------------------------------------------------------------
     def encode(self, x) -> torch.Tensor:
         """Codes of shape (n, n_atoms) for signals `x` of shape (n, d), on x's device and in x's dtype."""
         return self.encode_with_info(x).codes
@@ -273,21 +336,33 @@ class Encoder(abc.ABC):
         Per-call facts are returned, not kept on the encoder, so that one encoder can serve several
         callers (threads, a comparison and its calibration) without one reading another's numbers.
         """
-        if self.dictionary is None:
-            raise RuntimeError(f"encoder {self.name!r} is not fitted: call .fit(dictionary) first")
+        if not self.is_fitted:
+            how = "fit(dictionary, x_train)" if self.trainable else "fit(dictionary)"
+            raise RuntimeError(f"encoder {self.name!r} is not fitted: call .{how} first")
         x = self._check_x(x)
-        out_dtype = x.dtype
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        if self.dictionary.bias is not None:
+        work = x.to(self._work_dtype(x))
+        if self.dictionary.bias is not None and not self.sees_raw_input:
             work = work - self.dictionary.bias.to(device=work.device, dtype=work.dtype)
         with torch.no_grad():
             info = self._encode_with_info(work)
-        return dataclasses.replace(info, codes=info.codes.to(out_dtype))
+        return dataclasses.replace(info, codes=info.codes.to(x.dtype))
 
-    def flops_per_signal(self) -> float:
-        """Analytic floating-point operations to encode one signal (after the last `encode`).
+    @property
+    def is_fitted(self) -> bool:
+        """Whether `encode` can run: a dictionary is bound (and, for trained encoders, the network learned)."""
+        return self.dictionary is not None
 
-        NaN where the method has no closed-form count (interior-point solvers).
+    @property
+    def d_input(self) -> int:
+        """Features per input signal (the dictionary's d; a transcoder's input width differs)."""
+        return self.dictionary.d
+
+    def flops_per_signal(self, encoded: Encoded | None = None) -> float:
+        """Analytic floating-point operations to encode one signal.
+
+        `encoded` (what an `encode_with_info` call returned) gives the counts of that call where the
+        cost depends on them (iterations, atoms selected, the variant run); without it, the method's
+        planned or worst case. NaN where the method has no closed-form count (interior-point solvers).
         """
         return float("nan")
 
@@ -296,11 +371,6 @@ class Encoder(abc.ABC):
         return memory_budget(getattr(self.config, "memory", None), device)
 
     # --- for subclasses -----------------------------------------------------------------------
-    @classmethod
-    def max_k(cls, n_atoms: int, d: int) -> int:
-        """The largest k this method accepts for a dictionary of n_atoms atoms in R^d."""
-        return min(n_atoms, d) if cls.k_within_d else n_atoms
-
     def _check_dictionary(self, dictionary: Dictionary) -> None:
         k = getattr(self.config, "k", None)
         if k is None:
@@ -313,17 +383,22 @@ class Encoder(abc.ABC):
 
     def _check_x(self, x) -> torch.Tensor:
         x = as_tensor(x, "x")
-        if x.shape[1] != self.dictionary.d:
-            raise ValueError(f"x has d={x.shape[1]} features per signal but the dictionary's atoms have "
-                             f"d={self.dictionary.d}")
+        if x.shape[1] != self.d_input:
+            raise ValueError(f"x has d={x.shape[1]} features per signal but encoder {self.name!r} takes "
+                             f"d={self.d_input}")
         return x
 
-    def _fit(self, x: torch.Tensor | None) -> None:
+    def _work_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype `_encode` computes in: x's own when float32/float64, else float32."""
+        return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _fit(self, x: torch.Tensor | None, **targets) -> None:
         """Precompute (iterative solvers) or train (learned encoders); `self.dictionary` is set."""
 
     @abc.abstractmethod
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes (n, n_atoms) for validated signals `x` (n, d) in float32/float64, bias removed."""
+        """Codes (n, n_atoms) for validated signals `x` (n, d) in the working dtype, bias removed
+        (unless `sees_raw_input`)."""
 
     def _encode_with_info(self, x: torch.Tensor) -> Encoded:
         """`_encode` with per-call information; methods that can certify their answers override this."""

@@ -1,10 +1,10 @@
 """Learning a dictionary from signals: `learn_dictionary(x, method=..., n_atoms=...)`.
 
 Methods:
-- any trainable encoder of the registry that can learn its own decoder ("relu", "topk", "mlp",
-  "binary-topk", "binary-entropy"): encoder and dictionary trained together;
-- "sparse-coding": alternate codes from an inference encoder ("fista" or "omp") on the current
-  dictionary with a least-squares dictionary update (MOD), atoms renormalised, unused atoms
+- any encoder of the registry that can learn its own decoder (`Encoder.learns_dictionary`: "relu",
+  "topk", "mlp", "binary-topk", "binary-entropy"): encoder and dictionary trained together;
+- "sparse-coding": alternate codes from an inference encoder (any untrained one whose knob is k or
+  lam: "fista", "omp", ...) on the current dictionary with a least-squares dictionary update (MOD), atoms renormalised, unused atoms
   resampled from the worst-reconstructed signals;
 - "sklearn": scikit-learn's MiniBatchDictionaryLearning; "spams": SPAMS trainDL.
 """
@@ -22,11 +22,9 @@ from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary
 from .encoder import Encoder, suggest, to_numpy64
 from .registry import encoder_class, encoder_names, get_encoder
-from .training import TrainableEncoder, _progress
+from .training import progress_callback
 
 log = logging.getLogger(__name__)
-
-REFERENCE_METHODS = ("sparse-coding", "sklearn", "spams")
 
 
 @dataclass
@@ -40,16 +38,30 @@ class LearnedDictionary:
 
 def learning_methods() -> list[str]:
     """Names accepted by `learn_dictionary`."""
-    trainable = [n for n in encoder_names() if _learns(n)]
+    trainable = [n for n in encoder_names() if _class_where(n, lambda cls: cls.learns_dictionary)]
     return [*trainable, *REFERENCE_METHODS]
 
 
-def _learns(name: str) -> bool:
+def method_options(method: str) -> tuple[str, ...]:
+    """The options `learn_dictionary` takes for `method` (besides seed): a reference method's keyword-only
+    parameters, or the config fields of the encoder that learns."""
+    if method in REFERENCE_METHODS:
+        return tuple(name for name, p in inspect.signature(REFERENCE_METHODS[method]).parameters.items()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "seed")
+    return tuple(encoder_class(method).Config.__dataclass_fields__)
+
+
+def inference_methods() -> list[str]:
+    """Encoders alternating sparse coding can take its codes from: untrained ones set by k or lam."""
+    return [n for n in encoder_names() if _class_where(n, lambda cls: not cls.trainable and cls.knob in ("k", "lam"))]
+
+
+def _class_where(name: str, test) -> bool:
     try:
         cls = encoder_class(name)
-    except Exception:   # a broken plug-in cannot learn anything
+    except Exception:   # a broken plug-in can do nothing
         return False
-    return issubclass(cls, TrainableEncoder) and getattr(cls, "learns_dictionary", True)
+    return bool(test(cls))
 
 
 def learn_dictionary(x, method: str = "topk", n_atoms: int = 16, *, y=None, seed: int = 0,
@@ -99,18 +111,17 @@ def _learn(x, method, n_atoms, y, seed, params, streamed: bool) -> LearnedDictio
         if y is not None:
             raise ValueError(f"method {method!r} learns an autoencoding dictionary; transcoders (y) need a "
                              "trainable method")
-        learn = {"sparse-coding": _alternating, "sklearn": _sklearn, "spams": _spams}[method]
-        _check_options(method, learn, params)
+        learn = REFERENCE_METHODS[method]
+        _check_options(method, params)
         return learn(x, n_atoms, seed=seed, **params)
     enc = get_encoder(method, seed=seed, **params)
     dictionary = enc.learn(x, n_atoms, y)
     return LearnedDictionary(dictionary, enc, enc.losses)
 
 
-def _check_options(method: str, learn, params: dict) -> None:
+def _check_options(method: str, params: dict) -> None:
     """A reference method's options are its keyword-only parameters: name an unknown one, with the list."""
-    valid = [name for name, p in inspect.signature(learn).parameters.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "seed"]
+    valid = method_options(method)
     for name in params:
         if name not in valid:
             raise ValueError(f"method {method!r} has no option {name!r}.{suggest(name, valid)} "
@@ -120,8 +131,10 @@ def _check_options(method: str, learn, params: dict) -> None:
 def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_iter=30, resample=True,
                  ridge=1e-6) -> LearnedDictionary:
     """Alternating minimisation: codes by `inference` on D, then D = argmin ||X - Z D||^2 (MOD)."""
-    if inference not in ("fista", "omp", "ista", "mp"):
-        raise ValueError(f"inference must be fista, ista, omp or mp, got {inference!r}")
+    allowed = inference_methods()
+    if inference not in allowed:
+        raise ValueError(f"inference must be an untrained encoder set by k or lam, got {inference!r}."
+                         f"{suggest(str(inference), allowed)} Choices: {', '.join(allowed)}")
     check_int_range("n_iter", n_iter, 1)
     check_positive("lam", lam)
     gen = torch.Generator().manual_seed(seed)
@@ -132,10 +145,13 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
         atoms = torch.randn(n_atoms, d, generator=gen, dtype=x.dtype).to(x.device)
     atoms = atoms + 1e-3 * torch.randn(atoms.shape, generator=gen, dtype=x.dtype).to(x.device)
     atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    knob = {"k": k if k is not None else max(1, min(d, n_atoms) // 4)} if inference in ("omp", "mp") else {"lam": lam}
+    if encoder_class(inference).knob == "k":
+        knob = {"k": k if k is not None else max(1, min(d, n_atoms) // 4)}
+    else:
+        knob = {"lam": lam}
     enc = get_encoder(inference, **knob)
     losses = []
-    callback = _progress.get()
+    callback = progress_callback()
     eye = torch.eye(n_atoms, dtype=x.dtype, device=x.device)
     for it in range(n_iter):
         codes = enc.fit(Dictionary(atoms)).encode(x)
@@ -182,3 +198,7 @@ def _spams(x, n_atoms, *, seed=0, lam=0.1, n_iter=200, batch_size=256) -> Learne
     atoms = torch.from_numpy(np.ascontiguousarray(atoms.T)).to(device=x.device, dtype=x.dtype)
     dictionary = Dictionary(atoms, normalize=True, metadata={"learned_by": "spams trainDL"})
     return LearnedDictionary(dictionary, get_encoder("spams-lasso", lam=lam).fit(dictionary))
+
+
+#: Learning methods that are not encoders of the registry, and the function of each.
+REFERENCE_METHODS = {"sparse-coding": _alternating, "sklearn": _sklearn, "spams": _spams}

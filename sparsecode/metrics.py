@@ -210,19 +210,38 @@ class MetricAccumulator:
         self.sq_error += float(((x - x_hat) ** 2).sum())
         mean_b = x.mean(0)
         m2_b = ((x - mean_b) ** 2).sum(0)
-        if self.mean is None:
-            self.mean, self.m2 = mean_b, m2_b
-        else:
-            total = self.n + n_b
-            delta = mean_b - self.mean
-            self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / total)
-            self.mean = self.mean + delta * (n_b / total)
-        self.n += n_b
+        self._add_moments(n_b, mean_b, m2_b)
         active = codes != 0
         self.nonzeros += int(active.sum())
         self.fired += active.sum(0).cpu()
         if objective is not None:
             self.objective_sum = (self.objective_sum or 0.0) + float(torch.as_tensor(objective).double().sum())
+
+    def _add_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        # Chan et al.'s pairwise update of the per-feature mean and squared deviations
+        if self.mean is None:
+            self.mean, self.m2 = mean_b, m2_b
+        else:
+            total = self.n + n_b
+            delta = mean_b.to(self.mean) - self.mean
+            self.m2 = self.m2 + m2_b.to(self.m2) + delta ** 2 * (self.n * n_b / total)
+            self.mean = self.mean + delta * (n_b / total)
+        self.n += n_b
+
+    def merge(self, other: "MetricAccumulator") -> "MetricAccumulator":
+        """Add what `other` accumulated (another part of the same set): the same numbers as one
+        accumulator fed both parts, up to float64 rounding. Returns self."""
+        if other.n_atoms != self.n_atoms:
+            raise ValueError(f"cannot merge accumulators over {other.n_atoms} and {self.n_atoms} atoms")
+        if other.n == 0:
+            return self
+        self.sq_error += other.sq_error
+        self._add_moments(other.n, other.mean, other.m2)
+        self.nonzeros += other.nonzeros
+        self.fired += other.fired
+        if other.objective_sum is not None:
+            self.objective_sum = (self.objective_sum or 0.0) + other.objective_sum
+        return self
 
     def result(self) -> dict[str, float]:
         """fvu, mse, l0, dead, dense and, when objectives were given, the mean objective."""

@@ -234,15 +234,14 @@ def run_cell(cell: dict, encoders, p: Preset, match: str, budget: int | None, de
         if reason:
             rows.append({"encoder": name, "skipped": reason})
             continue
-        params = dict(p.encoder_params.get(name, {}))
-        fields = encoder_class(name).Config.__dataclass_fields__
-        if budget is not None:
-            params.update(_budget_params(name, fields, budget))
         cls = encoder_class(name)
-        # k-knob encoders are matched by setting k (compare passes the planted k); lam-knob inference
-        # methods are calibrated; trained lam-knob encoders would need one training per bisection step,
-        # so they keep their lam and the row says it is not matched.
-        target = k if match == "l0" and cls.knob == "lam" and not cls.trainable else None
+        params = dict(p.encoder_params.get(name, {}))
+        if budget is not None:
+            params.update(cls.budget_params(budget))
+        # k-knob encoders are matched by setting k (compare passes the planted k); inference methods with
+        # a penalty knob (lam, l1_coefficient) are calibrated; trained penalty-knob encoders would need one
+        # training per bisection step, so they keep their penalty and the row says it is not matched.
+        target = k if match == "l0" and cls.knob not in (None, "k") and not cls.trainable else None
         try:
             res = compare([name], test, k=k, encoder_params={name: params} if params else None, target_l0=target,
                           x_train=None if train is None else train.x, seed=cell["seed"], reference=None,
@@ -254,17 +253,6 @@ def run_cell(cell: dict, encoders, p: Preset, match: str, budget: int | None, de
         except (ValueError, ImportError) as err:
             rows.append({"encoder": name, "skipped": str(err)})
     return {"cell": cell, "rows": rows}
-
-
-def _budget_params(name: str, fields, budget: int) -> dict:
-    """Settings that give an iterative encoder exactly `budget` iterations per signal."""
-    if name in ("ista", "fista"):
-        return {"max_iter": budget, "tol": 0.0, "working_set": 0}
-    if "unroll" in fields:
-        return {"unroll": budget}
-    if name == "ito":
-        return {"steps": budget}
-    return {}
 
 
 def recovery(preset_name: str = "paper-c", *, out=None, encoders=None, grid: dict | None = None,

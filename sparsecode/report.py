@@ -22,7 +22,7 @@ RANKED = (("code_mcc", "code MCC", True), ("f1", "support F1", True), ("exact_su
           ("signals_per_s", "signals/s", None))
 
 
-def _rows(records: list[dict]) -> list[dict]:
+def flat_rows(records: list[dict]) -> list[dict]:
     """One flat row per (cell, encoder) that ran: the cell's settings plus the encoder's metrics."""
     out = []
     for rec in records:
@@ -205,9 +205,9 @@ def report(results, out) -> Path:
     records = read_results(results)
     if not records:
         raise ValueError(f"{results} holds no finished cells")
-    if not _rows(records):
+    if not flat_rows(records):
         raise ValueError(f"{results}: every cell was skipped; nothing to plot")
-    palette = colors({r["encoder"] for r in _rows(records)})
+    palette = colors({r["encoder"] for r in flat_rows(records)})
     by_preset: dict[str, list] = defaultdict(list)
     for rec in records:
         by_preset[rec.get("preset", "?")].append(rec)
@@ -224,7 +224,7 @@ def report(results, out) -> Path:
 
 
 def _section(records: list[dict], results: Path, out: Path, palette: dict, prefix: str, level: str) -> list[str]:
-    rows = _rows(records)
+    rows = flat_rows(records)
     skipped = [(rec["cell"], row["encoder"], row["skipped"]) for rec in records for row in rec.get("rows", [])
                if "skipped" in row] + [(rec["cell"], "all", rec["skipped"]) for rec in records if "skipped" in rec]
     lines = [f"{len(records)} cells (grid points x seeds), {len(rows)} encoder runs, from `{results.name}`.",

@@ -21,7 +21,6 @@ Write: `save_saelens` exports a dictionary and a ReLU/TopK encoder in SAELens's 
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import _io
-from .dictionary import Dictionary
+from .ops import topk_relu
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +55,12 @@ class ImportedSAE:
     threshold: torch.Tensor | None = None
     path: str = ""
 
-    def dictionary(self, allow_pickle: bool = False) -> Dictionary:
+    def metadata(self, allow_pickle: bool = False) -> dict:
+        """What a dictionary of this SAE's decoder records about where it came from."""
         norms = self.atoms.norm(dim=1)
-        return Dictionary(self.atoms, self.b_dec, metadata={
-            "sae_path": self.path, "sae_format": self.format, "sae_architecture": self.architecture,
-            "sae_allow_pickle": allow_pickle, "decoder_norm_min": float(norms.min()),
-            "decoder_norm_max": float(norms.max())})
+        return {"sae_path": self.path, "sae_format": self.format, "sae_architecture": self.architecture,
+                "sae_allow_pickle": allow_pickle, "decoder_norm_min": float(norms.min()),
+                "decoder_norm_max": float(norms.max())}
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The SAE's own encoder on raw inputs x (n, d)."""
@@ -72,8 +71,7 @@ class ImportedSAE:
             return torch.relu(pre)
         if self.architecture == "jumprelu":
             return torch.relu(pre) * (pre > self.threshold.to(x))
-        values, idx = pre.topk(self.k, dim=1)
-        return torch.zeros_like(pre).scatter_(1, idx, torch.relu(values))
+        return topk_relu(pre, self.k)
 
 
 def detect_format(folder) -> str:
@@ -125,11 +123,6 @@ def load_sae(folder, allow_pickle: bool = False) -> ImportedSAE:
         _CACHE[key] = {"saelens": _saelens, "sparsify": _sparsify, "dictionary_learning": _dictionary_learning}[fmt](
             folder, allow_pickle)
     return _CACHE[key]
-
-
-def load_sae_dictionary(folder, allow_pickle: bool = False) -> Dictionary:
-    """The decoder of an SAE folder as a Dictionary (atoms = decoder rows, bias = decoder bias)."""
-    return load_sae(folder, allow_pickle).dictionary(allow_pickle)
 
 
 #: SAELens architectures and why they are not run here (the others: standard, topk, jumprelu).
@@ -340,19 +333,27 @@ def _dictionary_learning(folder: Path, allow_pickle: bool) -> ImportedSAE:
                      "BatchTopKSAE, JumpReluAutoEncoder)")
 
 
-def save_saelens(folder, dictionary: Dictionary, encoder_rows: torch.Tensor, b_enc: torch.Tensor | None,
+def save_saelens(folder, dictionary, encoder_rows: torch.Tensor, b_enc: torch.Tensor | None,
                  architecture: str, k: int | None = None, center: bool = False, threshold=None,
                  metadata: dict | None = None) -> Path:
-    """Write ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's layout."""
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` in SAELens's layout: `dictionary` (a
+    `Dictionary`) gives W_dec and b_dec, the rest the encoder."""
+    return _write_saelens(folder, dictionary.atoms, dictionary.bias, encoder_rows, b_enc, architecture, k, center,
+                          threshold, metadata)
+
+
+def _write_saelens(folder, atoms: torch.Tensor, bias: torch.Tensor | None, encoder_rows: torch.Tensor,
+                   b_enc: torch.Tensor | None, architecture: str, k: int | None, center: bool, threshold,
+                   metadata: dict | None) -> Path:
     if architecture not in ("relu", "topk", "jumprelu"):
         raise ValueError(f"cannot export architecture {architecture!r} to SAELens (relu, topk, jumprelu)")
     folder = Path(folder)
-    n, d = dictionary.n_atoms, dictionary.d
-    dtype = dictionary.atoms.dtype
+    n, d = atoms.shape
+    dtype = atoms.dtype
     tensors = {"W_enc": encoder_rows.detach().to(dtype).T.contiguous(),
                "b_enc": (torch.zeros(n, dtype=dtype) if b_enc is None else b_enc.detach().to(dtype)),
-               "W_dec": dictionary.atoms.detach(),
-               "b_dec": (torch.zeros(d, dtype=dtype) if dictionary.bias is None else dictionary.bias.detach())}
+               "W_dec": atoms.detach(),
+               "b_dec": (torch.zeros(d, dtype=dtype) if bias is None else bias.detach())}
     if architecture == "jumprelu":
         tensors["threshold"] = threshold.detach().to(dtype)
     cfg = {"architecture": {"relu": "standard"}.get(architecture, architecture), "d_in": d, "d_sae": n,
@@ -374,10 +375,9 @@ def check_export_folder(folder) -> Path:
     folder = _io.check_writable(folder, "export folder", folder=True)
     cfg_path, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
 
-    def ours(path: Path) -> bool:
-        return (json.loads(path.read_text(encoding="utf-8")).get("metadata") or {}).get("exported_by") == "sparsecode"
-
-    _io.check_replace(cfg_path, "SAELens folder exported by sparsecode", ours)
+    _io.check_replace(cfg_path, "SAELens folder exported by sparsecode",
+                      lambda path: (_io.read_json(path, "SAELens config").get("metadata") or {}).get("exported_by")
+                      == "sparsecode")
     if weights.exists() and not cfg_path.exists():
         raise FileExistsError(f"{weights} exists without the cfg.json of a sparsecode export; refusing to overwrite it")
     return folder
@@ -397,14 +397,13 @@ def export_saelens(encoder, folder) -> Path:
     if encoder.dictionary is None:
         raise ValueError(f"encoder {encoder.name!r} is not fitted: nothing to export")
     w = weights()
-    dictionary, rows = encoder.dictionary, w["encoder_rows"]
-    s = dictionary.input_scale
+    dictionary = encoder.dictionary
+    atoms, bias, rows, s = dictionary.atoms, dictionary.bias, w["encoder_rows"], dictionary.input_scale
     if s != 1.0:
         # Trained on s * raw: SAE(s x) / s is the same SAE on raw x with W_enc * s, W_dec / s, b_dec / s
         # (SAELens's fold_activation_norm_scaling_factor); thresholds and top-k act on unchanged
         # pre-activations. The exported SAE takes raw activations: normalize_activations "none".
-        bias = None if dictionary.bias is None else dictionary.bias / s
-        dictionary, rows = Dictionary(dictionary.atoms / s, bias, metadata=dictionary.metadata), rows * s
-    return save_saelens(folder, dictionary, rows, w["b_enc"], w["architecture"], w["k"], w["center"], w["threshold"],
-                        metadata={"exported_by": "sparsecode", "encoder": encoder.name,
-                                  "input_scale_folded": s})
+        atoms, bias, rows = atoms / s, None if bias is None else bias / s, rows * s
+    return _write_saelens(folder, atoms, bias, rows, w["b_enc"], w["architecture"], w["k"], w["center"],
+                          w["threshold"], {"exported_by": "sparsecode", "encoder": encoder.name,
+                                           "input_scale_folded": s})

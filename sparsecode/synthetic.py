@@ -9,6 +9,7 @@ import torch
 
 from ._validation import check_int_range, check_positive
 from .dictionary import Dictionary
+from .ops import unit_rows
 
 
 @dataclass
@@ -47,7 +48,7 @@ def random_dictionary(n_atoms: int, d: int, *, seed: int = 0, coherence: float =
     if coherence:
         shared = torch.randn(d, generator=gen, dtype=torch.float64)
         atoms = (1 - coherence) ** 0.5 * atoms / d ** 0.5 + coherence ** 0.5 * shared / shared.norm()
-    return Dictionary((atoms / atoms.norm(dim=1, keepdim=True)).to(dtype))
+    return Dictionary(unit_rows(atoms).to(dtype))
 
 
 def make_sparse_data(n_samples: int = 1024, d: int = 8, n_atoms: int = 16, k: int = 3, *,

@@ -1,9 +1,10 @@
-"""What every trained encoder shares: optimisers, the training loop, losses, save/load.
+"""What every trained encoder shares: the optimiser (Signum) and the training loop.
 
 A `TrainableEncoder` learns its network in `fit(dictionary, x, y)` with the dictionary frozen
 (the shared-dictionary comparison), or learns network and dictionary together in `learn`
 (the joint comparison, and `sc.learn_dictionary`). `y` is the reconstruction target; it defaults
-to `x` (an autoencoder) and differs for a transcoder (MLP input -> MLP output).
+to `x` (an autoencoder) and differs for a transcoder (MLP input -> MLP output). Trained encoders
+are written and read by `encoder_file`; each method's losses live beside it in its plug-in.
 """
 from __future__ import annotations
 
@@ -14,16 +15,15 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from . import _io
+from . import distributed, encoder_file
 from ._validation import as_tensor, check_int_range, check_positive
-from .dictionary import Dictionary, as_dictionary
-from .encoder import Encoded, Encoder, EncoderConfig
-from .metrics import binary_entropy_bits
+from .dictionary import Dictionary
+from .encoder import Encoder, EncoderConfig
 
 log = logging.getLogger(__name__)
 #: Tokens of a streamed store held in memory to initialise a network (decoder bias, scales).
@@ -39,6 +39,11 @@ def progress(callback: Callable[[str, int, int, float], None]):
         yield
     finally:
         _progress.reset(token)
+
+
+def progress_callback() -> Callable[[str, int, int, float], None] | None:
+    """The callback of the enclosing `progress` block, or None: for any long loop that reports steps."""
+    return _progress.get()
 
 
 class Signum(torch.optim.Optimizer):
@@ -104,9 +109,22 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
              device=None, stream=None) -> list[float]:
     """Minimise ``loss_fn(batch_indices)`` over minibatches of range(n); returns the loss per step.
 
+    `loss_fn` returns the loss, or ``(loss, aux)``: then ``after_step(aux)`` gets what the step
+    computed besides its loss (e.g. which atoms fired); otherwise ``after_step()`` takes nothing.
     With `stream` (an activation store's `TokenRange`), ``loss_fn`` gets the batches of signals
     themselves, read shard by shard, shuffled within the reader's buffer, a new order every pass.
+
+    Under a launcher (`sparsecode.distributed`) the training is data-parallel: every rank draws the
+    same global batch (same seed), takes its contiguous part of it (`Group.part`), and the gradients
+    of the parts, weighted by their share, are summed over ranks before every step. For a loss that
+    is a mean over signals this is the global batch's gradient, so N ranks follow one process's
+    path up to float rounding; a loss with batch statistics (FVU's variance, the binary coders'
+    firing entropy) is then computed per part, as with DDP and batch norm.
     """
+    group = distributed.current()
+    if group.distributed and min(cfg.batch_size, n) < group.world_size:
+        raise ValueError(f"{what}: batch_size={min(cfg.batch_size, n)} is smaller than the {group.world_size} ranks "
+                         "that share every batch")
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = None if stream is None else _stream_batches(stream, cfg, device)
     opt = make_optimizer([p for p in params if p.requires_grad], cfg.optimizer, lr or cfg.lr)
@@ -125,21 +143,44 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
                 order, pos = torch.randperm(n, generator=gen), 0
             idx = order[pos:pos + cfg.batch_size]
             pos += cfg.batch_size
+        weight = 1.0
+        if group.distributed:
+            share = group.part(len(idx))
+            idx, weight = idx[share.start:share.stop], len(share) / len(idx)
         loss = loss_fn(idx.to(device) if device is not None and batches is None else idx)
+        loss, aux = loss if isinstance(loss, tuple) else (loss, _NO_AUX)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{what}: loss became {loss.item()} at step {step}; lower lr={lr or cfg.lr}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if group.distributed else loss).backward()
+        if group.distributed:
+            loss = _all_reduce_grads(group, opt, loss.detach() * weight)
         opt.step()
         if after_step is not None:
             with torch.no_grad():
-                after_step()
+                after_step() if aux is _NO_AUX else after_step(aux)
         losses.append(float(loss.detach()))
         if callback is not None:
             callback(what, step + 1, cfg.steps, losses[-1])
         if step % every == 0 or step == cfg.steps - 1:
             log.info("%s: step %d/%d loss %.6g", what, step + 1, cfg.steps, losses[-1])
     return losses
+
+
+def _all_reduce_grads(group, opt: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """Sum the ranks' (share-weighted) gradients, and losses, in one collective; returns the loss."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    flat = torch.cat([loss.reshape(1)] + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                           for p in params])
+    flat = group.sum(flat)
+    pos = 1
+    for p in params:
+        p.grad = flat[pos:pos + p.numel()].view_as(p).to(p.dtype)
+        pos += p.numel()
+    return flat[0]
+
+
+_NO_AUX = object()
 
 
 def _stream_batches(stream, cfg: TrainConfig, device):
@@ -155,28 +196,32 @@ def _stream_batches(stream, cfg: TrainConfig, device):
         epoch += 1
 
 
-def fvu_loss(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
-    """FVU of a batch: squared error over squared deviation from the batch mean."""
-    return ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(torch.finfo(y.dtype).tiny)
+class Forward(NamedTuple):
+    """A trained encoder's forward pass on a batch: what the loss needs, returned rather than kept."""
+
+    codes: torch.Tensor
+    """Differentiable codes (n, n_atoms)."""
+    units: torch.Tensor | None = None
+    """The method's own units before they become codes (e.g. binary bits), where its penalty acts on them."""
 
 
-def entropy_penalty(h: torch.Tensor) -> torch.Tensor:
-    """Paper b's L_e: sum over features of the binary entropy (bits) of their minibatch firing rate."""
-    return binary_entropy_bits(h.mean(0)).sum()
+class Batch(NamedTuple):
+    """What a joint training step saw, for dead-atom resampling."""
 
-
-def covariance_penalty(h: torch.Tensor) -> torch.Tensor:
-    """Paper b's L_c: sum of |Cov(h)_ij| over pairs i != j, covariance over the minibatch."""
-    c = h - h.mean(0)
-    cov = c.T @ c / max(h.shape[0] - 1, 1)
-    return cov.abs().sum() - cov.diagonal().abs().sum()
+    x: torch.Tensor
+    y: torch.Tensor
+    y_hat: torch.Tensor
+    fired: torch.Tensor
+    """Atoms that were active on at least one signal of the batch (n_atoms,) bool."""
 
 
 class TrainableEncoder(Encoder):
-    """An encoder with a network learned from data. Subclasses define `_build` and `_codes`."""
+    """An encoder with a network learned from data. Subclasses define `_build` and `_codes` (or `forward`)."""
 
     trainable = True
-    #: decoders of joint training start from the normalised encoder rows (SAEs) or at zero (transcoders)
+    learns_dictionary = True
+    #: the network is trained on raw signals (decoding adds the bias), so it sees them as given
+    sees_raw_input = True
     Config: type[TrainConfig]
 
     def __init__(self, config=None, **fields):
@@ -184,53 +229,73 @@ class TrainableEncoder(Encoder):
         self.net: nn.Module | None = None
         self.d_in: int | None = None
         self.losses: list[float] = []
-        self._n_atoms: int | None = None
-        self._joint = False             # learning its own decoder (joint mode) rather than a shared one
-        self._track = False             # record firing and the last batch for dead-atom resampling
 
     # --- for subclasses ---------------------------------------------------------------------
     @abc.abstractmethod
     def _build(self, d_in: int, n_atoms: int, x: torch.Tensor, atoms: torch.Tensor | None) -> nn.Module:
-        """The network for inputs of size d_in; `atoms` (n_atoms, d) is the dictionary when known."""
+        """The network for inputs of size d_in; `atoms` (n_atoms, d) is the dictionary when known (None:
+        joint training, where the network's own decoder is learned too)."""
 
     @abc.abstractmethod
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable codes (n, n_atoms) of inputs x (n, d_in) from `self.net`."""
 
-    def _penalty(self, codes: torch.Tensor) -> torch.Tensor | float:
+    def forward(self, x: torch.Tensor) -> Forward:
+        """The codes of a batch and what the method's penalty needs besides them."""
+        return Forward(self._codes(x))
+
+    def _penalty(self, out: Forward) -> torch.Tensor | float:
         """Added to the reconstruction loss (sparsity, entropy...)."""
         return 0.0
 
     def _reconstruction_loss(self, y, y_hat) -> torch.Tensor:
         return ((y - y_hat) ** 2).mean()
 
+    def _loss(self, y, y_hat, out: Forward, decode) -> torch.Tensor:
+        """A training batch's loss from its targets y, reconstruction y_hat = decode(out.codes) and
+        forward pass; methods whose loss decodes more than the codes (nested prefixes, a gate) use
+        `decode`, the training decoder (an affine map)."""
+        return self._reconstruction_loss(y, y_hat) + self._penalty(out)
+
     def _learning_rate(self, n_atoms: int) -> float:
         return self.config.lr or 1e-3
 
+    # --- the template's hooks -------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self.net is not None
+
+    @property
+    def d_input(self) -> int:
+        return self.d_in or self.dictionary.d
+
+    def _work_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._codes(x)
+
     # --- fitting ----------------------------------------------------------------------------
-    def fit(self, dictionary, x=None, y=None) -> "TrainableEncoder":
+    def _fit(self, x, y=None) -> None:
         """Train the network on x (n, d_in) to reconstruct y (default x) through the frozen dictionary.
 
         x may also be an activation store or a range of one (``store.tokens(start, n)``): training
         then reads it batch by batch, shard by shard, and holds only a sample (for initialisation).
         """
-        if x is None:
-            raise ValueError(f"encoder {self.name!r} is trained: call fit(dictionary, x_train)")
-        self.dictionary = as_dictionary(dictionary)
-        self._check_dictionary(self.dictionary)
-        self._n_atoms, self._joint = self.dictionary.n_atoms, False
         x, y, stream = self._data(x, y, self.dictionary.d)
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
         bias = None if self.dictionary.bias is None else self.dictionary.bias.to(x)
+        self.net = self._seeded_build(x, self.dictionary.n_atoms, atoms)
+        self.d_in = x.shape[1]
+        self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters(),
+                                  self.dictionary.n_atoms, stream=stream)
+        self.net.eval()
+
+    def _seeded_build(self, x: torch.Tensor, n_atoms: int, atoms: torch.Tensor | None) -> nn.Module:
+        """`_build` under the config's seed, without touching the caller's random state."""
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(self.config.seed)
-            self.net = self._build(x.shape[1], self.dictionary.n_atoms, x, atoms).to(x)
-        self.d_in = x.shape[1]
-        self._track = False
-        self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters(),
-                                  stream=stream)
-        self.net.eval()
-        return self
+            return self._build(x.shape[1], n_atoms, x, atoms).to(x)
 
     def learn(self, x, n_atoms: int, y=None) -> Dictionary:
         """Learn network and dictionary together (joint mode); returns the dictionary, also kept as
@@ -242,7 +307,6 @@ class TrainableEncoder(Encoder):
         k = getattr(self.config, "k", None)
         if k is not None and k > n_atoms:
             raise ValueError(f"k={k} is larger than n_atoms={n_atoms}")
-        self._n_atoms, self._joint = n_atoms, True
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(self.config.seed)
             self.net = self._build(x.shape[1], n_atoms, x, None).to(x)
@@ -257,31 +321,34 @@ class TrainableEncoder(Encoder):
         fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
         step = [0]
         self.resampled = 0
-        self._track = bool(self.config.resample_every)
+        track = bool(self.config.resample_every)
+        if track and distributed.current().distributed:
+            raise ValueError("resample_every > 0 (dead-atom resampling from one batch) is not data-parallel yet: "
+                             "train with one process, or with resample_every=0")
 
-        def after_step():
+        def after_step(batch: Batch | None = None):
             step[0] += 1
-            if self._track:
-                fired.logical_or_(self._last_fired)
+            if batch is not None:
+                fired.logical_or_(batch.fired)
                 if step[0] % self.config.resample_every == 0:
-                    self.resampled += self._resample(~fired, atoms, b_dec)
+                    self.resampled += self._resample(~fired, atoms, batch)
                     fired.zero_()
             if not transcoder:
                 atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
-        self.losses = self._train(x, y, lambda z: z @ atoms + b_dec,
-                                  [*self.net.parameters(), atoms, b_dec], after_step=after_step, stream=stream)
+        self.losses = self._train(x, y, lambda z: z @ atoms + b_dec, [*self.net.parameters(), atoms, b_dec],
+                                  n_atoms, after_step=after_step, stream=stream, track=track)
         self.net.eval()
         self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
                                      metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
         return self.dictionary
 
-    def _resample(self, dead: torch.Tensor, atoms: torch.Tensor, b_dec: torch.Tensor) -> int:
-        """Point dead atoms (and their encoder rows) at the worst-reconstructed signals of the last batch."""
+    def _resample(self, dead: torch.Tensor, atoms: torch.Tensor, batch: Batch) -> int:
+        """Point dead atoms (and their encoder rows) at the worst-reconstructed signals of `batch`."""
         n_dead = int(dead.sum())
         if not n_dead:
             return 0
-        xb, yb, y_hat = self._last_batch
+        xb, yb, y_hat = batch.x, batch.y, batch.y_hat
         worst = ((yb - y_hat) ** 2).sum(1).topk(min(n_dead, yb.shape[0])).indices
         idx = dead.nonzero().flatten()[: len(worst)]
         residual = yb[worst] - y_hat[worst]
@@ -305,12 +372,14 @@ class TrainableEncoder(Encoder):
         from .activations import as_token_range
         stream = as_token_range(x)
         if stream is None:
-            return (*self._xy(x, y, d_out), None)
+            return (*self.training_tensors(x, y, d_out), None)
         if y is not None:
             raise ValueError("targets y go with signals given as tensors; a store is streamed as its own targets")
-        return (*self._xy(stream.head(STREAM_SAMPLE), None, d_out), stream)
+        return (*self.training_tensors(stream.head(STREAM_SAMPLE), None, d_out), stream)
 
-    def _xy(self, x, y, d_out):
+    def training_tensors(self, x, y=None, d_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training signals and targets (default the signals) as float tensors on x's device, checked
+        against each other and, given `d_out`, against the dictionary's d."""
         x = as_tensor(x, "x")
         y = x if y is None else as_tensor(y, "y", device=x.device, dtype=x.dtype)
         if y.shape[0] != x.shape[0]:
@@ -321,101 +390,46 @@ class TrainableEncoder(Encoder):
             x, y = x.float(), y.float()
         return x, y
 
-    def _train(self, x, y, decode, params, after_step=None, stream=None) -> list[float]:
+    def _train(self, x, y, decode, params, n_atoms: int, after_step=None, stream=None,
+               track: bool = False) -> list[float]:
         def loss_fn(batch):
             if stream is None:
                 xb, yb = x[batch], y[batch]
             else:
                 xb = yb = batch.to(dtype=x.dtype)
-            codes = self._codes(xb)
-            y_hat = decode(codes)
-            if self._track:                     # only dead-atom resampling needs these
-                self._last_fired = (codes != 0).any(0).detach()
-                self._last_batch = (xb, yb, y_hat.detach())
-            return self._reconstruction_loss(yb, y_hat) + self._penalty(codes)
+            out = self.forward(xb)
+            y_hat = decode(out.codes)
+            loss = self._loss(yb, y_hat, out, decode)
+            if not track:
+                return loss
+            # only dead-atom resampling needs the batch, handed to the step's `after_step`
+            return loss, Batch(xb, yb, y_hat.detach(), (out.codes != 0).any(0).detach())
 
         self.net.train()
         return optimise(list(params), loss_fn, x.shape[0], self.config, what=f"train {self.name}",
-                        lr=self._learning_rate(self._n_atoms), after_step=after_step, device=x.device, stream=stream)
-
-    # --- use --------------------------------------------------------------------------------
-    def _check_x(self, x) -> torch.Tensor:
-        x = as_tensor(x, "x")
-        d_in = self.d_in or self.dictionary.d
-        if x.shape[1] != d_in:
-            raise ValueError(f"x has d={x.shape[1]} features per signal but encoder {self.name!r} was trained "
-                             f"on d={d_in}")
-        return x
-
-    def encode_with_info(self, x) -> Encoded:
-        if self.net is None:
-            raise RuntimeError(f"encoder {self.name!r} is not trained: call .fit(dictionary, x_train) first")
-        x = self._check_x(x)
-        with torch.no_grad():
-            return Encoded(self._codes(x.to(next(self.net.parameters()).dtype)).to(x.dtype))
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._codes(x)
+                        lr=self._learning_rate(n_atoms), after_step=after_step, device=x.device, stream=stream)
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write `PATH.safetensors` (network and dictionary) and `PATH.json` (name, config and the
-        dictionary's `input_scale`, the factor its training signals were multiplied by); the path rule
-        is `_io.paired`'s. Refuses to replace files that are not a saved encoder."""
-        if self.net is None:
-            raise RuntimeError(f"encoder {self.name!r} is not trained: nothing to save")
-        tensors_path, meta_path = _io.paired(path)
-        _io.check_pair(path, ENCODER_FORMAT, "sparsecode encoder")
-        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        tensors["dictionary.atoms"] = self.dictionary.atoms
-        if self.dictionary.bias is not None:
-            tensors["dictionary.bias"] = self.dictionary.bias
-        _io.write_tensors(tensors_path, tensors)
-        _io.write_json(meta_path, {"format": ENCODER_FORMAT, "encoder": self.name, "d_in": self.d_in,
-                                   "n_atoms": self.dictionary.n_atoms, "input_scale": self.dictionary.input_scale,
-                                   "config": dataclasses.asdict(self.config)})
-        return tensors_path
+        """Write the trained encoder as `PATH.safetensors` and `PATH.json` (see `encoder_file.save_encoder`)."""
+        return encoder_file.save_encoder(self, path)
 
-
-ENCODER_FORMAT = "sparsecode.encoder"
-
-
-def load_encoder(path) -> TrainableEncoder:
-    """Rebuild a trained encoder written by `TrainableEncoder.save` (safetensors + JSON only)."""
-    from .registry import get_encoder       # the registry imports nothing from here: no cycle at import
-
-    tensors_path, meta_path = _io.paired(path)
-    meta = _io.read_json(meta_path, "sparsecode encoder description",
-                         {"encoder": str, "d_in": int, "n_atoms": int, "config": dict}, format=ENCODER_FORMAT)
-    tensors = _io.read_tensors(tensors_path, "encoder")
-    if "dictionary.atoms" not in tensors:
-        raise ValueError(f"{tensors_path} lacks its dictionary (tensor 'dictionary.atoms'); it has "
-                         f"{', '.join(sorted(tensors)) or 'nothing'}")
-    enc = get_encoder(meta["encoder"], **meta["config"])
-    if not isinstance(enc, TrainableEncoder):
-        raise ValueError(f"{meta_path}: {meta['encoder']!r} is not a trained encoder")
-    atoms = tensors["dictionary.atoms"]
-    if atoms.ndim != 2 or atoms.shape[0] != meta["n_atoms"]:
-        raise ValueError(f"{tensors_path}: dictionary.atoms has shape {tuple(atoms.shape)} but {meta_path.name} "
-                         f"says n_atoms={meta['n_atoms']}")
-    scale = meta.get("input_scale", 1.0)
-    enc.dictionary = Dictionary(atoms, tensors.get("dictionary.bias"),
-                                metadata={} if scale == 1.0 else {"input_scale": float(scale)})
-    enc.d_in = meta["d_in"]
-    x_like = torch.zeros(1, enc.d_in, dtype=atoms.dtype)
-    enc.net = enc._build(enc.d_in, atoms.shape[0], x_like, atoms)
-    state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
-    expected = enc.net.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{tensors_path} does not hold a {meta['encoder']} network: "
-                         + "; ".join(f"{what} {', '.join(names)}" for what, names in
-                                     (("missing", missing), ("unexpected", unexpected)) if names))
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{tensors_path}: net.{name} has shape {tuple(tensor.shape)}, but a {meta['encoder']} "
-                             f"encoder with d_in={enc.d_in}, n_atoms={atoms.shape[0]} needs "
-                             f"{tuple(expected[name].shape)}")
-    enc.net.load_state_dict(state)
-    enc.net.to(atoms.dtype).eval()
-    return enc
+    def restore(self, dictionary: Dictionary, d_in: int, state: dict[str, torch.Tensor], source: str = "") -> None:
+        """Rebuild the network for inputs of width `d_in` on `dictionary` and load its saved `state`
+        (names as in ``net.state_dict()``); a state of another shape is refused, naming the tensor."""
+        atoms = dictionary.atoms
+        self.dictionary = dictionary          # a network may be built from it (LISTA's step size)
+        net = self._build(d_in, dictionary.n_atoms, torch.zeros(1, d_in, dtype=atoms.dtype), atoms)
+        expected = net.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{source} does not hold a {self.name} network: "
+                             + "; ".join(f"{what} {', '.join(names)}" for what, names in
+                                         (("missing", missing), ("unexpected", unexpected)) if names))
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(f"{source}: net.{name} has shape {tuple(tensor.shape)}, but a {self.name} "
+                                 f"encoder with d_in={d_in}, n_atoms={dictionary.n_atoms} needs "
+                                 f"{tuple(expected[name].shape)}")
+        net.load_state_dict(state)
+        self.d_in, self.net = d_in, net.to(atoms.dtype).eval()

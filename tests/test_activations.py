@@ -16,10 +16,14 @@ TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "Sparse codes expla
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 3-layer Llama with random weights and a character tokenizer, saved as a local model folder."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_tiny_llama(folder):
+    """A 3-layer Llama with random weights and a character tokenizer, saved as a local model folder
+    (with a corpus.txt beside it)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    folder = tmp_path_factory.mktemp("tiny-llama")
     vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *string.printable])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -96,16 +100,16 @@ def test_store_round_trip_exact(tmp_path, tiny, loaded):
     assert [s["n_tokens"] for s in m["shards"]] == [120, 120, 60]      # whole batches of 4 x 15 tokens
     assert m["revision"].startswith("files:")
     x_ref, _ = _reference_tokens(loaded, corpus, CFG)
-    torch.testing.assert_close(store.load(), x_ref, rtol=0, atol=0)
+    torch.testing.assert_close(store.load().x, x_ref, rtol=0, atol=0)
     # streaming: shuffled batches cover every token exactly once
     batches = list(store.batches(64, shuffle=True, seed=3, buffer_tokens=128))
-    assert all(b.shape[0] == 64 for b in batches[:-1])
-    streamed = torch.cat(batches)
+    assert all(b.x.shape[0] == 64 and b.y is None for b in batches[:-1])
+    streamed = torch.cat([b.x for b in batches])
     assert streamed.shape == x_ref.shape
     assert torch.equal(streamed[streamed[:, 0].argsort()], x_ref[x_ref[:, 0].argsort()])
     assert not torch.equal(streamed, x_ref)
     scale = act.compute_normalization(tmp_path / "store")
-    normed = act.ActivationStore(tmp_path / "store").load(normalize=True)
+    normed = act.ActivationStore(tmp_path / "store").load(normalize=True).x
     assert float((normed ** 2).sum(1).mean()) == pytest.approx(1.0, rel=1e-5)
     assert act.ActivationStore(tmp_path / "store").manifest["normalization"]["scale"] == pytest.approx(scale)
 
@@ -130,7 +134,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny, loaded):
     assert act.ActivationStore(tmp_path / "cut").n_tokens == 120
     stats = act.extract(loaded, name, docs, tmp_path / "cut", cfg)
     assert stats.resumed_from == 120 and stats.tokens == 180
-    assert torch.equal(act.ActivationStore(tmp_path / "cut").load(), act.ActivationStore(tmp_path / "full").load())
+    assert torch.equal(act.ActivationStore(tmp_path / "cut").load().x, act.ActivationStore(tmp_path / "full").load().x)
 
 
 def test_refuses_to_mix_and_detects_broken_stores(tmp_path, tiny, loaded):
@@ -169,7 +173,7 @@ def test_write_failure_keeps_complete_shards(tmp_path, tiny, loaded, monkeypatch
     monkeypatch.setattr(_io, "write_tensors", real)
     act.extract(loaded, name, docs, tmp_path / "s", act.ExtractConfig(**CFG))
     x_ref, _ = _reference_tokens(loaded, corpus, CFG)
-    assert torch.equal(act.ActivationStore(tmp_path / "s").load(), x_ref)
+    assert torch.equal(act.ActivationStore(tmp_path / "s").load().x, x_ref)
 
 
 class _Zero:
@@ -193,12 +197,12 @@ def test_splicing_exact_and_zero(tiny, loaded, site):
         exact = Exact()
     kw = dict(layer=1, site=site, context_length=16, n_tokens=200, batch_size=4)
     res = act.evaluate(loaded, exact, identity, docs, **kw)
-    assert abs(res["ce_spliced"] - res["ce_clean"]) < 1e-4
-    assert res["ce_recovered"] == pytest.approx(1.0, abs=1e-3) and res["fvu"] < 1e-8
+    assert abs(res.ce_spliced - res.ce_clean) < 1e-4
+    assert res.ce_recovered == pytest.approx(1.0, abs=1e-3) and res.fvu < 1e-8
     zero = act.evaluate(loaded, _Zero(), identity, docs, **kw)
-    assert zero["ce_spliced"] == pytest.approx(zero["ce_zero"], abs=1e-6)
-    assert zero["ce_recovered"] == pytest.approx(0.0, abs=1e-6)
-    assert zero["dead"] == 1.0 and zero["l0"] == 0.0
+    assert zero.ce_spliced == pytest.approx(zero.ce_zero, abs=1e-6)
+    assert zero.ce_recovered == pytest.approx(0.0, abs=1e-6)
+    assert zero.dead == 1.0 and zero.l0 == 0.0
 
 
 def test_clear_errors(tmp_path, tiny, loaded):
@@ -260,7 +264,7 @@ def test_embedded_smollm2_extracts(tmp_path):
     store = act.ActivationStore(tmp_path / "s")
     assert store.n_tokens == 300 and store.d == 576 and stats.tokens == 300
     assert store.manifest["revision"].startswith("sha256:")
-    assert torch.isfinite(store.load()).all()
+    assert torch.isfinite(store.load().x).all()
 
 
 def test_killed_before_the_first_manifest_resumes_and_foreign_folders_are_refused(tmp_path, tiny, loaded,
@@ -276,13 +280,13 @@ def test_killed_before_the_first_manifest_resumes_and_foreign_folders_are_refuse
     (cut / ".shard-00001.safetensors.abc123.tmp").write_bytes(b"half a shard")
     stats = act.extract(loaded, name, docs, cut, cfg)
     assert stats.resumed_from == 0 and stats.tokens == 300
-    assert torch.equal(act.ActivationStore(cut).load(), act.ActivationStore(tmp_path / "full").load())
+    assert torch.equal(act.ActivationStore(cut).load().x, act.ActivationStore(tmp_path / "full").load().x)
     # the manifest is written before the first shard, so an early kill leaves a recognisable store
     def killed(*args):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(act._io, "write_tensors", killed)
+        patch.setattr(_io, "write_tensors", killed)
         with pytest.raises(KeyboardInterrupt):
             act.extract(loaded, name, docs, tmp_path / "early", cfg)
     assert act.ActivationStore(tmp_path / "early").n_tokens == 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsecode as sc
-from encoders.lista import _spectral_norm, analytic_weight
+from sparsecode_encoders.lista import _spectral_norm, analytic_weight
 
 
 def _off_diagonal(b):

@@ -278,7 +278,7 @@ def _saelens_folder(folder, tensors, **cfg):
 
 
 def _ours(folder, x):
-    D = sc.sae_formats.load_sae_dictionary(folder)
+    D = sc.dictionary.load_sae_dictionary(folder)
     codes = sc.get_encoder("sae-file").fit(D).encode(x)
     return codes, D.decode(codes)
 
@@ -481,7 +481,8 @@ def test_export_folds_the_input_scale_so_saelens_on_raw_inputs_matches(tmp_path,
     g = torch.Generator().manual_seed(8)
     raw = 40.0 * torch.randn(256, 8, generator=g) + 5.0          # raw activations: large, off-centre
     s = 1.0 / float((raw ** 2).sum(1).mean().sqrt())             # a store's unit-mean-squared-norm scale
-    params = {"k": 3} if method == "topk" else {"lam": 0.01, "bias": True}
+    # relu's penalty on its mean-scaled loss is `l1_coefficient`: `lam` is only the lasso's penalty now
+    params = {"k": 3} if method == "topk" else {"l1_coefficient": 0.01, "bias": True}
     learned = sc.learn_dictionary(raw * s, method, n_atoms=12, input_scale=s, steps=60, **params)
     assert learned.dictionary.input_scale == pytest.approx(s)
     learned.encoder.save(tmp_path / "enc")
@@ -508,7 +509,7 @@ def test_export_folds_the_input_scale_so_saelens_on_raw_inputs_matches(tmp_path,
     torch.testing.assert_close(theirs, ours, atol=1e-3, rtol=1e-4)
     assert metrics.fvu(raw, theirs) < 1.0
     # and the folder reads back to the same SAE on raw inputs
-    back = sc.get_encoder("sae-file").fit(sc.sae_formats.load_sae_dictionary(tmp_path / "sae"))
+    back = sc.get_encoder("sae-file").fit(sc.dictionary.load_sae_dictionary(tmp_path / "sae"))
     torch.testing.assert_close(back.encode(raw), codes, atol=1e-4, rtol=1e-4)
 
 

@@ -22,7 +22,8 @@ def test_compare_prints_table_and_saves(tmp_path):
     result = runner.invoke(app, ["compare", "--encoders", "omp,fista", "--n-samples", "200", "--d", "16",
                                  "--n-atoms", "32", "--k", "3", "--set", "fista.lam=0.05", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "omp" in result.output and "FVU" in result.output
+    # the table is headed by the file keys (one name per column on screen and in the file)
+    assert "omp" in result.output and "fvu" in result.output and "code_mcc" in result.output
     rows = json.loads(out.read_text())["rows"]
     assert rows[1]["encoder"] == "fista" and rows[1]["lam"] == 0.05
     assert rows[0]["l0"] == 3.0

@@ -191,3 +191,14 @@ def test_results_and_exports_replace_only_their_own_kind(files):
     for _ in range(2):
         result = runner.invoke(app, ["export", "--encoder", str(sae), "--out", str(t / "exported")])
         assert result.exit_code == 0, result.output
+
+
+def test_a_launch_without_torchruns_variables_is_one_line_naming_the_rank(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    result = runner.invoke(app, ["compare", "--device", "cpu"])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: rank 1: could not join the job: WORLD_SIZE is set but LOCAL_RANK is "
+                                     "not: start the job with torchrun")

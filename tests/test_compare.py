@@ -85,3 +85,35 @@ def test_errors_are_clear(data):
     nan[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         sc.compare(["omp"], {"x": nan}, data.dictionary)
+
+
+def test_lam_is_only_the_lasso_penalty_and_set_only_when_given(data):
+    # Behaviour change: compare's lam used to default to 0.1 and override every encoder with a `lam`
+    # field, the SAE penalties included, so relu/ito rows ran at a penalty of another problem. Now
+    # `lam` is the lasso's alone, applied only when given; relu, mlp and ito name theirs
+    # `l1_coefficient` and keep their own default unless encoder_params sets it.
+    res = sc.compare(["relu", "fista", "lista"], data, lam=0.05, x_train=data.x,
+                     encoder_params={"relu": {"steps": 5}, "lista": {"steps": 5}})
+    relu, fista, lista = res.row("relu"), res.row("fista"), res.row("lista")
+    assert relu["l1_coefficient"] == 0.01 and "lam" not in relu
+    assert fista["lam"] == 0.05 and lista["lam"] == 0.05      # LISTA's lam is the lasso it unrolls
+    # objective and gap only where the encoder solves that lasso (Encoder.solves_lasso)
+    assert "objective" in fista and "objective_gap" in fista
+    assert not {"objective", "objective_gap"} & (set(relu) | set(lista))
+    res = sc.compare(["fista"], data, reference=None)
+    assert res.row("fista")["lam"] == sc.encoder_class("fista").Config.lam and res.settings["lam"] is None
+
+
+@pytest.mark.parametrize("name", ["relu", "mlp", "ito"])
+def test_l1_coefficient_is_the_lasso_at_lam_per_unit(name):
+    # paper c's per-signal loss mean_d (x - zD)^2 + c mean_atoms |z| is (2/d) times the lasso
+    # 0.5||x - zD||^2 + lam ||z||_1 at lam = c * d / (2 n_atoms): checked on numbers, not symbols
+    cls = sc.encoder_class(name)
+    assert cls.knob == "l1_coefficient" and not cls.solves_lasso
+    g = torch.Generator().manual_seed(0)
+    d, n_atoms, c = 6, 10, 0.3
+    atoms, x, z = torch.randn(n_atoms, d, generator=g), torch.randn(d, generator=g), torch.randn(n_atoms, generator=g)
+    paper = ((x - z @ atoms) ** 2).mean() + c * z.abs().mean()
+    lam = c * cls.lam_per_unit(n_atoms, d)
+    lasso = 0.5 * ((x - z @ atoms) ** 2).sum() + lam * z.abs().sum()
+    assert float(paper) == pytest.approx(float(2 / d * lasso), rel=1e-6)

@@ -115,3 +115,39 @@ def test_missing_package_says_what_to_install(monkeypatch):
         sc.get_encoder("spams-omp")
     info = {i.name: i for i in sc.available_encoders()}["spams-omp"]
     assert not info.available and info.missing == ("no-such-package",)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_encode_keeps_no_per_call_state_on_the_encoder(problem, name):
+    # what a call learns about its answer (iterations, variant, L0) comes back in `Encoded`; an encoder
+    # that kept it on itself would hand one caller's numbers to another (threads, calibration)
+    enc = _fitted(name, problem.dictionary, problem.x)
+    before = dict(vars(enc))
+    info = enc.encode_with_info(problem.x)
+    assert vars(enc).keys() == before.keys() and all(vars(enc)[k] is v for k, v in before.items())
+    assert np.isfinite(enc.flops_per_signal(info)) or name == "cvxpy-lasso"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_not_fitted_check_for_every_encoder(problem, name):
+    with pytest.raises(RuntimeError, match=f"encoder '{name}' is not fitted: call .fit"):
+        sc.get_encoder(name).encode(problem.x)
+
+
+def test_training_keeps_no_batch_on_the_encoder():
+    # the binary units its penalties need and the batch dead-atom resampling needs are returned by the
+    # forward pass and the training step, not left on the encoder (`_hidden`, `_last_batch`, `_last_fired`)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    enc = sc.get_encoder("binary-entropy", steps=4, resample_every=2, covariance=0.1)
+    enc.learn(x, 6)
+    out = enc.forward(x)
+    assert out.units.shape == (64, 6) and set(out.units.unique().tolist()) <= {0.0, 1.0}
+    assert not {"_hidden", "_last_batch", "_last_fired"} & set(vars(enc))
+
+
+def test_reference_flops_count_the_calls_own_selected_atoms(problem):
+    enc = sc.get_encoder("sklearn-omp", k=2).fit(problem.dictionary)
+    info = enc.encode_with_info(problem.x)
+    assert sc.metrics.mean_l0(info.codes) == 2.0
+    # x D^T (2 d N), then per step j the Gram column update (2 j N) and argmax (5 N), then the k x k solve
+    assert enc.flops_per_signal(info) == 2 * 8 * 16 + (5 * 16) + (2 * 16 + 5 * 16) + 2 * 2

@@ -12,7 +12,7 @@ import sparsecode as sc
 from sparsecode import _io
 from sparsecode.recovery import read_results, recovery
 from sparsecode.report import report
-from sparsecode.training import load_encoder
+from sparsecode.encoder_file import load_encoder
 
 #: the cheapest sweep: OMP needs no training and no calibration
 CHEAP = dict(encoders=["omp"], grid={"n_atoms": [8], "d": [4], "k": [2]}, seeds=1, n_samples=32, n_train=0)

@@ -54,7 +54,7 @@ def test_gap_criterion_certifies(problem, name):
     lam = 0.1
     enc = sc.get_encoder(name, lam=lam, tol=1e-6, criterion="gap", max_iter=20000).fit(problem.dictionary)
     codes = enc.encode(problem.x)
-    from encoders.iterative import duality_gap
+    from sparsecode_encoders.iterative import duality_gap
     gaps = duality_gap(problem.x, codes, problem.dictionary.atoms, lam)
     assert float(gaps.max()) <= 1e-6
 
@@ -63,8 +63,8 @@ def test_fista_needs_fewer_iterations_than_ista(problem):
     counts = {}
     for name in SOLVERS:
         enc = sc.get_encoder(name, lam=0.05, tol=1e-7, max_iter=20000, working_set=0).fit(problem.dictionary)
-        enc.encode(problem.x)
-        counts[name] = enc.n_iter_
+        # iterations come back with the codes (`Encoded.n_iter`), not as state kept on the encoder
+        counts[name] = enc.encode_with_info(problem.x).n_iter
     assert counts["fista"] < counts["ista"]
 
 
@@ -144,7 +144,7 @@ def test_default_fista_is_certified_on_dense_data_with_small_lam(dense_problem):
     for reference in ("sklearn-lasso", "cvxpy-lasso"):
         ref = metrics.lasso_objective(x, sc.get_encoder(reference, lam=lam).fit(D).encode(x), D.atoms, lam)
         assert float(((ours - ref) / ref).max()) <= 1e-4, reference
-    from encoders.iterative import duality_gap
+    from sparsecode_encoders.iterative import duality_gap
     assert float(duality_gap(x, info.codes, D.atoms, lam).max()) <= 1e-4
     assert torch.equal(enc.encode(x), info.codes)
 
@@ -152,7 +152,7 @@ def test_default_fista_is_certified_on_dense_data_with_small_lam(dense_problem):
 def test_a_budget_of_iterations_too_small_is_reported(dense_problem, caplog):
     D, x = dense_problem
     enc = sc.get_encoder("fista", lam=0.01, max_iter=20).fit(D)
-    with caplog.at_level("WARNING", logger="encoders.iterative"):
+    with caplog.at_level("WARNING", logger="sparsecode_encoders.iterative"):
         info = enc.encode_with_info(x)
     assert info.uncertified == 30
     assert "fista: 30 of 30 signals reached max_iter=20" in caplog.text
@@ -163,7 +163,7 @@ def test_a_budget_of_iterations_too_small_is_reported(dense_problem, caplog):
 
 @pytest.mark.parametrize("name", SOLVERS)
 def test_small_budget_iterates_without_the_gram_matrix_in_small_chunks(problem, optimum, name, monkeypatch):
-    from encoders import iterative
+    from sparsecode_encoders import iterative
     # 40 KB: room for two signals of this problem and no Gram matrix beside them
     assert iterative.lasso_plan(12, 32, 16, torch.float64, 40_000, 8) == (False, 2)
     gram_calls = []
@@ -177,7 +177,7 @@ def test_small_budget_iterates_without_the_gram_matrix_in_small_chunks(problem, 
 
 
 def test_gram_only_where_it_fits_and_pays():
-    from encoders.iterative import lasso_plan
+    from sparsecode_encoders.iterative import lasso_plan
     # an SAE-sized dictionary: the 1 GB Gram matrix would fit in 8 GB but 1,000 signals never repay it
     assert lasso_plan(1000, 16384, 576, torch.float32, 8 * 10 ** 9, 8)[0] is False
     # 65,536 atoms: 17 GB, never within a 4 GB budget however many signals
@@ -190,3 +190,24 @@ def test_a_budget_below_one_signal_is_a_clear_error(problem):
     enc = sc.get_encoder("fista", lam=0.1, memory="1KB").fit(problem.dictionary)
     with pytest.raises(ValueError, match=r"memory budget 1 KB is too small: one signal of the lasso needs .*raise memory"):
         enc.encode(problem.x)
+
+
+@pytest.mark.parametrize("shape", [(16, 128, 2048), (160, 64, 256)], ids=["atoms", "gram"])
+def test_float32_input_is_certified_at_small_lam(shape):
+    # Noiseless signals at a small lam leave a residual far below ||x||: float32 iterations stalled
+    # at a gap of about 1e-4 of the objective and ran to max_iter. Working sets that stall go on in float64,
+    # so float32 input certifies too, to the same objective.
+    n, d, n_atoms = shape
+    data = sc.synthetic.make_sparse_data(n_samples=n, d=d, n_atoms=n_atoms, k=8, noise=0.0, seed=0)
+    lam = 0.002
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        enc = sc.get_encoder("fista", lam=lam, max_iter=3000).fit(data.dictionary)
+        runs[dtype] = enc.encode_with_info(torch.as_tensor(data.x, dtype=dtype))
+    assert runs[torch.float32].uncertified == 0
+    # (a set moves to float64 only once it stalls, after its first round in float32)
+    assert runs[torch.float32].n_iter <= 2 * runs[torch.float64].n_iter
+    x = torch.as_tensor(data.x, dtype=torch.float64)
+    atoms = data.dictionary.atoms.double()
+    obj = {t: metrics.lasso_objective(x, r.codes.double(), atoms, lam) for t, r in runs.items()}
+    assert np.allclose(obj[torch.float32], obj[torch.float64], rtol=2e-4)

@@ -51,7 +51,7 @@ def test_reaches_cvxpy_optimum(problem, optimum, name, positive, lam):
 
 @pytest.mark.parametrize("name", SOLVERS)
 def test_gap_certificate_holds(problem, name):
-    from encoders.iterative import duality_gap
+    from sparsecode_encoders.iterative import duality_gap
     lam = 0.1
     enc = sc.get_encoder(name, lam=lam, tol=1e-6, max_iter=50000).fit(problem.dictionary)
     codes = enc.encode(problem.x)
@@ -86,7 +86,7 @@ def test_non_unit_atoms_and_bias():
 
 def test_lca_fixed_point_is_the_membrane_equation(problem):
     """At convergence u = b - (G - I) a with a = soft(u, lam): the published dynamics' fixed point."""
-    from encoders.iterative import soft_threshold
+    from sparsecode_encoders.iterative import soft_threshold
     lam = 0.1
     enc = sc.get_encoder("lca", lam=lam, tol=1e-10, max_iter=100000).fit(problem.dictionary)
     a = enc.encode(problem.x)
@@ -150,3 +150,11 @@ def test_they_are_lasso_solvers():
     for name in SOLVERS:
         cls = sc.encoder_class(name)
         assert cls.solves_lasso and cls.knob == "lam" and cls.family == "lasso"
+
+
+@pytest.mark.parametrize("name", ["admm", "cd", "lca"])
+def test_an_iteration_budget_runs_exactly_that_many_iterations(name):
+    data = sc.synthetic.make_sparse_data(n_samples=8, d=16, n_atoms=32, k=3, seed=0)
+    cls = sc.encoder_class(name)
+    info = sc.get_encoder(name, lam=0.05, **cls.budget_params(7)).fit(data.dictionary).encode_with_info(data.x)
+    assert info.n_iter == 7

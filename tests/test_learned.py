@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sparsecode as sc
-from sparsecode.training import binary_entropy_bits, covariance_penalty, entropy_penalty
+from sparsecode.metrics import binary_entropy_bits
+from sparsecode_encoders.binary import covariance_penalty, entropy_penalty
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_binary_topk_codes_are_binary_at_most_k(planted):
 
 
 def test_sigmoid_ste_gradient_is_the_surrogate():
-    from encoders.binary import SigmoidSTE
+    from sparsecode_encoders.binary import SigmoidSTE
     v = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0], dtype=torch.float64, requires_grad=True)
     out = SigmoidSTE.apply(v, 2.0)
     assert out.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
@@ -223,7 +224,8 @@ def test_compare_trains_with_x_train_and_joint_mode(planted):
 
 @pytest.mark.parametrize("make, message", [
     (lambda: sc.get_encoder("topk", k=20).fit(torch.randn(16, 8), torch.randn(10, 8)), "k=20 is larger"),
-    (lambda: sc.get_encoder("relu", lam=-1.0), "lam must be >= 0"),
+    # relu's L1 weight is `l1_coefficient` (SAELens's name); `lam` is only the lasso's penalty now
+    (lambda: sc.get_encoder("relu", l1_coefficient=-1.0), "l1_coefficient must be >= 0"),
     (lambda: sc.get_encoder("binary-entropy", entropy=-0.1), "penalties must be >= 0"),
     (lambda: sc.get_encoder("relu", steps=5).fit(torch.randn(16, 8), torch.zeros(0, 8)), "empty"),
     (lambda: sc.get_encoder("relu").fit(torch.randn(16, 8)), "is trained"),

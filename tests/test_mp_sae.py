@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsecode as sc
-from encoders.mp_sae import pursuit
+from sparsecode_encoders.mp_sae import pursuit
 
 
 def test_training_pursuit_is_the_mp_encoder():
@@ -56,11 +56,15 @@ def test_on_a_shared_dictionary_it_is_matching_pursuit(planted):
     assert torch.equal(enc.encode(test.x), sc.get_encoder("mp", k=3).fit(train.dictionary).encode(test.x))
 
 
-def test_save_and_load_a_learned_one(planted, tmp_path):
+def test_what_it_learns_is_a_dictionary_saved_as_one(planted, tmp_path):
+    # the encoder has no weights of its own (it is the pursuit on its dictionary): the dictionary is
+    # what a run keeps, and mp-sae on the reloaded dictionary encodes exactly as the learned encoder
     train, test = planted
     learned = sc.learn_dictionary(train.x, method="mp-sae", n_atoms=24, k=2, steps=5)
-    again = sc.load_encoder(learned.encoder.save(tmp_path / "mp-sae"))
-    assert torch.equal(again.encode(test.x), learned.encoder.encode(test.x))
+    again = sc.Dictionary.load(learned.dictionary.save(tmp_path / "mp-sae-dictionary"))
+    assert torch.equal(sc.get_encoder("mp-sae", k=2).fit(again).encode(test.x), learned.encoder.encode(test.x))
+    with pytest.raises(TypeError, match="not trained"):
+        learned.encoder.save(tmp_path / "mp-sae")
 
 
 def test_bad_use_rejected(planted):

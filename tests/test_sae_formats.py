@@ -53,7 +53,7 @@ def _reference(w, x, architecture, center, k=None):
 
 
 def _check(folder, w, x, architecture, center, k=None, allow_pickle=False):
-    from sparsecode.sae_formats import load_sae_dictionary
+    from sparsecode.dictionary import load_sae_dictionary
     dictionary = load_sae_dictionary(folder, allow_pickle=allow_pickle)
     enc = sc.get_encoder("sae-file").fit(dictionary)
     codes = enc.encode(x)
@@ -205,7 +205,7 @@ def test_sparsify_written_by_sparsify_itself(tmp_path):
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, N)[:, None])
     sae.save_to_disk(tmp_path / "layers.0")
     x = torch.randn(40, D_IN)
-    from sparsecode.sae_formats import load_sae_dictionary
+    from sparsecode.dictionary import load_sae_dictionary
     dictionary = load_sae_dictionary(tmp_path / "layers.0")
     codes = sc.get_encoder("sae-file").fit(dictionary).encode(x)
     with torch.no_grad():

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import sparsecode as sc
-from encoders.sae_variants import (JumpReLUFunction, StepFunction, _affine_without_decoder_gradient, batch_topk,
+from sparsecode_encoders.sae_variants import (JumpReLUFunction, StepFunction, _affine_without_decoder_gradient, batch_topk,
                                    rectangle)
 
-VARIANTS = {"jumprelu": {}, "batch-topk": {"k": 3}, "matryoshka": {"k": 3}, "gated": {"lam": 0.01}}
+VARIANTS = {"jumprelu": {}, "batch-topk": {"k": 3}, "matryoshka": {"k": 3}, "gated": {"l1_coefficient": 0.01}}
 
 PRE = torch.tensor([[0.5, 0.0012, 0.3], [0.0009, 2.0, 0.0011]], dtype=torch.float64)
 THETA = torch.tensor([0.001, 0.001, 0.0004], dtype=torch.float64)
@@ -55,8 +55,8 @@ def test_jumprelu_codes_and_l0_penalty_from_the_network():
         enc.net.log_threshold.copy_(torch.log(THETA))
     assert torch.allclose(enc.encode(x), torch.tensor([[0.5, 0.0012, 0.3], [0.0, 2.0, 0.0011]], dtype=torch.float64))
     enc.net.train()
-    codes = enc._codes(x)
-    assert float(enc._penalty(codes).detach()) == pytest.approx(0.5 * 5 / 2)     # 5 firing latents over 2 signals
+    out = enc.forward(x)
+    assert float(enc._penalty(out).detach()) == pytest.approx(0.5 * 5 / 2)     # 5 firing latents over 2 signals
     # squared error summed over features, averaged over signals (the L0 count's scale)
     y_hat = torch.tensor([[0.5, 0.0, 0.0], [1.0, 2.0, 0.0]], dtype=torch.float64)
     assert float(enc._reconstruction_loss(x, y_hat)) == pytest.approx(((0.0012 ** 2 + 0.09) + (0.9991 ** 2 + 0.0011 ** 2)) / 2)
@@ -99,14 +99,13 @@ def test_matryoshka_loss_sums_the_prefix_errors():
     assert enc.prefixes(8) == [2, 4, 8]
     atoms = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     b = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    enc._decode = lambda z: z @ atoms + b
+    decode = lambda z: z @ atoms + b       # noqa: E731
     enc.net.train()
-    codes = enc._codes(x)
-    loss = enc._reconstruction_loss(x, codes @ atoms + b)
+    out = enc.forward(x)
+    codes = out.codes
+    loss = enc._loss(x, decode(codes), out, decode)
     expected = sum(((x - (codes[:, :m] @ atoms[:m] + b)) ** 2).mean() for m in (2, 4, 8))
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
-    enc.net.eval()
-    assert float(enc._reconstruction_loss(x, codes @ atoms + b).detach()) == pytest.approx(float(((x - codes @ atoms - b) ** 2).mean().detach()))
 
 
 def test_gated_forward_by_hand():
@@ -176,7 +175,7 @@ def test_export_to_saelens_runs_the_same_encoder(planted, name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_save_and_load_round_trip(planted, name, tmp_path):
-    from sparsecode.training import load_encoder
+    from sparsecode.encoder_file import load_encoder
     train, test = planted
     enc = sc.get_encoder(name, steps=5, **VARIANTS[name]).fit(train.dictionary, train.x)
     enc.save(tmp_path / "enc")
@@ -194,3 +193,16 @@ def test_bad_config_rejected():
         sc.get_encoder("matryoshka", groups=0)
     with pytest.raises(ValueError, match="k=40 is larger than the dictionary's n_atoms=32"):
         sc.get_encoder("batch-topk", k=40).fit(torch.randn(32, 8), torch.randn(10, 8))
+
+
+def test_gated_loss_is_reconstruction_gate_penalty_and_gate_reconstruction():
+    D = sc.Dictionary(torch.eye(3, dtype=torch.float64))
+    x = torch.tensor([[1.0, -0.5, 2.0], [0.3, 0.2, -0.1]], dtype=torch.float64)
+    enc = sc.get_encoder("gated", steps=1, lr=1e-12, l1_coefficient=0.3).fit(D, x)
+    atoms = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    decode = lambda z: z @ atoms + 0.5       # noqa: E731
+    out = enc.forward(x)
+    gate = torch.relu(x @ enc.net.weight.T + enc.net.bias)
+    assert torch.allclose(out.units, gate)
+    expected = (((x - decode(out.codes)) ** 2).mean() + 0.3 * gate.mean() + ((x - decode(gate)) ** 2).mean())
+    assert float(enc._loss(x, decode(out.codes), out, decode)) == pytest.approx(float(expected), rel=1e-12)

@@ -31,8 +31,10 @@ def test_gram_free_equals_gram(coherent, dtype, name, k, tol):
     D, x = coherent.dictionary.to(dtype=dtype), coherent.x.to(dtype)
     gram = sc.get_encoder(name, k=k, tol=tol, variant="gram").fit(D)
     free = sc.get_encoder(name, k=k, tol=tol, variant="gram-free").fit(D)
-    a, b = gram.encode(x), free.encode(x)
-    assert (gram.variant_, free.variant_) == ("gram", "gram-free")
+    # the variant a call ran comes back with its codes (encoders keep no per-call state to read later)
+    info_a, info_b = gram.encode_with_info(x), free.encode_with_info(x)
+    a, b = info_a.codes, info_b.codes
+    assert (info_a.variant, info_b.variant) == ("gram", "gram-free")
     assert _support(a.numpy()) == _support(b.numpy())
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
@@ -65,13 +67,16 @@ def test_budget_chooses_the_variant(coherent, name):
     D = sc.Dictionary(coherent.dictionary.atoms)
     gram_bytes = 96 * 96 * 8
     small = sc.get_encoder(name, k=4, memory=gram_bytes // 2).fit(D)
-    codes = small.encode(coherent.x)
-    assert small.variant_ == "gram-free"
+    # the variant and working memory a call planned come back with its codes, not as encoder state
+    info = small.encode_with_info(coherent.x)
+    codes = info.codes
+    assert info.variant == "gram-free"
     assert not D.has_gram(torch.float64, "cpu")           # nothing n_atoms^2 was allocated
-    assert small.working_bytes_ <= gram_bytes // 2
+    assert info.working_bytes <= gram_bytes // 2
     large = sc.get_encoder(name, k=4, memory="1GB").fit(D)
-    torch.testing.assert_close(large.encode(coherent.x), codes)
-    assert large.variant_ == "gram" and D.has_gram(torch.float64, "cpu")
+    large_info = large.encode_with_info(coherent.x)
+    torch.testing.assert_close(large_info.codes, codes)
+    assert large_info.variant == "gram" and D.has_gram(torch.float64, "cpu")
 
 
 def test_budget_errors_name_the_budget(coherent):

@@ -105,7 +105,7 @@ def test_learning_streams_and_a_range_limits_the_data(problem):
 
     def spy(self, batch_size=4096, **kw):
         for xb in original(self, batch_size, **kw):
-            seen.append(xb.shape[0])
+            seen.append(xb.x.shape[0])
             yield xb
     try:
         type(store).batches = spy

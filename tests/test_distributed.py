@@ -1,0 +1,246 @@
+"""torch.distributed on the CPU: two gloo processes started by the test."""
+import json
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sparsecode import distributed, metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(fn, world_size: int = 2, *args):
+    """Run fn(rank, *args) in `world_size` processes set up as torchrun would."""
+    port = _free_port()
+    mp.start_processes(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True, start_method="spawn")
+
+
+def _entry(rank, fn, world_size, port, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPARSECODE_DIST_TIMEOUT="60")
+    torch.set_num_threads(1)
+    group = distributed.setup("cpu")
+    try:
+        fn(group, *args)
+    finally:
+        distributed.teardown()
+
+
+def test_parts_cover_every_item_once():
+    for n in (0, 1, 5, 7, 100):
+        for world in (1, 2, 3, 8):
+            parts = [distributed.Group(r, world).part(n) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_without_a_launcher_the_group_is_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    group = distributed.setup()
+    assert (group.rank, group.world_size, group.main) == (0, 1, True)
+    t = torch.tensor([1.5, 2.0])
+    assert group.sum(t) is t and group.gather("a") == ["a"] and group.max(3.0) == 3.0
+
+
+def test_a_world_size_without_the_rest_of_the_environment_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="RANK is set but|is not: start the job with torchrun"):
+        distributed.setup("cpu")
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(103, 6, generator=g, dtype=torch.float64) * 3 + 1
+    codes = torch.randn(103, 9, generator=g, dtype=torch.float64) * (torch.rand(103, 9, generator=g) < 0.3)
+    x_hat = x + 0.1 * torch.randn(103, 6, generator=g, dtype=torch.float64)
+    return x, x_hat, codes
+
+
+def _reduce_case(group, out_dir):
+    x, x_hat, codes = _data()
+    acc = metrics.MetricAccumulator(9)
+    batches = list(range(0, 103, 10))
+    for i, start in enumerate(batches):
+        if group.mine(i):
+            sl = slice(start, start + 10)
+            acc.update(x[sl], x_hat[sl], codes[sl], objective=(x[sl] ** 2).sum(1))
+    (total,) = distributed.reduce_accumulators(group, [acc])
+    summed = group.sum(torch.tensor([float(group.rank + 1)]))
+    with open(os.path.join(out_dir, f"rank{group.rank}.json"), "w") as f:
+        json.dump({"result": total.result(), "sum": float(summed), "max": group.max(float(group.rank))}, f)
+
+
+def test_two_processes_reduce_metrics_to_the_one_process_numbers(tmp_path):
+    _launch(_reduce_case, 2, str(tmp_path))
+    x, x_hat, codes = _data()
+    one = metrics.MetricAccumulator(9)
+    one.update(x, x_hat, codes, objective=(x ** 2).sum(1))
+    expected = one.result()
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["sum"] == 3.0 and got["max"] == 1.0
+        assert got["result"].keys() == expected.keys()
+        for key, value in expected.items():
+            assert got["result"][key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def _failing_case(group):
+    if group.rank == 1:
+        raise ValueError("rank 1 failed on purpose")
+    group.barrier()                 # rank 0 waits for a rank that is gone
+
+
+def test_a_failing_rank_stops_the_job_instead_of_hanging():
+    # rank 0 waits in a collective for rank 1, which raised: the job ends with an error (rank 1's, or
+    # rank 0's lost connection to it, whichever the launcher sees first), well before the timeout
+    start = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException) as err:
+        _launch(_failing_case, 2)
+    assert time.monotonic() - start < 55
+    assert "rank 1 failed on purpose" in str(err.value) or "Connection" in str(err.value)
+
+
+# --- the commands' work on two ranks equals one process's -------------------------------------
+
+COMPARED = ["fista", "omp"]
+
+
+def _problem(folder):
+    """Synthetic signals (a non-zero mean, so FVU's mean matters) in a store of 70-token shards."""
+    import sparsecode as sc
+    from sparsecode.activations import write_store
+    data = sc.synthetic.make_sparse_data(n_samples=300, d=24, n_atoms=48, k=3, noise=0.02, seed=3)
+    store = write_store(folder / "store", data.x + 0.5, 70)
+    data.dictionary.save(folder / "dictionary.safetensors")
+    return data.x + 0.5, data.dictionary, store
+
+
+def _compare_on_store(store, dictionary):
+    import sparsecode as sc
+    # batches of 64 over shards of 70: the ranks' runs of batches cut through shards
+    return sc.compare(COMPARED, store, dictionary, k=3, lam=0.05, reference="fista", batch_size=64).rows
+
+
+def _train(x):
+    import sparsecode as sc
+    enc = sc.get_encoder("topk", k=3, steps=25, batch_size=60, seed=1)
+    return enc, enc.learn(x.double(), 48)
+
+
+def _data_parallel_case(group, folder):
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from sparsecode.activations import ActivationStore
+    from sparsecode.cli import app
+    from sparsecode.data import load_dictionary
+    folder = Path(folder)
+    store, dictionary = ActivationStore(folder / "store"), load_dictionary(str(folder / "dictionary.safetensors"))
+    x = store.load().x
+    rows = _compare_on_store(store, dictionary)
+    enc, learned = _train(x)
+    _io_write(folder / f"rank{group.rank}.json", {"rows": rows, "losses": enc.losses,
+                                                  "atoms": learned.atoms.tolist(), "bias": learned.bias.tolist()})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        app(["compare", "--encoders", "fista,omp", "--data", f"activations:{folder / 'store'}", "--dictionary",
+             str(folder / "dictionary.safetensors"), "--n-train", "40", "--n-samples", "260", "--k", "3",
+             "--out", str(folder / "cli.json")], standalone_mode=False)
+    (folder / f"printed{group.rank}.txt").write_text(printed.getvalue())
+
+
+def _io_write(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_two_ranks_compare_over_a_store_and_train_like_one_process(tmp_path):
+    x, dictionary, store = _problem(tmp_path)
+    _launch(_data_parallel_case, 2, str(tmp_path))
+    expected = _compare_on_store(store, dictionary)
+    enc, learned = _train(x)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [r["encoder"] for r in got["rows"]] == COMPARED
+        for row, one in zip(got["rows"], expected):
+            for key, value in one.items():
+                if key in ("encode_s", "signals_per_s", "fit_s"):
+                    continue
+                if isinstance(value, float):
+                    assert row[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (row["encoder"], key)
+                else:
+                    assert row[key] == value, (row["encoder"], key)
+        # the global batch's gradient, summed from the ranks' parts: the same path, in float64
+        assert got["losses"] == pytest.approx(enc.losses, rel=1e-9)
+        torch.testing.assert_close(torch.tensor(got["atoms"], dtype=torch.float64), learned.atoms,
+                                   rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(torch.tensor(got["bias"], dtype=torch.float64), learned.bias,
+                                   rtol=1e-9, atol=1e-12)
+    # one results file, written by rank 0; only rank 0 prints
+    saved = json.loads((tmp_path / "cli.json").read_text())
+    assert [r["encoder"] for r in saved["rows"]] == ["fista", "omp"]
+    assert "saved" in (tmp_path / "printed0.txt").read_text() and "omp" in (tmp_path / "printed0.txt").read_text()
+    assert (tmp_path / "printed1.txt").read_text() == ""
+
+
+EXTRACT = dict(layer=1, context_length=16, batch_size=4, n_tokens=290, shard_tokens=100)
+
+
+def _extract_case(group, model_folder, corpus, out):
+    from sparsecode import activations as act
+    loaded = act.load_model(model_folder, device="cpu")
+    name, docs = act.read_corpus(corpus)
+    cfg = act.ExtractConfig(**EXTRACT)
+    try:                            # every rank is killed after its first shard
+        act.extract(loaded, name, docs, out, cfg, _stop_after_shards=1)
+        raise AssertionError("the extraction was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    stats = act.extract(loaded, name, docs, out, cfg)
+    _io_write(f"{out}-rank{group.rank}.json", {"tokens": stats.tokens, "resumed_from": stats.resumed_from})
+
+
+@pytest.mark.slow
+def test_two_ranks_extract_the_one_process_tokens_and_resume_rank_by_rank(tmp_path):
+    make_tiny_llama = pytest.importorskip("test_activations").make_tiny_llama
+    from sparsecode import activations as act
+    folder, corpus = make_tiny_llama(tmp_path / "tiny-llama")
+    _launch(_extract_case, 2, str(folder), str(corpus), str(tmp_path / "two"))
+    loaded = act.load_model(str(folder), device="cpu")
+    name, docs = act.read_corpus(str(corpus))
+    act.extract(loaded, name, docs, tmp_path / "one", act.ExtractConfig(**EXTRACT))
+    one, two = act.ActivationStore(tmp_path / "one"), act.ActivationStore(tmp_path / "two")
+    assert two.n_tokens == one.n_tokens == 290
+    # 15 tokens per sequence: the budget needs 20 sequences, 10 per rank, the last one cut to 5 tokens
+    ranks = two.manifest["ranks"]
+    assert [r["sequences"] for r in ranks] == [[0, 10], [10, 20]]
+    assert all(f.startswith(f"shard-r{r['rank']:02d}-") for r in ranks for f in r["shards"])
+    per_rank = [json.loads((tmp_path / f"two-rank{r}.json").read_text()) for r in range(2)]
+    assert [p["resumed_from"] for p in per_rank] == [120, 120]          # one 2-batch shard each survived
+    assert [p["tokens"] + p["resumed_from"] for p in per_rank] == [150, 140]
+    # the same rows in the same order (shards in rank order); batches of other sizes may round differently
+    torch.testing.assert_close(two.load().x, one.load().x, rtol=1e-5, atol=1e-6)
+
+
+
+@pytest.mark.slow
+def test_bench_ranks_runs_compare_under_torchrun_on_one_and_two_processes():
+    from sparsecode.bench import ranks
+    rows = ranks(2, n_tokens=8192 + 512, d=16, n_atoms=32, k=3, encoders=("omp",))
+    (row,) = rows
+    assert row["encoder"] == "omp" and row["ranks"] == 2
+    assert row["signals_per_s_1"] > 0 and row["signals_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["signals_per_s"] / row["signals_per_s_1"])
+    with pytest.raises(ValueError, match="n_ranks"):
+        ranks(1)

@@ -109,13 +109,20 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+def print_table(rows: list[dict], columns: list[str], title: str = "", saved_in: str = "") -> None:
+    """A table of the columns that fit the terminal (by `table.PRIORITY`); the others are named under it."""
+    from .table import fit_columns
+    columns, left_out = fit_columns(rows, columns, console.width if console.is_terminal else None,
+                                    label=lambda c: SHOWN.get(c, c))
     table = Table(title=title, header_style="bold")
     for col in columns:
         table.add_column(SHOWN.get(col, col), justify="left" if col in ("encoder", "reference") else "right")
     for row in rows:
         table.add_row(*(_fmt(row.get(col)) for col in columns))
     console.print(table)
+    if left_out:
+        where = saved_in or "--out FILE.json or .csv"
+        console.print(f"not shown at this width: {', '.join(SHOWN.get(c, c) for c in left_out)} (all columns: {where})")
 
 
 def _literal(text: str):
@@ -261,7 +268,9 @@ def compare_cmd(
     firing: str = typer.Option("uniform", help="Synthetic support: 'uniform' or 'power-law'."),
     signed: bool = typer.Option(False, help="Synthetic code values N(0,1) instead of |N(0,1)|."),
     seed: int = typer.Option(0, help="Seed of the synthetic data."),
-    lam: float = typer.Option(0.1, help="Lasso penalty for every encoder with a lam knob."),
+    lam: Optional[float] = typer.Option(None, help="Lasso penalty for every encoder with a lam knob [default: 0.1 x "
+                                                   "the median over signals of lam_max, the penalty that zeroes a "
+                                                   "signal's code]."),
     set_: list[str] = typer.Option([], "--set", help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
     target_l0: Optional[float] = typer.Option(None, help="Calibrate every encoder's knob (k or lam) to this mean L0."),
     n_train: int = typer.Option(1024, help="Synthetic training signals (same dictionary, other codes) for learned "
@@ -336,9 +345,11 @@ def compare_cmd(
     if data is None and planted_in is not None and not joint:
         where = f" planted in {planted_in} ({kk} non-zeros per code: the codes are the truth for it)"
         s["data"] = f"synthetic, planted in {planted_in}"
+    note = result.knobs_note()
     print_table(result.rows, [c for c in result.columns() if c in SHOWN],
                 title=f"{s['n_samples']} signals{where}, d={s['d']}, n_atoms={s['n_atoms']}"
-                      + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}"))
+                      + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}")
+                      + (f"; {note}" if note else ""), saved_in=str(out) if out is not None else "")
     for row in result.rows:
         if "skipped" in row:
             console.print(f"[yellow]skipped[/] {row['encoder']}: {row['skipped']}")
@@ -449,7 +460,7 @@ def extract_cmd(
     loaded = load_model(model, device=device)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed:,}/{task.total:,} tokens"), TextColumn("{task.fields[rate]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("extracting", total=n_tokens, rate="")
         t0 = time.perf_counter()
 
@@ -676,7 +687,7 @@ def bench_recovery(
     axes = _grid(grid)
     get_preset(preset)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"{preset} cells", total=None)
 
         def on_cell(done: int, total: int, record: dict) -> None:
@@ -707,6 +718,37 @@ def report_cmd(
     _io.check_writable(folder, "--out", folder=True)
     summary = report(results, folder)
     console.print(f"wrote {summary} and {len(list(folder.glob('*.png')))} figures in {folder}")
+
+
+@app.command("synth")
+def synth_cmd(
+    out: Path = typer.Option(..., help="The signals file to write (.safetensors): tensors 'x' (n_samples, d) and "
+                                       "'codes' (n_samples, n_atoms), the input of `compare --data`."),
+    dictionary_out: Optional[Path] = typer.Option(None, help="Where to save the planted dictionary (a pair "
+                                                             "STEM.safetensors + STEM.json, the input of `compare "
+                                                             "--dictionary`) [default: OUT's stem + '-dictionary']."),
+    n_samples: int = typer.Option(1024, help="Signals drawn."),
+    d: int = typer.Option(8, help="Signal dimension."),
+    n_atoms: int = typer.Option(16, help="Atoms of the planted dictionary."),
+    k: int = typer.Option(3, help="Non-zeros per code."),
+    noise: float = typer.Option(0.0, help="Standard deviation of Gaussian noise added to the signals."),
+    seed: int = typer.Option(0, help="Seed of the dictionary, codes and noise."),
+) -> None:
+    """Write a planted sparse-coding problem (paper c's generator, as `compare` draws it) to files:
+    signals with their true codes, and the dictionary beside them."""
+    _io.check_writable(out, "--out", suffixes=(".safetensors",))
+    _io.check_replace(out, "synthetic signals file (tensors x and codes)",
+                      lambda p: set(_io.read_tensors(p, "signals")) == {"x", "codes"})
+    dict_stem = dictionary_out or _io.sibling(out, "-dictionary")
+    _io.check_pair(dict_stem, DICTIONARY_FORMAT, "sparsecode dictionary")
+    if _io.paired(dict_stem)[0].resolve() == Path(out).resolve():
+        raise ValueError(f"--dictionary-out {dict_stem} would write over --out {out}; give another name")
+    data = make_sparse_data(n_samples, d, n_atoms, k, noise=noise, seed=seed)
+    _io.write_tensors(Path(out), {"x": data.x, "codes": data.codes})
+    dict_path = data.dictionary.save(dict_stem)
+    console.print(f"wrote {out} (x: {n_samples} x {d}, codes: {n_samples} x {n_atoms}, {k} non-zeros each) and "
+                  f"the dictionary {dict_path} ({n_atoms} atoms)")
+    console.print(f"next: sparsecode compare --data {out} --dictionary {dict_path}")
 
 
 def main() -> None:

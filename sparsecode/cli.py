@@ -726,7 +726,8 @@ def synth_cmd(
                                        "'codes' (n_samples, n_atoms), the input of `compare --data`."),
     dictionary_out: Optional[Path] = typer.Option(None, help="Where to save the planted dictionary (a pair "
                                                              "STEM.safetensors + STEM.json, the input of `compare "
-                                                             "--dictionary`) [default: OUT's stem + '-dictionary']."),
+                                                             "--dictionary`); by default beside OUT, named after it: signals.safetensors -> "
+                                                             "signals-dictionary.safetensors."),
     n_samples: int = typer.Option(1024, help="Signals drawn."),
     d: int = typer.Option(8, help="Signal dimension."),
     n_atoms: int = typer.Option(16, help="Atoms of the planted dictionary."),

@@ -217,7 +217,9 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
 
     def fit_at(value):
         if value not in fitted:
-            fitted[value] = get_encoder(name, **{**params, cls.knob: value}).fit(dictionary, x_train)
+            enc = get_encoder(name, **{**params, cls.knob: value})
+            # only trained encoders take training data (a store's token range would fail elsewhere)
+            fitted[value] = enc.fit(dictionary, x_train) if cls.trainable else enc.fit(dictionary)
         return fitted[value]
 
     def l0_at(value):

@@ -77,7 +77,7 @@ BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 
 
 def test_the_readme_has_runnable_blocks_and_every_skip_says_why():
-    assert len([b for b in BLOCKS if b.mark is None]) >= 10
+    assert len([b for b in BLOCKS if b.mark != "skip"]) >= 10 and any(b.mark is None for b in BLOCKS)
     for block in BLOCKS:
         if block.mark:
             assert len(block.reason) >= 10, f"README line {block.line}: a {block.mark} marker needs its reason"

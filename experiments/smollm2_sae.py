@@ -9,8 +9,8 @@ the middle layer.
    histograms.
 
 CPU-sized by default (16 minutes on 2 cores); `--quick` runs the whole story on a small budget
-(4,000 tokens, 1,152 atoms, 150 training steps, 512 evaluation tokens; written to runs/llm-quick,
-not over the committed results) in a few minutes. The same script scales on a GPU with flags only:
+(2,000 tokens, 576 atoms, 100 training steps, 256 evaluation tokens; written to runs/llm-quick,
+not over the committed results) in minutes. The same script scales on a GPU with flags only:
     python experiments/smollm2_sae.py --tokens 2000000 --n-atoms 16384 --steps 20000 --device cuda
 """
 from __future__ import annotations
@@ -39,11 +39,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "llm")
     parser.add_argument("--reuse", action="store_true", help="load the SAEs a previous run saved instead of training")
     parser.add_argument("--quick", action="store_true",
-                        help="a small budget: 4,000 tokens, 1,152 atoms, 150 steps, 512 evaluation tokens, "
+                        help="a small budget: 2,000 tokens, 576 atoms, 100 steps, 256 evaluation tokens, "
                              "results in runs/llm-quick")
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.n_atoms, args.steps, args.eval_tokens = 4000, 1152, 150, 512
+        args.tokens, args.n_atoms, args.steps, args.eval_tokens = 2000, 576, 100, 256
         if args.out == RESULTS / "llm":
             args.out = Path("runs/llm-quick")
     out = args.out

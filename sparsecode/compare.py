@@ -57,6 +57,46 @@ class Comparison:
         present = {key for r in self.rows for key in r}
         return [c for c in COLUMNS if c in present] + sorted(present - set(COLUMNS))
 
+    def knobs_note(self) -> str:
+        """Which shared knobs were derived from the problem (see `defaults.default_knobs`), in words;
+        empty when the user set them."""
+        derived = self.settings.get("derived") or {}
+        parts = []
+        if "k" in derived:
+            parts.append(f"k={derived['k']}")
+        if "lam" in derived:
+            parts.append(f"lam={derived['lam']:.3g}")
+        return f"{' '.join(parts)} derived from the data (none given)" if parts else ""
+
+    def title(self) -> str:
+        """One line on what was compared: sizes, and the knobs derived from the data."""
+        s = self.settings
+        head = ", ".join(f"{key}={s[key]:,}" if isinstance(s.get(key), int) else f"{key}={s[key]}"
+                         for key in ("n_samples", "d", "n_atoms") if s.get(key) is not None)
+        note = self.knobs_note()
+        return f"Comparison of {len(self.rows)} encoders" + (f" on {head}" if head else "") + (f"; {note}" if note else "")
+
+    def to_text(self, width: int | None = None) -> str:
+        """The rows as a plain-text table of at most `width` characters (None: every column); the
+        columns that do not fit are named under it (`save` or `to_pandas` keeps them all)."""
+        from .table import text_table
+        return text_table(self.rows, self.columns(), self.title(), width)
+
+    def __str__(self) -> str:
+        import shutil
+        return self.to_text(shutil.get_terminal_size((120, 24)).columns)
+
+    __repr__ = __str__
+
+    def to_pandas(self):
+        """The rows as a pandas DataFrame, one row per encoder, columns in table order (pandas is
+        optional: an ImportError names it)."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("Comparison.to_pandas needs pandas: pip install pandas") from err
+        return pd.DataFrame(self.rows, columns=self.columns())
+
     def to_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns(), lineterminator="\n")
@@ -129,24 +169,42 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     tol = max(rel_tol * target_l0, 0.05)
     fitted: dict = {}
     cache: dict = {}
+    report = progress_callback()
+    if cls.knob == "k":
+        densest = cls.max_k(dictionary.n_atoms, dictionary.d)
+        steps = 2 + max(1, math.ceil(math.log2(max(densest, 2))))
+    else:
+        scale = float((x @ dictionary.atoms_as(x.dtype, x.device).T).abs().max())
+        scale /= cls.lam_per_unit(dictionary.n_atoms, dictionary.d)
+        densest = scale * 1e-6
+        steps = max_steps
+    what = f"calibrating {name}'s {cls.knob} to L0 {target_l0:g}"
 
     def fit_at(value):
         if value not in fitted:
-            fitted[value] = get_encoder(name, **{**params, cls.knob: value}).fit(dictionary, x_train)
+            enc = get_encoder(name, **{**params, cls.knob: value})
+            # only trained encoders take training data (a store's token range would fail elsewhere)
+            fitted[value] = enc.fit(dictionary, x_train) if cls.trainable else enc.fit(dictionary)
         return fitted[value]
 
     def l0_at(value):
         if value not in cache:
             enc = fit_at(value)
             cache[value] = (enc, metrics.mean_l0(enc.encode(x)))
+            if report is not None:      # a bar with the time left: searches take minutes on large problems
+                report(what, min(len(cache), steps), steps, float("nan"))
         return cache[value][1]
 
-    if cls.knob == "k":
-        densest = cls.max_k(dictionary.n_atoms, dictionary.d)
-    else:
-        scale = float((x @ dictionary.atoms_as(x.dtype, x.device).T).abs().max())
-        scale /= cls.lam_per_unit(dictionary.n_atoms, dictionary.d)
-        densest = scale * 1e-6
+    if report is not None:
+        report(what, 0, steps, float("nan"))
+    if cls.knob == "k" and target_l0 <= min(densest, dictionary.n_atoms):
+        # Where an encoder's L0 is its k (OMP, TopK: exactly k non-zeros), the first try is the answer
+        # and no search, nor the costly reach check at the densest k, is needed.
+        first = max(1, round(target_l0))
+        if abs(l0_at(first) - target_l0) <= tol:
+            if report is not None:
+                report(what, steps, steps, float("nan"))
+            return cache[first]
     _check_reachable(name, cls, dictionary, x, target_l0, tol, fit_at, densest)
     if cls.knob == "k":
         low, high = 1, densest
@@ -171,6 +229,8 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
             else:
                 hi = math.log(mid)
     best = min(candidates, key=lambda v: abs(l0_at(v) - target_l0))
+    if report is not None:
+        report(what, steps, steps, float("nan"))
     enc, l0 = cache[best]
     if abs(l0 - target_l0) > tol:
         log.warning("%s: calibrated %s=%.4g gives L0=%.3f, target %.3f", name, cls.knob, best, l0, target_l0)
@@ -220,10 +280,12 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         it may be larger than memory (calibration with `target_l0` uses its first 4,096 tokens).
     dictionary : a Dictionary, atoms (n_atoms, d), a saved dictionary path, or "true"/None for
         the synthetic data's own dictionary.
-    k, lam : set on every encoder that has that config field; left None, each encoder keeps its own
-        default (k: the synthetic data's k where the data has one). `lam` is always the lasso
-        penalty ``0.5 ||x - z D||^2 + lam ||z||_1`` per signal; encoders with another penalty name it
-        otherwise (relu, mlp, ito: `l1_coefficient`) and are set through `encoder_params`.
+    k, lam : set on every encoder that has that config field. `lam` is always the lasso penalty
+        ``0.5 ||x - z D||^2 + lam ||z||_1`` per signal; encoders with another penalty name it otherwise
+        (relu, mlp, ito, gated: `l1_coefficient`) and are set through `encoder_params`. Where not given
+        (and no `target_l0` calibrates them), they are derived from the problem by
+        `defaults.default_knobs` (k: the true codes' L0, else min(16, d // 2, n_atoms); lam: 0.1 x the
+        median lam_max of the signals), recorded in ``settings["derived"]`` and named in the title.
     encoder_params : per-encoder config fields, ``{"fista": {"lam": 0.05}}``; they win over k/lam.
     target_l0 : calibrate each encoder's knob so its mean L0 matches (see `calibrate`).
     x_train : training signals for trainable encoders (and for learning, with joint=True).
@@ -282,13 +344,19 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
     d = with_dictionary(data, dictionary, device)
     if k is None and isinstance(data, SparseData):
         k = data.k
+    derived = {}
+    if target_l0 is None and (k is None or lam is None):     # calibration sets the knobs itself
+        from .defaults import default_knobs
+        knobs = default_knobs(d.x, d.dictionary, d.codes)
+        derived = {key: knobs[key] for key, given in (("k", k), ("lam", lam)) if given is None}
+        k, lam = derived.get("k", k), derived.get("lam", lam)
     if x_train is not None and as_token_range(x_train) is None:
         x_train = as_tensor(x_train, "x_train", device=device, dtype=d.x.dtype)
     n_samples = d.x.shape[0] if stream is None else stream.n_tokens
     solver = _choose_reference(reference, items, names, d, n_samples)
     settings = {"encoders": names, "n_samples": n_samples, "d": d.dictionary.d, "n_atoms": d.dictionary.n_atoms,
                 "k": k, "lam": lam, "target_l0": target_l0, "device": str(device), "dtype": str(d.x.dtype),
-                "encoder_params": encoder_params or {}, "reference": solver, "seed": seed}
+                "encoder_params": encoder_params or {}, "reference": solver, "seed": seed, "derived": derived}
     references: dict[tuple, torch.Tensor] = {}
     rows = []
     for item, name in zip(items, names):
@@ -312,8 +380,15 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         rows.append(_measure(enc, d, solver, references, repeats, fit_s, stream, batch_size, progress))
         if callback:
             callback(name, "done")
+    for key in [key for key in derived if not any(key in r for r in rows)]:
+        del derived[key]                     # no encoder has that knob: nothing was derived for it
     return Comparison(rows, settings)
 
+
+#: Above this many atoms a row has no code_mcc: the Hungarian matching of latents takes n_atoms^2
+#: memory and n_atoms^3 time (42 s at 16,384 atoms on the 2-core machine, against a second for the
+#: encoders); precision/recall/F1 of the supports measure the same recovery without matching.
+CODE_MCC_MAX_ATOMS = 4096
 
 #: `reference="auto"` runs the reference solver only up to this many n_atoms * n_samples (a
 #: tightly converged FISTA on 1,024 atoms and 4,096 signals takes seconds on a CPU; on an imported
@@ -488,7 +563,12 @@ def _measure(enc: Encoder, d: Signals, reference, references, repeats, fit_s, st
         if d.codes is not None:
             row.update(metrics.support_scores(d.codes, codes))
             row["exact_support"] = metrics.exact_support_rate(d.codes, codes)
-            row["code_mcc"] = metrics.code_mcc(d.codes, codes)
+            if d.dictionary.n_atoms <= CODE_MCC_MAX_ATOMS:
+                row["code_mcc"] = metrics.code_mcc(d.codes, codes)
+            else:
+                log.info("%s: code_mcc skipped: its one-to-one matching of %d latents costs n_atoms^3 time and "
+                         "n_atoms^2 memory (limit %d); support scores stand in", name, d.dictionary.n_atoms,
+                         CODE_MCC_MAX_ATOMS)
             row["nmse_db"] = metrics.nmse_db(d.codes, codes)        # of the codes (compressed-sensing convention)
         if lasso and reference is not None:
             ref = _reference_objective(d, row_lam, positive, reference, references)
@@ -559,6 +639,10 @@ def _accumulate(acc: metrics.MetricAccumulator, x, codes, dictionary: Dictionary
     return objective
 
 
+#: signals per step of a watched reference solve (see `_reference_objective`)
+REFERENCE_CHUNK = 256
+
+
 def _reference_objective(d: Signals, lam: float, positive: bool, solver: str, cache: dict,
                          keep: bool = True) -> torch.Tensor:
     """Per-signal lasso objective of the reference solver at (lam, positive) on `d.x`. The fitted
@@ -570,13 +654,19 @@ def _reference_objective(d: Signals, lam: float, positive: bool, solver: str, ca
     ref = _reference_solver(d.dictionary, lam, positive, solver, cache)
     what = f"reference {solver} (lam={lam:g}{', positive' if positive else ''})"
     report = progress_callback()
+    n = d.x.shape[0]
+    # in chunks only where someone watches: the bar's time left needs steps, the solve itself does not
+    chunk = n if report is None else max(REFERENCE_CHUNK, -(-n // 20))
     if report is not None:
-        report(what, 0, 1, float("nan"))
+        report(what, 0, n, float("nan"))
     start = time.perf_counter()
-    x64 = d.x.to(torch.float64)
-    objective = metrics.lasso_objective(x64, ref.encode(x64), d.dictionary.atoms, lam, d.dictionary.bias)
-    if report is not None:
-        report(what, 1, 1, float("nan"))
+    parts = []
+    for lo in range(0, n, chunk):
+        x64 = d.x[lo:lo + chunk].to(torch.float64)
+        parts.append(metrics.lasso_objective(x64, ref.encode(x64), d.dictionary.atoms, lam, d.dictionary.bias))
+        if report is not None:
+            report(what, min(lo + chunk, n), n, float("nan"))
+    objective = torch.cat(parts)
     log.info("%s: %.3g s", what, time.perf_counter() - start)
     if keep:
         cache[key] = objective

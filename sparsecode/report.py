@@ -1,18 +1,20 @@
 """Figures and a Markdown summary from a recovery results file (`sparsecode report RESULTS`)."""
 from __future__ import annotations
 
+import base64
+import html
 import logging
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+# Figure objects draw with the Agg canvas whatever backend the user's session has chosen, so the
+# library never switches (or imports) pyplot.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from . import _io  # noqa: E402
-from .recovery import read_results  # noqa: E402
+from . import _io
+from .recovery import read_results
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def _having(rows: list[dict], *keys: str) -> list[dict]:
 
 def colors(encoders) -> dict:
     """One colour per encoder, the same in every figure."""
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     return {name: cmap(i % 10) for i, name in enumerate(sorted(encoders))}
 
 
@@ -88,7 +90,6 @@ def markdown_ranking(table: list[dict]) -> str:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     _io.write_figure(fig, path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -100,7 +101,8 @@ def phase_transition(rows, palette, out: Path, prefix: str = "") -> Path | None:
     names = sorted({r["encoder"] for r in rows})
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False, sharex=True, sharey=True)
+    fig = Figure(figsize=(4.2 * ncols, 3.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
     for ax in axes.ravel()[len(names):]:
         ax.set_visible(False)
     for ax, name in zip(axes.ravel(), names):
@@ -119,7 +121,6 @@ def phase_transition(rows, palette, out: Path, prefix: str = "") -> Path | None:
     fig.suptitle("Phase transition: fraction of signals whose support is recovered exactly")
     path = out / f"{prefix}phase_transition.png"
     _io.write_figure(fig, path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -129,7 +130,8 @@ def mcc_vs_n(rows, palette, out: Path, prefix: str = "") -> Path | None:
     if len({r["n_atoms"] for r in rows}) < 2:
         return None
     panels = sorted({(r["d"], r["k"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (d, k) in zip(axes[0], panels):
         for name in sorted({r["encoder"] for r in rows}):
             by_n = defaultdict(list)
@@ -142,20 +144,21 @@ def mcc_vs_n(rows, palette, out: Path, prefix: str = "") -> Path | None:
             ax.errorbar(ns, [np.mean(by_n[n]) for n in ns], yerr=[np.std(by_n[n]) for n in ns], label=name,
                         capsize=3, **_marker(palette, name))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("atoms N")
-        ax.set_ylabel("code MCC")
+        ax.set_xlabel("atoms N (count)")
+        ax.set_ylabel("code MCC (0 to 1)")
         ax.set_title(f"M = {d}, K = {k}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(title="encoder", fontsize=8)
     return _save(fig, out / f"{prefix}mcc_vs_n.png")
 
 
 def pareto(rows, palette, out: Path, prefix: str = "") -> Path:
     """FVU vs L0, code MCC vs FLOPs per signal, code MCC vs wall time: every cell, every encoder."""
-    specs = [("l0", "fvu", "mean L0 (active atoms per signal)", "FVU", False, True),
-             ("flops_per_signal", "code_mcc", "FLOPs per signal", "code MCC", True, False),
-             ("encode_s", "code_mcc", "encode wall time (s)", "code MCC", True, False)]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    specs = [("l0", "fvu", "mean L0 (active atoms per signal)", "FVU (fraction of variance unexplained)", False, True),
+             ("flops_per_signal", "code_mcc", "FLOPs per signal", "code MCC (0 to 1)", True, False),
+             ("encode_s", "code_mcc", "encode wall time (s)", "code MCC (0 to 1)", True, False)]
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, (xk, yk, xl, yl, logx, logy) in zip(axes, specs):
         for name in sorted({r["encoder"] for r in rows}):
             pts = [(r.get(xk), r.get(yk)) for r in rows if r["encoder"] == name]
@@ -171,7 +174,8 @@ def pareto(rows, palette, out: Path, prefix: str = "") -> Path:
         if logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(title="encoder", fontsize=7)
     fig.suptitle("Trade-offs: each point is one cell (grid point and seed)")
     return _save(fig, out / f"{prefix}pareto.png")
 
@@ -181,7 +185,8 @@ def snr_curves(rows, palette, out: Path, prefix: str = "") -> Path | None:
     rows = _having(rows, "snr_db")
     if len({r["snr_db"] for r in rows}) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig = Figure(figsize=(5, 3.8))
+    ax = fig.subplots()
     for name in sorted({r["encoder"] for r in rows}):
         by = defaultdict(list)
         for r in rows:
@@ -192,15 +197,18 @@ def snr_curves(rows, palette, out: Path, prefix: str = "") -> Path | None:
             ax.plot(xs, [np.mean(by[s]) for s in xs], label=name, **_marker(palette, name))
     ax.set_xlabel("SNR (dB)")
     ax.set_ylabel("code NMSE (dB)")
+    ax.set_title("Code error against noise")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(title="encoder", fontsize=8)
     return _save(fig, out / f"{prefix}nmse_vs_snr.png")
 
 
 def report(results, out) -> Path:
-    """Render every figure that the results support and a Markdown summary; returns the summary path.
-    The results file is only read. A file holding sweeps of several presets gets one section (and
-    one set of figures, named by preset) per preset."""
+    """Render every figure that the results support, a Markdown summary (`report.md`, figures beside
+    it) and a self-contained HTML page (`report.html`: the same text and ranking tables, figures
+    embedded as base64 PNG, so the one file can be mailed or opened anywhere); returns the summary
+    path. The results file is only read. A file holding sweeps of several presets gets one section
+    (and one set of figures, named by preset) per preset."""
     results, out = Path(results), Path(out)
     records = read_results(results)
     if not records:
@@ -220,7 +228,64 @@ def report(results, out) -> Path:
                           level="###" if several else "##")
     summary = out / "report.md"
     _io.write_text(summary, "\n".join(lines))
+    _io.write_text(out / "report.html", markdown_to_html(lines, out))
     return summary
+
+
+def _inline(text: str) -> str:
+    """Escape, then render `code` spans (the only inline markup the summary uses)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def markdown_to_html(lines: list[str], folder: Path) -> str:
+    """The summary's lines (headings, paragraphs, pipe tables, list items, figure links) as one
+    HTML page whose figures are embedded from `folder` as base64 PNG data."""
+    body, table, items = [], [], []
+
+    def flush():
+        if table:
+            cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table]
+            head, rows = cells[0], cells[2:]
+            aligns = ["right" if a.strip().endswith(":") else "left" for a in cells[1]]
+            body.append("<table>\n<thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead>")
+            body.append("<tbody>" + "".join("<tr>" + "".join(f'<td style="text-align:{a}">{_inline(c)}</td>'
+                                                             for c, a in zip(row, aligns)) + "</tr>\n"
+                                            for row in rows) + "</tbody></table>")
+            table.clear()
+        if items:
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    title = "sparsecode report"
+    for line in "\n".join(lines).splitlines():          # a table arrives as one multi-line entry
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        flush()
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 6)
+            text = line.lstrip("#").strip()
+            if level == 1:
+                title = text
+            body.append(f"<h{level}>{_inline(text)}</h{level}>")
+        elif line.startswith("![") and line.endswith(")"):
+            alt, name = line[2:-1].split("](", 1)
+            data = base64.b64encode((folder / name).read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em}"
+             "th{background:#f3f3f3}img{max-width:100%}figcaption{color:#555;font-size:.9em}")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
 
 
 def _section(records: list[dict], results: Path, out: Path, palette: dict, prefix: str, level: str) -> list[str]:

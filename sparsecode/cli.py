@@ -138,8 +138,7 @@ def _fmt(value) -> str:
 def print_table(rows: list[dict], columns: list[str], title: str = "", saved_in: str = "") -> None:
     """A table of the columns that fit the terminal (by `table.PRIORITY`); the others are named under it."""
     from .table import fit_columns
-    columns, left_out = fit_columns(rows, columns, console.width if console.is_terminal else None,
-                                    label=lambda c: SHOWN.get(c, c))
+    columns, left_out = fit_columns(rows, columns, console.width if console.is_terminal else None)
     table = Table(title=title, header_style="bold")
     for col in columns:
         table.add_column(col, justify="left" if col in ("encoder", "reference") else "right")
@@ -148,7 +147,7 @@ def print_table(rows: list[dict], columns: list[str], title: str = "", saved_in:
     console.print(table)
     if left_out:
         where = saved_in or "--out FILE.json or .csv"
-        console.print(f"not shown at this width: {', '.join(SHOWN.get(c, c) for c in left_out)} (all columns: {where})")
+        console.print(f"not shown at this width: {', '.join(left_out)} (all columns: {where})")
 
 
 def _names(text: str) -> list[str]:
@@ -758,6 +757,7 @@ def synth_cmd(
     _io.check_pair(dict_stem, DICTIONARY_FORMAT, "sparsecode dictionary")
     if _io.paired(dict_stem)[0].resolve() == Path(out).resolve():
         raise ValueError(f"--dictionary-out {dict_stem} would write over --out {out}; give another name")
+    from .synthetic import make_sparse_data
     data = make_sparse_data(n_samples, d, n_atoms, k, noise=noise, seed=data_seed)
     _io.write_tensors(Path(out), {"x": data.x, "codes": data.codes})
     dict_path = data.dictionary.save(dict_stem)

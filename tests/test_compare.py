@@ -100,8 +100,13 @@ def test_lam_is_only_the_lasso_penalty_and_set_only_when_given(data):
     # objective and gap only where the encoder solves that lasso (Encoder.solves_lasso)
     assert "objective" in fista and "objective_gap" in fista
     assert not {"objective", "objective_gap"} & (set(relu) | set(lista))
-    res = sc.compare(["fista"], data, reference=None)
-    assert res.row("fista")["lam"] == sc.encoder_class("fista").Config.lam and res.settings["lam"] is None
+    # not given, lam comes from the data (0.1 x the median lam_max, issue of defaults that fit the
+    # problem), is recorded as derived, and still reaches only the lasso's encoders
+    res = sc.compare(["fista", "relu"], data, reference=None, x_train=data.x, encoder_params={"relu": {"steps": 5}})
+    derived = res.settings["derived"]["lam"]
+    lam_max = (torch.as_tensor(data.x) @ data.dictionary.atoms.T).abs().amax(1).median()
+    assert derived == pytest.approx(0.1 * float(lam_max), rel=1e-5) and res.settings["lam"] == derived
+    assert res.row("fista")["lam"] == derived and "lam" not in res.row("relu")
 
 
 @pytest.mark.parametrize("name", ["relu", "mlp", "ito"])

@@ -166,7 +166,7 @@ def test_synth_writes_signals_and_dictionary_that_compare_reads(tmp_path):
     runner = CliRunner()
     out = tmp_path / "signals.safetensors"
     r = runner.invoke(app, ["synth", "--out", str(out), "--n-samples", "100", "--d", "8", "--n-atoms", "16",
-                            "--k", "3", "--seed", "2"])
+                            "--k", "3", "--data-seed", "2"])
     assert r.exit_code == 0, r.output
     tensors = load_file(str(out))
     dictionary = sc.Dictionary.load(tmp_path / "signals-dictionary.safetensors")
@@ -200,7 +200,7 @@ def test_cli_table_fits_a_narrow_terminal(tmp_path, monkeypatch):
     cli.print_table(ROWS, COLUMNS, title="t")
     text = buf.getvalue()
     assert "…" not in text and all(len(line) <= 70 for line in text.splitlines())
-    assert "not shown at this width: FLOPs/signal (all columns: --out FILE.json or .csv)" in " ".join(text.split())
+    assert "not shown at this width: flops_per_signal (all columns: --out FILE.json or .csv)" in " ".join(text.split())
 
 
 # --- the HTML report -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsecode.ops import topk_relu
 from sparsecode.training import Forward, TrainableEncoder, TrainConfig
 
 
@@ -60,12 +61,6 @@ class Linear(nn.Module):
 
     def encoder_rows(self):
         return self.weight
-
-
-def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest entries of each row (then ReLU), zeros elsewhere; differentiable in the kept ones."""
-    values, idx = pre.topk(k, dim=1)
-    return torch.zeros_like(pre).scatter(1, idx, torch.relu(values))
 
 
 class _L1Mixin:

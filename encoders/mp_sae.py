@@ -19,6 +19,7 @@ from sparsecode_encoders.greedy import MP
 from sparsecode._validation import check_int_range
 from sparsecode.dictionary import Dictionary
 from sparsecode.encoder import Encoded
+from sparsecode.ops import unit_rows
 from sparsecode.training import Batch, TrainableEncoder, TrainConfig, optimise
 
 
@@ -79,7 +80,7 @@ class MPSAE(TrainableEncoder):
         x, _, stream = self._data(x, None, None)
         gen = torch.Generator().manual_seed(self.config.seed)
         atoms = torch.randn(n_atoms, x.shape[1], generator=gen, dtype=torch.float64).to(x)
-        atoms = nn.Parameter(atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        atoms = nn.Parameter(unit_rows(atoms))
         b_dec = nn.Parameter(x.mean(0).clone())
         fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
         step = [0]
@@ -102,7 +103,7 @@ class MPSAE(TrainableEncoder):
                 if step[0] % self.config.resample_every == 0:
                     self.resampled += self._resample(~fired, atoms, batch)
                     fired.zero_()
-            atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            atoms.copy_(unit_rows(atoms))
 
         self.losses = optimise([atoms, b_dec], loss_fn, x.shape[0], self.config, what=f"train {self.name}",
                                lr=self._learning_rate(n_atoms), after_step=after_step, device=x.device,

@@ -21,6 +21,7 @@ import torch
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary
 from .encoder import Encoder, suggest, to_numpy64
+from .ops import unit_rows
 from .registry import encoder_class, encoder_names, get_encoder
 from .training import progress_callback
 
@@ -144,7 +145,7 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
     else:
         atoms = torch.randn(n_atoms, d, generator=gen, dtype=x.dtype).to(x.device)
     atoms = atoms + 1e-3 * torch.randn(atoms.shape, generator=gen, dtype=x.dtype).to(x.device)
-    atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    atoms = unit_rows(atoms)
     if encoder_class(inference).knob == "k":
         knob = {"k": k if k is not None else max(1, min(d, n_atoms) // 4)}
     else:
@@ -165,7 +166,7 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
             unused = (~used).nonzero().flatten()[:n]            # at most one atom per signal
             worst = (residual ** 2).sum(1).topk(len(unused)).indices
             atoms[unused] = x[worst] + 1e-3 * torch.randn(len(worst), d, generator=gen, dtype=x.dtype).to(x.device)
-        atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        atoms = unit_rows(atoms)
         if callback is not None:
             callback(f"sparse-coding ({inference})", it + 1, n_iter, losses[-1])
         log.info("sparse-coding: iteration %d/%d mse %.6g, %d unused atoms", it + 1, n_iter, losses[-1],

@@ -24,6 +24,7 @@ from . import distributed, encoder_file
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary
 from .encoder import Encoder, EncoderConfig
+from .ops import unit_rows
 from .parallel import one_thread_per_op
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ class TrainableEncoder(Encoder):
                     self.resampled += self._resample(~fired, atoms, batch)
                     fired.zero_()
             if not transcoder:
-                atoms.div_(atoms.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                atoms.copy_(unit_rows(atoms))
 
         self.losses = self._train(x, y, lambda z: z @ atoms + b_dec, [*self.net.parameters(), atoms, b_dec],
                                   n_atoms, after_step=after_step, stream=stream, track=track)
@@ -362,11 +363,11 @@ class TrainableEncoder(Encoder):
         worst = ((yb - y_hat) ** 2).sum(1).topk(min(n_dead, yb.shape[0])).indices
         idx = dead.nonzero().flatten()[: len(worst)]
         residual = yb[worst] - y_hat[worst]
-        atoms[idx] = residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        atoms[idx] = unit_rows(residual)
         rows = getattr(self.net, "encoder_rows", None)
         if callable(rows) and rows().shape[1] == xb.shape[1]:
             inputs = xb[worst] - xb.mean(0)
-            rows()[idx] = 0.2 * inputs / inputs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            rows()[idx] = 0.2 * unit_rows(inputs)
         log.info("%s: resampled %d dead atoms", self.name, len(idx))
         return len(idx)
 
@@ -374,7 +375,7 @@ class TrainableEncoder(Encoder):
         """Decoder start for joint training: the encoder's rows, normalised (their transpose init)."""
         w = getattr(self.net, "encoder_rows", None)
         atoms = w().detach().clone() if callable(w) else torch.randn(n_atoms, x.shape[1], dtype=x.dtype, device=x.device)
-        return atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit_rows(atoms)
 
     def _data(self, x, y, d_out):
         """(x, y, stream): the signals and targets as tensors, or for a store (or a range of one) a

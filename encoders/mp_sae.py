@@ -82,9 +82,6 @@ class MPSAE(TrainableEncoder):
         atoms = torch.randn(n_atoms, x.shape[1], generator=gen, dtype=torch.float64).to(x)
         atoms = nn.Parameter(unit_rows(atoms))
         b_dec = nn.Parameter(x.mean(0).clone())
-        fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
-        step = [0]
-        self.resampled = 0
         track = bool(self.config.resample_every)
 
         def loss_fn(batch):
@@ -96,17 +93,9 @@ class MPSAE(TrainableEncoder):
             # dead-atom resampling needs the batch: handed to this step's `after_step`
             return loss, Batch(xb, xb, (xb - r).detach(), (codes != 0).any(0).detach())
 
-        def after_step(batch: Batch | None = None):
-            step[0] += 1
-            if batch is not None:
-                fired.logical_or_(batch.fired)
-                if step[0] % self.config.resample_every == 0:
-                    self.resampled += self._resample(~fired, atoms, batch)
-                    fired.zero_()
-            atoms.copy_(unit_rows(atoms))
-
         self.losses = optimise([atoms, b_dec], loss_fn, x.shape[0], self.config, what=f"train {self.name}",
-                               lr=self._learning_rate(n_atoms), after_step=after_step, device=x.device,
+                               lr=self._learning_rate(n_atoms), after_step=self._dictionary_step(atoms),
+                               device=x.device,
                                stream=stream)
         self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
                                      metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})

@@ -121,29 +121,15 @@ def _options(ctx: typer.Context,
     ctx.meta[DEBUG_KEY] = debug
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        if value != 0 and abs(value) < 1e-3:
-            return f"{value:.2e}"
-        return f"{value:.4g}"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1000:
-        return f"{value:,}"
-    return "-" if value is None else str(value)
-
-
 def print_table(rows: list[dict], columns: list[str], title: str = "", saved_in: str = "") -> None:
     """A table of the columns that fit the terminal (by `table.PRIORITY`); the others are named under it."""
-    from .table import fit_columns
+    from .table import fit_columns, format_value
     columns, left_out = fit_columns(rows, columns, console.width if console.is_terminal else None)
     table = Table(title=title, header_style="bold")
     for col in columns:
         table.add_column(col, justify="left" if col in ("encoder", "reference") else "right")
     for row in rows:
-        table.add_row(*(_fmt(row.get(col)) for col in columns))
+        table.add_row(*(format_value(row.get(col)) for col in columns))
     console.print(table)
     if left_out:
         where = saved_in or "--out FILE.json or .csv"

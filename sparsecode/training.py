@@ -329,13 +329,26 @@ class TrainableEncoder(Encoder):
         b_dec = nn.Parameter(y.mean(0).clone())
         self.d_in = x.shape[1]
 
-        fired = torch.zeros(n_atoms, dtype=torch.bool, device=x.device)
-        step = [0]
-        self.resampled = 0
         track = bool(self.config.resample_every)
-        if track and distributed.current().distributed:
+        after_step = self._dictionary_step(atoms, normalise=not transcoder)
+
+        self.losses = self._train(x, y, lambda z: z @ atoms + b_dec, [*self.net.parameters(), atoms, b_dec],
+                                  n_atoms, after_step=after_step, stream=stream, track=track)
+        self.net.eval()
+        self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
+                                     metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
+        return self.dictionary
+
+    def _dictionary_step(self, atoms: torch.Tensor, normalise: bool = True) -> Callable:
+        """The step hook of learning a dictionary: every `resample_every` steps, atoms that fired on no
+        signal since the last check restart from the batch the step saw (`Batch`, the loss's aux);
+        then the atoms go back to unit norm (unless not `normalise`: a transcoder's decoder)."""
+        if self.config.resample_every and distributed.current().distributed:
             raise ValueError("resample_every > 0 (dead-atom resampling from one batch) is not data-parallel yet: "
                              "train with one process, or with resample_every=0")
+        fired = torch.zeros(atoms.shape[0], dtype=torch.bool, device=atoms.device)
+        step = [0]
+        self.resampled = 0
 
         def after_step(batch: Batch | None = None):
             step[0] += 1
@@ -344,15 +357,9 @@ class TrainableEncoder(Encoder):
                 if step[0] % self.config.resample_every == 0:
                     self.resampled += self._resample(~fired, atoms, batch)
                     fired.zero_()
-            if not transcoder:
+            if normalise:
                 atoms.copy_(unit_rows(atoms))
-
-        self.losses = self._train(x, y, lambda z: z @ atoms + b_dec, [*self.net.parameters(), atoms, b_dec],
-                                  n_atoms, after_step=after_step, stream=stream, track=track)
-        self.net.eval()
-        self.dictionary = Dictionary(atoms.detach().clone(), b_dec.detach().clone(),
-                                     metadata={"learned_by": self.name, "config": dataclasses.asdict(self.config)})
-        return self.dictionary
+        return after_step
 
     def _resample(self, dead: torch.Tensor, atoms: torch.Tensor, batch: Batch) -> int:
         """Point dead atoms (and their encoder rows) at the worst-reconstructed signals of `batch`."""

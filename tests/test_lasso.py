@@ -14,23 +14,13 @@ def _objective(data, codes, lam):
 
 
 @pytest.fixture(scope="module")
-def problem():
-    data = sc.synthetic.make_sparse_data(n_samples=12, d=16, n_atoms=32, k=3, noise=0.05, positive=False,
-                                         seed=4, dtype=torch.float64)
-    return data
+def problem(lasso_problem):
+    return lasso_problem
 
 
 @pytest.fixture(scope="module")
-def optimum(problem):
-    """cvxpy optima for each (lam, positive)."""
-    cache = {}
-
-    def get(lam, positive):
-        if (lam, positive) not in cache:
-            enc = sc.get_encoder("cvxpy-lasso", lam=lam, positive=positive).fit(problem.dictionary)
-            cache[lam, positive] = _objective(problem, enc.encode(problem.x), lam)
-        return cache[lam, positive]
-    return get
+def optimum(cvxpy_optimum):
+    return cvxpy_optimum
 
 
 @pytest.mark.parametrize("name", SOLVERS)

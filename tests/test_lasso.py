@@ -13,26 +13,16 @@ def _objective(data, codes, lam):
     return metrics.lasso_objective(data.x, codes, data.dictionary.atoms, lam)
 
 
-@pytest.fixture(scope="module")
-def problem(lasso_problem):
-    return lasso_problem
-
-
-@pytest.fixture(scope="module")
-def optimum(cvxpy_optimum):
-    return cvxpy_optimum
-
-
 @pytest.mark.parametrize("name", SOLVERS)
 @pytest.mark.parametrize("positive", [False, True])
 @pytest.mark.parametrize("lam", [0.02, 0.2])
 @pytest.mark.parametrize("working_set", [0, 8])
-def test_reaches_cvxpy_optimum(problem, optimum, name, positive, lam, working_set):
+def test_reaches_cvxpy_optimum(lasso_problem, cvxpy_optimum, name, positive, lam, working_set):
     enc = sc.get_encoder(name, lam=lam, positive=positive, tol=1e-8, max_iter=20000,
-                         working_set=working_set).fit(problem.dictionary)
-    codes = enc.encode(problem.x)
-    ref = optimum(lam, positive)
-    gap = (_objective(problem, codes, lam) - ref) / ref
+                         working_set=working_set).fit(lasso_problem.dictionary)
+    codes = enc.encode(lasso_problem.x)
+    ref = cvxpy_optimum(lam, positive)
+    gap = (_objective(lasso_problem, codes, lam) - ref) / ref
     assert float(gap.max()) < 1e-4
     assert float(gap.min()) > -1e-6          # nobody beats the exact optimum
     if positive:
@@ -40,42 +30,42 @@ def test_reaches_cvxpy_optimum(problem, optimum, name, positive, lam, working_se
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_gap_criterion_certifies(problem, name):
+def test_gap_criterion_certifies(lasso_problem, name):
     lam = 0.1
-    enc = sc.get_encoder(name, lam=lam, tol=1e-6, criterion="gap", max_iter=20000).fit(problem.dictionary)
-    codes = enc.encode(problem.x)
+    enc = sc.get_encoder(name, lam=lam, tol=1e-6, criterion="gap", max_iter=20000).fit(lasso_problem.dictionary)
+    codes = enc.encode(lasso_problem.x)
     from sparsecode_encoders.iterative import duality_gap
-    gaps = duality_gap(problem.x, codes, problem.dictionary.atoms, lam)
+    gaps = duality_gap(lasso_problem.x, codes, lasso_problem.dictionary.atoms, lam)
     assert float(gaps.max()) <= 1e-6
 
 
-def test_fista_needs_fewer_iterations_than_ista(problem):
+def test_fista_needs_fewer_iterations_than_ista(lasso_problem):
     counts = {}
     for name in SOLVERS:
-        enc = sc.get_encoder(name, lam=0.05, tol=1e-7, max_iter=20000, working_set=0).fit(problem.dictionary)
+        enc = sc.get_encoder(name, lam=0.05, tol=1e-7, max_iter=20000, working_set=0).fit(lasso_problem.dictionary)
         # iterations come back with the codes (`Encoded.n_iter`), not as state kept on the encoder
-        counts[name] = enc.encode_with_info(problem.x).n_iter
+        counts[name] = enc.encode_with_info(lasso_problem.x).n_iter
     assert counts["fista"] < counts["ista"]
 
 
 @pytest.mark.parametrize("reference", ["spams-lasso", "sklearn-lasso"])
 @pytest.mark.parametrize("positive", [False, True])
-def test_references_solve_the_same_problem(problem, optimum, reference, positive):
+def test_references_solve_the_same_problem(lasso_problem, cvxpy_optimum, reference, positive):
     lam = 0.1
-    enc = sc.get_encoder(reference, lam=lam, positive=positive).fit(problem.dictionary)
-    gap = (_objective(problem, enc.encode(problem.x), lam) - optimum(lam, positive)) / optimum(lam, positive)
+    enc = sc.get_encoder(reference, lam=lam, positive=positive).fit(lasso_problem.dictionary)
+    gap = (_objective(lasso_problem, enc.encode(lasso_problem.x), lam) - cvxpy_optimum(lam, positive)) / cvxpy_optimum(lam, positive)
     assert float(gap.abs().max()) < 1e-4
 
 
-def test_sklearn_cd_matches_too(problem, optimum):
-    enc = sc.get_encoder("sklearn-lasso", lam=0.1, algorithm="cd", max_iter=10000).fit(problem.dictionary)
-    gap = (_objective(problem, enc.encode(problem.x), 0.1) - optimum(0.1, False)) / optimum(0.1, False)
+def test_sklearn_cd_matches_too(lasso_problem, cvxpy_optimum):
+    enc = sc.get_encoder("sklearn-lasso", lam=0.1, algorithm="cd", max_iter=10000).fit(lasso_problem.dictionary)
+    gap = (_objective(lasso_problem, enc.encode(lasso_problem.x), 0.1) - cvxpy_optimum(0.1, False)) / cvxpy_optimum(0.1, False)
     assert float(gap.abs().max()) < 1e-3
 
 
-def test_large_lam_gives_zero_codes(problem):
-    lam_max = float((problem.x @ problem.dictionary.atoms.T).abs().max())
-    codes = sc.get_encoder("fista", lam=lam_max * 1.01).fit(problem.dictionary).encode(problem.x)
+def test_large_lam_gives_zero_codes(lasso_problem):
+    lam_max = float((lasso_problem.x @ lasso_problem.dictionary.atoms.T).abs().max())
+    codes = sc.get_encoder("fista", lam=lam_max * 1.01).fit(lasso_problem.dictionary).encode(lasso_problem.x)
     assert torch.count_nonzero(codes) == 0
 
 
@@ -152,7 +142,7 @@ def test_a_budget_of_iterations_too_small_is_reported(dense_problem, caplog):
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_small_budget_iterates_without_the_gram_matrix_in_small_chunks(problem, optimum, name, monkeypatch):
+def test_small_budget_iterates_without_the_gram_matrix_in_small_chunks(lasso_problem, cvxpy_optimum, name, monkeypatch):
     from sparsecode_encoders import iterative
     # 40 KB: room for two signals of this problem and no Gram matrix beside them
     assert iterative.lasso_plan(12, 32, 16, torch.float64, 40_000, 8) == (False, 2)
@@ -160,8 +150,8 @@ def test_small_budget_iterates_without_the_gram_matrix_in_small_chunks(problem, 
     monkeypatch.setattr(sc.Dictionary, "gram", lambda self, *a: gram_calls.append(a))
     for positive in (False, True):
         enc = sc.get_encoder(name, lam=0.02, positive=positive, tol=1e-8, max_iter=20000, memory="40KB")
-        codes = enc.fit(problem.dictionary).encode(problem.x)
-        gap = (_objective(problem, codes, 0.02) - optimum(0.02, positive)) / optimum(0.02, positive)
+        codes = enc.fit(lasso_problem.dictionary).encode(lasso_problem.x)
+        gap = (_objective(lasso_problem, codes, 0.02) - cvxpy_optimum(0.02, positive)) / cvxpy_optimum(0.02, positive)
         assert float(gap.max()) < 1e-4 and float(gap.min()) > -1e-6
     assert gram_calls == []
 
@@ -176,10 +166,10 @@ def test_gram_only_where_it_fits_and_pays():
     assert lasso_plan(4096, 1024, 256, torch.float32, 10 ** 9, 8)[0] is True
 
 
-def test_a_budget_below_one_signal_is_a_clear_error(problem):
-    enc = sc.get_encoder("fista", lam=0.1, memory="1KB").fit(problem.dictionary)
+def test_a_budget_below_one_signal_is_a_clear_error(lasso_problem):
+    enc = sc.get_encoder("fista", lam=0.1, memory="1KB").fit(lasso_problem.dictionary)
     with pytest.raises(ValueError, match=r"memory budget 1 KB is too small: one signal of the lasso needs .*raise memory"):
-        enc.encode(problem.x)
+        enc.encode(lasso_problem.x)
 
 
 @pytest.mark.parametrize("shape", [(16, 128, 2048), (160, 64, 256)], ids=["atoms", "gram"])

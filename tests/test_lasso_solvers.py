@@ -12,42 +12,32 @@ def _objective(x, codes, atoms, lam):
     return metrics.lasso_objective(x, codes, atoms, lam)
 
 
-@pytest.fixture(scope="module")
-def problem(lasso_problem):
-    return lasso_problem
-
-
-@pytest.fixture(scope="module")
-def optimum(cvxpy_optimum):
-    return cvxpy_optimum
-
-
 @pytest.mark.parametrize("name", SOLVERS)
 @pytest.mark.parametrize("positive", [False, True])
 @pytest.mark.parametrize("lam", [0.02, 0.2])
-def test_reaches_cvxpy_optimum(problem, optimum, name, positive, lam):
-    enc = sc.get_encoder(name, lam=lam, positive=positive, tol=1e-6, max_iter=50000).fit(problem.dictionary)
-    info = enc.encode_with_info(problem.x)
+def test_reaches_cvxpy_optimum(lasso_problem, cvxpy_optimum, name, positive, lam):
+    enc = sc.get_encoder(name, lam=lam, positive=positive, tol=1e-6, max_iter=50000).fit(lasso_problem.dictionary)
+    info = enc.encode_with_info(lasso_problem.x)
     assert info.uncertified == 0
-    ref = optimum(lam, positive)
-    gap = (_objective(problem.x, info.codes, problem.dictionary.atoms, lam) - ref) / ref
+    ref = cvxpy_optimum(lam, positive)
+    gap = (_objective(lasso_problem.x, info.codes, lasso_problem.dictionary.atoms, lam) - ref) / ref
     assert float(gap.max()) < 1e-4
     assert float(gap.min()) > -1e-6          # nobody beats the exact optimum
     if positive:
         assert torch.all(info.codes >= 0)
     # the same support as the exact solver's, up to coefficients too small to matter
-    fista = sc.get_encoder("fista", lam=lam, positive=positive, tol=1e-10).fit(problem.dictionary).encode(problem.x)
+    fista = sc.get_encoder("fista", lam=lam, positive=positive, tol=1e-10).fit(lasso_problem.dictionary).encode(lasso_problem.x)
     big = fista.abs() > 1e-4
     assert torch.equal(info.codes[big] != 0, torch.ones_like(info.codes[big], dtype=torch.bool))
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-def test_gap_certificate_holds(problem, name):
+def test_gap_certificate_holds(lasso_problem, name):
     from sparsecode_encoders.iterative import duality_gap
     lam = 0.1
-    enc = sc.get_encoder(name, lam=lam, tol=1e-6, max_iter=50000).fit(problem.dictionary)
-    codes = enc.encode(problem.x)
-    assert float(duality_gap(problem.x, codes, problem.dictionary.atoms, lam).max()) <= 1e-6
+    enc = sc.get_encoder(name, lam=lam, tol=1e-6, max_iter=50000).fit(lasso_problem.dictionary)
+    codes = enc.encode(lasso_problem.x)
+    assert float(duality_gap(lasso_problem.x, codes, lasso_problem.dictionary.atoms, lam).max()) <= 1e-6
 
 
 def test_gram_free_paths_match_the_gram_ones():
@@ -76,15 +66,15 @@ def test_non_unit_atoms_and_bias():
         assert float(((o - r) / r).max()) < 1e-4, name
 
 
-def test_lca_fixed_point_is_the_membrane_equation(problem):
+def test_lca_fixed_point_is_the_membrane_equation(lasso_problem):
     """At convergence u = b - (G - I) a with a = soft(u, lam): the published dynamics' fixed point."""
     from sparsecode_encoders.iterative import soft_threshold
     lam = 0.1
-    enc = sc.get_encoder("lca", lam=lam, tol=1e-10, max_iter=100000).fit(problem.dictionary)
-    a = enc.encode(problem.x)
-    atoms = problem.dictionary.atoms
+    enc = sc.get_encoder("lca", lam=lam, tol=1e-10, max_iter=100000).fit(lasso_problem.dictionary)
+    a = enc.encode(lasso_problem.x)
+    atoms = lasso_problem.dictionary.atoms
     G = atoms @ atoms.T
-    u = problem.x @ atoms.T - a @ (G - torch.eye(32, dtype=torch.float64))
+    u = lasso_problem.x @ atoms.T - a @ (G - torch.eye(32, dtype=torch.float64))
     assert torch.allclose(soft_threshold(u, lam, False), a, atol=1e-5)
 
 
@@ -109,21 +99,21 @@ def test_cd_one_sweep_by_hand():
     assert torch.allclose(codes[0], torch.tensor([z0, z1], dtype=torch.float64))
 
 
-def test_a_small_budget_is_reported(problem, caplog):
-    enc = sc.get_encoder("admm", lam=0.01, max_iter=3).fit(problem.dictionary)
+def test_a_small_budget_is_reported(lasso_problem, caplog):
+    enc = sc.get_encoder("admm", lam=0.01, max_iter=3).fit(lasso_problem.dictionary)
     with caplog.at_level("WARNING", logger="encoders.lasso"):
-        info = enc.encode_with_info(problem.x)
+        info = enc.encode_with_info(lasso_problem.x)
     assert info.uncertified == 12 and info.n_iter == 3
     assert "admm: 12 of 12 signals reached max_iter=3" in caplog.text
 
 
-def test_float32_reaches_a_loose_tolerance(problem, optimum):
-    x, D = problem.x.float(), problem.dictionary.to(dtype=torch.float32)
+def test_float32_reaches_a_loose_tolerance(lasso_problem, cvxpy_optimum):
+    x, D = lasso_problem.x.float(), lasso_problem.dictionary.to(dtype=torch.float32)
     for name in SOLVERS:
         info = sc.get_encoder(name, lam=0.2, tol=1e-4).fit(D).encode_with_info(x)
         assert info.uncertified == 0, name
-        gap = (_objective(problem.x, info.codes.double(), problem.dictionary.atoms, 0.2) - optimum(0.2, False))
-        assert float((gap / optimum(0.2, False)).max()) < 1e-3, name
+        gap = (_objective(lasso_problem.x, info.codes.double(), lasso_problem.dictionary.atoms, 0.2) - cvxpy_optimum(0.2, False))
+        assert float((gap / cvxpy_optimum(0.2, False)).max()) < 1e-3, name
 
 
 def test_bad_config_rejected():

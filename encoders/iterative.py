@@ -137,6 +137,18 @@ def _subproblem_gap(z, b, quad, xx, lam: float, positive: bool) -> tuple[torch.T
     return _relative_gap(l1, (z * corr).sum(1), rr, _worst(corr, positive), lam), floor
 
 
+def retire(done: torch.Tensor, live: torch.Tensor, z: torch.Tensor, ok: torch.Tensor, it: int,
+           out: torch.Tensor, n_iter: torch.Tensor, met: torch.Tensor) -> torch.Tensor:
+    """Write the finished rows (`done`, a mask over the `live` rows) of a batched iteration: their
+    iterate, the iterations used and whether they met the criterion. Returns the mask of rows that
+    go on."""
+    rows = live[done]
+    out[rows] = z[done]
+    n_iter[rows] = it
+    met[rows] = ok[done]
+    return ~done
+
+
 def proximal_gradient(b: torch.Tensor, quad, step, lam: float, positive: bool, max_iter,
                       tol, momentum: bool, restart: bool = False, z0: torch.Tensor | None = None, *,
                       criterion: str = "change", xx: torch.Tensor | None = None,
@@ -202,11 +214,7 @@ def proximal_gradient(b: torch.Tensor, quad, step, lam: float, positive: bool, m
             stop = ok
         done = stop | (budget <= it)
         if bool(done.any()):
-            rows = live[done]
-            out[rows] = z[done]
-            n_iter[rows] = it
-            met[rows] = ok[done]
-            keep = ~done
+            keep = retire(done, live, z, ok, it, out, n_iter, met)
             if not bool(keep.any()):
                 break
             live, z, y, t, b, step, tol, budget = (live[keep], z[keep], y[keep], t[keep], b[keep], step[keep],

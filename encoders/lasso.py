@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecode_encoders.iterative import duality_gap, soft_threshold
+from sparsecode_encoders.iterative import duality_gap, retire, soft_threshold
 from sparsecode._validation import check_positive
 from sparsecode.encoder import Encoded, Encoder, MemoryConfig
 from sparsecode.memory import fits, rows_within
@@ -166,11 +166,7 @@ class _LassoSolver(Encoder):
             ok = duality_gap(state["x"], z, atoms, cfg.lam, cfg.positive) <= cfg.tol
             done = ok | (it >= cfg.max_iter)
             if bool(done.any()):
-                rows = live[done]
-                codes[rows] = z[done]
-                iters[rows] = it
-                certified[rows] = ok[done]
-                keep = ~done
+                keep = retire(done, live, z, ok, it, codes, iters, certified)
                 live = live[keep]
                 state = {key: value[keep] for key, value in state.items()}
             if live.numel():

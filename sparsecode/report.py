@@ -1,4 +1,5 @@
-"""Figures and a Markdown summary from a recovery results file (`sparsecode report RESULTS`)."""
+"""The Markdown and HTML summary of a recovery results file (`sparsecode report RESULTS`); its
+figures come from `plots`."""
 from __future__ import annotations
 
 import base64
@@ -7,13 +8,10 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-# Figure objects draw with the Agg canvas whatever backend the user's session has chosen, so the
-# library never switches (or imports) pyplot.
-from matplotlib.figure import Figure
 
 from . import _io
+from .plots import colors, mcc_vs_n, pareto, phase_transition, snr_curves
 from .recovery import read_results
 
 log = logging.getLogger(__name__)
@@ -32,23 +30,6 @@ def flat_rows(records: list[dict]) -> list[dict]:
             if "skipped" not in row:
                 out.append({**rec["cell"], **row})
     return out
-
-
-def _having(rows: list[dict], *keys: str) -> list[dict]:
-    """The rows that hold every one of `keys` (a file may mix presets whose cells have other axes)."""
-    return [r for r in rows if all(r.get(key) is not None for key in keys)]
-
-
-def colors(encoders) -> dict:
-    """One colour per encoder, the same in every figure."""
-    cmap = matplotlib.colormaps["tab10"]
-    return {name: cmap(i % 10) for i, name in enumerate(sorted(encoders))}
-
-
-def _marker(palette: dict, name: str) -> dict:
-    """Marker and dash per encoder, so that encoders with identical results stay visible."""
-    i = sorted(palette).index(name)
-    return {"marker": "osD^v<>ph*"[i % 10], "linestyle": ("-", "--", ":", "-.")[i % 4], "color": palette[name]}
 
 
 def _mean(values) -> float:
@@ -85,122 +66,6 @@ def markdown_ranking(table: list[dict]) -> str:
     for i, e in enumerate(table, 1):
         lines.append(f"| {i} | `{e['encoder']}` | {e['cells']} | " + " | ".join(_fmt(e[k]) for k, _, _ in RANKED) + " |")
     return "\n".join(lines)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    _io.write_figure(fig, path, dpi=120)
-    return path
-
-
-def phase_transition(rows, palette, out: Path, prefix: str = "") -> Path | None:
-    """Exact-support success rate over (M/N, K/M), one panel per encoder (Donoho-Tanner picture)."""
-    rows = _having(rows, "n_atoms", "d", "k", "exact_support")
-    if len({(r["n_atoms"], r["d"], r["k"]) for r in rows}) < 2:
-        return None
-    names = sorted({r["encoder"] for r in rows})
-    ncols = min(3, len(names))
-    nrows = -(-len(names) // ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.6 * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
-    for ax in axes.ravel()[len(names):]:
-        ax.set_visible(False)
-    for ax, name in zip(axes.ravel(), names):
-        points = defaultdict(list)
-        for r in rows:
-            if r["encoder"] == name:
-                points[(r["d"] / r["n_atoms"], r["k"] / r["d"])].append(r["exact_support"])
-        delta, rho = zip(*points)
-        rate = [np.mean(v) for v in points.values()]
-        sc = ax.scatter(delta, rho, c=rate, cmap="viridis", vmin=0, vmax=1, s=180, marker="s", edgecolors="k")
-        ax.set_xlabel("undersampling δ = M / N")
-        ax.set_ylabel("sparsity ρ = K / M")
-        ax.set_title(name, color=palette[name])
-        ax.set_xscale("log", base=2)
-    fig.colorbar(sc, ax=axes.ravel().tolist(), label="exact support recovery rate")
-    fig.suptitle("Phase transition: fraction of signals whose support is recovered exactly")
-    path = out / f"{prefix}phase_transition.png"
-    _io.write_figure(fig, path, dpi=120, bbox_inches="tight")
-    return path
-
-
-def mcc_vs_n(rows, palette, out: Path, prefix: str = "") -> Path | None:
-    """Code MCC against the number of atoms N, one line per encoder, one panel per (M, K)."""
-    rows = _having(rows, "n_atoms", "d", "k")
-    if len({r["n_atoms"] for r in rows}) < 2:
-        return None
-    panels = sorted({(r["d"], r["k"]) for r in rows})
-    fig = Figure(figsize=(4.2 * len(panels), 3.6))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (d, k) in zip(axes[0], panels):
-        for name in sorted({r["encoder"] for r in rows}):
-            by_n = defaultdict(list)
-            for r in rows:
-                if r["encoder"] == name and r["d"] == d and r["k"] == k and r.get("code_mcc") is not None:
-                    by_n[r["n_atoms"]].append(r["code_mcc"])
-            if not by_n:
-                continue
-            ns = sorted(by_n)
-            ax.errorbar(ns, [np.mean(by_n[n]) for n in ns], yerr=[np.std(by_n[n]) for n in ns], label=name,
-                        capsize=3, **_marker(palette, name))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("atoms N (count)")
-        ax.set_ylabel("code MCC (0 to 1)")
-        ax.set_title(f"M = {d}, K = {k}")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(title="encoder", fontsize=8)
-    return _save(fig, out / f"{prefix}mcc_vs_n.png")
-
-
-def pareto(rows, palette, out: Path, prefix: str = "") -> Path:
-    """FVU vs L0, code MCC vs FLOPs per signal, code MCC vs wall time: every cell, every encoder."""
-    specs = [("l0", "fvu", "mean L0 (active atoms per signal)", "FVU (fraction of variance unexplained)", False, True),
-             ("flops_per_signal", "code_mcc", "FLOPs per signal", "code MCC (0 to 1)", True, False),
-             ("encode_s", "code_mcc", "encode wall time (s)", "code MCC (0 to 1)", True, False)]
-    fig = Figure(figsize=(13, 3.8))
-    axes = fig.subplots(1, 3)
-    for ax, (xk, yk, xl, yl, logx, logy) in zip(axes, specs):
-        for name in sorted({r["encoder"] for r in rows}):
-            pts = [(r.get(xk), r.get(yk)) for r in rows if r["encoder"] == name]
-            pts = [(a, b) for a, b in pts if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)
-                   and (not logx or a > 0) and (not logy or b > 0)]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.scatter(xs, ys, color=palette[name], label=name, alpha=0.75, s=22)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        if logx:
-            ax.set_xscale("log")
-        if logy:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    for ax in axes:
-        ax.legend(title="encoder", fontsize=7)
-    fig.suptitle("Trade-offs: each point is one cell (grid point and seed)")
-    return _save(fig, out / f"{prefix}pareto.png")
-
-
-def snr_curves(rows, palette, out: Path, prefix: str = "") -> Path | None:
-    """NMSE (dB) of the codes against SNR, one line per encoder (compressed-sensing preset)."""
-    rows = _having(rows, "snr_db")
-    if len({r["snr_db"] for r in rows}) < 2:
-        return None
-    fig = Figure(figsize=(5, 3.8))
-    ax = fig.subplots()
-    for name in sorted({r["encoder"] for r in rows}):
-        by = defaultdict(list)
-        for r in rows:
-            if r["encoder"] == name and r.get("nmse_db") is not None:
-                by[r["snr_db"]].append(r["nmse_db"])
-        if by:
-            xs = sorted(by)
-            ax.plot(xs, [np.mean(by[s]) for s in xs], label=name, **_marker(palette, name))
-    ax.set_xlabel("SNR (dB)")
-    ax.set_ylabel("code NMSE (dB)")
-    ax.set_title("Code error against noise")
-    ax.grid(alpha=0.3)
-    ax.legend(title="encoder", fontsize=8)
-    return _save(fig, out / f"{prefix}nmse_vs_snr.png")
 
 
 def report(results, out) -> Path:

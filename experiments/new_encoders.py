@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--k", type=at_least_one, default=32, help="k of the k-knobbed SmolLM2 encoders")
     parser.add_argument("--quick", action="store_true",
                         help="2 seeds, 300 steps; 4,000 tokens and 576 atoms: minutes on 2 CPU cores")
-    parser.add_argument("--store", type=Path, default=Path("runs/new-encoders/store"),
+    parser.add_argument("--store", type=Path, default=Path(__file__).resolve().parents[1] / "runs/new-encoders/store",
                         help="the activation store (extracted once, resumed after)")
     args = parser.parse_args()
     if args.quick:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from .encoder import coerce_field, suggest
 from .learning import REFERENCE_METHODS, learn_dictionary, learning_methods, method_options
 from .plots import firing_histogram, scale_figure
 from .recovery import default_out, preset as get_preset, recovery
-from .registry import available_encoders, encoder_class, get_encoder
+from .registry import COST_SIZE, available_encoders, encoder_class, get_encoder
 from .sae_formats import check_export_folder, export_saelens
 
 #: errors a user can act on: bad input, a file that cannot be read or written, a missing package
@@ -240,26 +241,69 @@ def _renamed(old: str, new: str, value, current):
     return value
 
 
+#: the options every trained encoder shares (steps, batch_size, ...): listed once, not per encoder
+TRAINING = {f.name: None for f in dataclasses.fields(training.TrainConfig)}.keys()
+
+
+def _si(value: float) -> str:
+    """A count in three significant figures with an SI suffix (4.72M); '-' for NaN."""
+    if math.isnan(value):
+        return "-"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
 @app.command("list")
 def list_encoders() -> None:
-    """Show every registered encoder (family, knobs, whether it can run here) and every dictionary
-    learning method (`train --method`, `compare --joint`) with its options."""
-    table = Table(title="sparsecode encoders", header_style="bold", show_lines=True)
-    for col in ("encoder", "family", "options (default): meaning", "runs here"):
-        table.add_column(col)
-    for info in available_encoders():
-        knobs = "\n".join(f"[bold]{k}[/] ({v[0]!r}): {v[1]}" for k, v in info.knobs.items())
-        status = ("[green]yes[/]" if info.available else
-                  f"[red]no[/]: pip install {' '.join(info.missing)}" if info.missing else f"[red]broken[/]: {info.error}")
-        table.add_row(info.name, info.family, knobs, status)
-    console.print(table)
+    """Show every registered encoder by family (its sparsity knob, its cost per signal, its other
+    options, whether it can run here) and every dictionary learning method (`train --method`,
+    `compare --joint`) with its options."""
+    infos = available_encoders()
+    size = COST_SIZE
+    console.print(f"[bold]sparsecode encoders[/], by family. cost: analytic FLOPs to encode one signal on a "
+                  f"random {size['n_atoms']:,} x {size['d']} dictionary, k={size['k']} where the method has a k, "
+                  "other knobs at their defaults (iterative solvers: at their iteration cap; '-': no closed "
+                  "form).", width=min(console.width, 100))
+    families = sorted({info.family for info in infos}, key=lambda f: (f == "?", f))
+    for family in families:
+        table = Table(title=f"{family if family != '?' else 'failed to load'}", title_justify="left",
+                      header_style="bold", show_lines=True)
+        table.add_column("encoder", max_width=16)
+        table.add_column("knob (default): meaning", max_width=36)
+        table.add_column("cost", justify="right", max_width=8)
+        table.add_column("other options (default)", max_width=24)
+        for info in (i for i in infos if i.family == family):
+            name = info.name
+            if not info.available:
+                name += (f"\n[red]needs[/] pip install {' '.join(info.missing)}" if info.missing
+                         else f"\n[red]broken[/]: {info.error}")
+            knob = "-"
+            if info.knob in info.knobs:
+                default, meaning = info.knobs[info.knob]
+                knob = f"[bold]{info.knob}[/] ({default!r}): {meaning}"
+            trained = TRAINING <= info.knobs.keys()
+            others = ", ".join(f"{k}={v[0]!r}" for k, v in info.knobs.items()
+                               if k != info.knob and not (trained and k in TRAINING))
+            others = ("training options" + (f" + {others}" if others else "")) if trained else others or "-"
+            table.add_row(name, knob, _si(info.flops), others)
+        console.print(table, width=min(console.width, 100))
+    console.print(f"training options (every trained encoder and learning method): {', '.join(TRAINING)}. Set any "
+                  "option with `compare --set ENCODER.OPTION=VALUE`.", width=min(console.width, 100))
     methods = Table(title="dictionary learning methods", header_style="bold")
-    for col in ("method", "learns", "options"):
-        methods.add_column(col)
+    methods.add_column("method")
+    methods.add_column("learns")
+    methods.add_column("options", max_width=44)
     for method in learning_methods():
         what = "dictionary; codes by inference" if method in REFERENCE_METHODS else "encoder and dictionary together"
-        methods.add_row(method, what, ", ".join(method_options(method)))
-    console.print(methods)
+        options = method_options(method)
+        if TRAINING <= set(options):
+            own = ", ".join(o for o in options if o not in TRAINING)
+            methods.add_row(method, what, "training options" + (f" + {own}" if own else ""))
+        else:
+            methods.add_row(method, what, ", ".join(options))
+    console.print(methods, width=min(console.width, 100))
 
 
 @app.command("compare")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import ast
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -365,6 +366,20 @@ class Encoder(abc.ABC):
         planned or worst case. NaN where the method has no closed-form count (interior-point solvers).
         """
         return float("nan")
+
+    def planned_flops(self, dictionary: Dictionary) -> float:
+        """`flops_per_signal()` (the planned case) on `dictionary` without fitting: nothing is
+        precomputed or trained, so listing costs at LLM scale is instant. NaN where the count needs
+        what only fitting provides (an imported SAE's file)."""
+        probe = copy.copy(self)
+        probe._bind_for_count(dictionary)
+        try:
+            return float(probe.flops_per_signal())
+        except (AttributeError, TypeError):     # a count that reads state only fitting creates
+            return float("nan")
+
+    def _bind_for_count(self, dictionary: Dictionary) -> None:
+        self.dictionary = dictionary
 
     def memory_budget(self, device) -> int:
         """Bytes this encoder may use for working memory on `device` (its `memory` option, if it has one)."""

@@ -7,9 +7,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 
+import torch
+
+from .dictionary import Dictionary
 from .encoder import Encoder, EncoderConfig, field_docs, suggest
 
 GROUP = "sparsecode.encoders"
+#: the size `sparsecode list` states each encoder's cost at: an LLM-scale SAE (n_atoms, d) and k
+COST_SIZE = {"n_atoms": 4096, "d": 576, "k": 32}
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +60,20 @@ class EncoderInfo:
     available: bool
     missing: tuple       # pip names to install
     error: str = ""      # why the plug-in itself failed to load, if it did
+    knob: str | None = None      # the config field that sets sparsity
+    flops: float = float("nan")  # planned FLOPs per signal at COST_SIZE (NaN: no closed form)
+
+
+def planned_flops(cls: type[Encoder], n_atoms: int, d: int, k: int) -> float:
+    """Analytic FLOPs per signal of `cls` with its default config (k set to `k` where it has one) on a
+    random n_atoms x d dictionary: the formula only, nothing is fitted or encoded."""
+    fields = {"k": min(k, cls.max_k(n_atoms, d))} if "k" in cls.Config.__dataclass_fields__ else {}
+    try:
+        encoder = cls(**fields)
+    except (TypeError, ValueError):       # a config with required fields (an imported SAE's path)
+        return float("nan")
+    atoms = torch.randn(n_atoms, d, generator=torch.Generator().manual_seed(0))
+    return encoder.planned_flops(Dictionary(atoms, normalize=True))
 
 
 def available_encoders() -> list[EncoderInfo]:
@@ -70,5 +89,6 @@ def available_encoders() -> list[EncoderInfo]:
         docs = field_docs(cls.Config)
         knobs = {f.name: (f.default, docs.get(f.name, "")) for f in dataclasses.fields(cls.Config)}
         missing = tuple(cls.missing_requirements())
-        infos.append(EncoderInfo(name, cls.family, knobs, not missing, missing))
+        infos.append(EncoderInfo(name, cls.family, knobs, not missing, missing, knob=cls.knob,
+                                 flops=planned_flops(cls, **COST_SIZE)))
     return infos

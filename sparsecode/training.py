@@ -280,6 +280,10 @@ class TrainableEncoder(Encoder):
     def d_input(self) -> int:
         return self.d_in or self.dictionary.d
 
+    def _bind_for_count(self, dictionary: Dictionary) -> None:
+        super()._bind_for_count(dictionary)
+        self.d_in = dictionary.d
+
     def _work_dtype(self, x: torch.Tensor) -> torch.dtype:
         return next(self.net.parameters()).dtype
 

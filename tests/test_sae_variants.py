@@ -205,4 +205,4 @@ def test_gated_loss_is_reconstruction_gate_penalty_and_gate_reconstruction():
     gate = torch.relu(x @ enc.net.weight.T + enc.net.bias)
     assert torch.allclose(out.units, gate)
     expected = (((x - decode(out.codes)) ** 2).mean() + 0.3 * gate.mean() + ((x - decode(gate)) ** 2).mean())
-    assert float(enc._loss(x, decode(out.codes), out, decode)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(enc._loss(x, decode(out.codes), out, decode).detach()) == pytest.approx(float(expected.detach()), rel=1e-12)

@@ -121,5 +121,6 @@ class MPSAE(TrainableEncoder):
         return self._mp.encode_with_info(x)
 
     def flops_per_signal(self, encoded=None) -> float:
-        return self._pursuit_on(self.dictionary).flops_per_signal(encoded) if self._mp is None else \
-            self._mp.flops_per_signal(encoded)
+        # a planned count (`Encoder.planned_flops`) binds only the dictionary: the pursuit is made for it
+        mp = self._mp if self._mp is not None else self._pursuit_on(self.dictionary)
+        return mp.flops_per_signal(encoded)

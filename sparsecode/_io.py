@@ -56,6 +56,11 @@ def new_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def new_folder_mode() -> int:
+    """The mode `os.mkdir(path)` would give a new folder: 0o777 less the umask."""
+    return 0o777 & ~_umask()
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -265,6 +265,14 @@ def test_embedded_smollm2_extracts(tmp_path):
     assert store.n_tokens == 300 and store.d == 576 and stats.tokens == 300
     assert store.manifest["revision"].startswith("sha256:")
     assert torch.isfinite(store.load().x).all()
+    # the converted folder the loads above came from holds the GGUF's tokens and weights exactly
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = act.embedded_model_file()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = act.token_sequences(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), docs[:3], 64, True)
+    assert torch.equal(ids, act.token_sequences(loaded.tokenizer, docs[:3], 64, True))
+    with torch.no_grad():
+        assert torch.equal(direct(input_ids=ids[:2]).logits, loaded.model(input_ids=ids[:2]).logits)
 
 
 def test_killed_before_the_first_manifest_resumes_and_foreign_folders_are_refused(tmp_path, tiny, loaded,
@@ -327,3 +335,46 @@ def test_almost_right_manifests_are_named(tmp_path, tiny, loaded, edit, message)
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=f"manifest.json.*{message}"):
         act.ActivationStore(tmp_path / "s")
+
+
+def test_embedded_model_is_converted_once_and_then_loads_the_same(tmp_path, tiny, monkeypatch, caplog):
+    """The embedded GGUF is read once, kept as a plain model folder, and later loads give the same model."""
+    import os
+    from sparsecode.activations import model as model_module
+    gguf = tmp_path / "package" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"stands for the GGUF file")
+    monkeypatch.setattr(model_module, "embedded_model_file", lambda: gguf)
+    monkeypatch.setenv("SPARSECODE_CACHE", str(tmp_path / "cache"))
+    gguf_reads = []
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        def from_pretrained(klass, source, *args, _original=cls.from_pretrained.__func__, **kwargs):
+            if "gguf_file" in kwargs:          # reading "the GGUF" means reading the tiny model here
+                gguf_reads.append(kwargs.pop("gguf_file"))
+                source = tiny[0]
+            return _original(klass, source, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(from_pretrained))
+    old_mask = os.umask(0o027)
+    try:
+        first = act.load_model(None, device="cpu")
+    finally:
+        os.umask(old_mask)
+    assert gguf_reads == ["model.gguf", "model.gguf"]
+    (folder,) = (tmp_path / "cache" / "models").iterdir()       # no temporary folder left beside it
+    assert folder.stat().st_mode & 0o777 == 0o750
+    second = act.load_model(None, device="cpu")
+    assert len(gguf_reads) == 2                                  # the second load reads the folder
+    assert first.name == second.name == act.DEFAULT_MODEL and first.revision == second.revision
+    ids = act.token_sequences(first.tokenizer, TEXT, 16, bos=True)[:2]
+    assert torch.equal(ids, act.token_sequences(second.tokenizer, TEXT, 16, bos=True)[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+    # a cache that cannot be written costs time, not the run
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("SPARSECODE_CACHE", str(blocked))
+    with caplog.at_level("WARNING"):
+        third = act.load_model(None, device="cpu")
+    assert len(gguf_reads) == 4 and "cannot cache the converted model" in caplog.text
+    assert third.revision == first.revision and blocked.read_text() == "not a folder"

@@ -81,7 +81,7 @@ console = Console(width=None if Console().is_terminal else 200)
 SHOWN = ("encoder", "cells", "tokens", "ce_clean", "ce_spliced", "ce_zero", "ce_increase", "ce_recovered", "dense_50",
          "dense_10", "k", "lam", "fvu", "l0", "f1", "exact_support", "nmse_db", "code_mcc", "dictionary_mcc",
          "objective_gap", "dead", "signals_per_s", "flops_per_signal", "ratio", "ratio_to_floor", "peak_memory_mb",
-         "n_atoms", "variant", "reference", "fit_s")
+         "n_atoms", "variant", "precision", "reference", "fit_s")
 #: tokens of a store an encoder named to `evaluate` is trained on
 EVALUATE_TRAIN_TOKENS = 8192
 #: what a help text says for an option whose default is "none given"
@@ -681,7 +681,7 @@ def bench_scale(
                      callback=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
     label = describe_device(device)
     print_table([r for r in rows if "skipped" not in r],
-                ["n_atoms", "d", "k", "encoder", "variant", "signals_per_s", "ratio_to_floor", "peak_memory_mb", "f1",
+                ["n_atoms", "d", "k", "encoder", "variant", "precision", "signals_per_s", "ratio_to_floor", "peak_memory_mb", "f1",
                  "l0"], title=f"scale: {label}, float32 (ratio: time / amortised floor's time)")
     for row in rows:
         if "skipped" in row:

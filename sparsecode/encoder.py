@@ -147,6 +147,8 @@ class Encoded:
     """The variant of the method this call ran, where it chooses one from the sizes (e.g. 'gram')."""
     working_bytes: int | None = None
     """The working memory this call planned (bytes), where the method plans it from a budget."""
+    precision: str | None = None
+    """The dtype of the call's products with all atoms, where the method chooses it (e.g. 'bfloat16')."""
 
 
 def field_docs(config_cls: type) -> dict[str, str]:

@@ -25,16 +25,18 @@ def _support(codes):
     return [set(np.flatnonzero(row)) for row in np.asarray(codes)]
 
 
+@pytest.mark.parametrize("precision", ["full", "bfloat16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,k,tol", [("omp", 8, None), ("omp", 12, 0.3), ("mp", 8, None), ("mp", 12, 0.3)])
-def test_gram_free_equals_gram(coherent, dtype, name, k, tol):
+def test_gram_free_equals_gram(coherent, dtype, name, k, tol, precision):
     D, x = coherent.dictionary.to(dtype=dtype), coherent.x.to(dtype)
     gram = sc.get_encoder(name, k=k, tol=tol, variant="gram").fit(D)
-    free = sc.get_encoder(name, k=k, tol=tol, variant="gram-free").fit(D)
+    free = sc.get_encoder(name, k=k, tol=tol, variant="gram-free", precision=precision).fit(D)
     # the variant a call ran comes back with its codes (encoders keep no per-call state to read later)
     info_a, info_b = gram.encode_with_info(x), free.encode_with_info(x)
     a, b = info_a.codes, info_b.codes
     assert (info_a.variant, info_b.variant) == ("gram", "gram-free")
+    assert info_b.precision == ("bfloat16" if precision == "bfloat16" else str(dtype).removeprefix("torch."))
     assert _support(a.numpy()) == _support(b.numpy())
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
@@ -54,12 +56,38 @@ def test_gram_free_mp_hand_example():
     torch.testing.assert_close(codes, torch.tensor([[0.16, 1.4]], dtype=torch.float64))
 
 
-def test_gram_free_non_unit_atoms(coherent):
+@pytest.mark.parametrize("precision", ["full", "bfloat16"])
+def test_gram_free_non_unit_atoms(coherent, precision):
     scales = torch.linspace(0.3, 3.0, 96, dtype=torch.float64)
     scaled = sc.Dictionary(coherent.dictionary.atoms * scales[:, None])
-    ours = sc.get_encoder("omp", k=5, variant="gram-free").fit(scaled).encode(coherent.x)
+    ours = sc.get_encoder("omp", k=5, variant="gram-free", precision=precision).fit(scaled).encode(coherent.x)
     unit = sc.get_encoder("omp", k=5, variant="gram").fit(coherent.dictionary).encode(coherent.x)
     torch.testing.assert_close(ours * scales, unit)
+
+
+def test_low_precision_picks_are_certified_or_recomputed():
+    """bfloat16 scores cannot rank atoms whose correlations differ by less than their rounding: the best
+    few are re-scored exactly, and rows where an atom outside them might still win are recomputed in full
+    precision, so the pick is always the full product's."""
+    from sparsecode_encoders.greedy import BF16_ERROR, CANDIDATES, Correlations
+    torch.manual_seed(0)
+    d, ties = 16, CANDIDATES + 2
+    other = torch.randn(48, d)
+    other[:, :ties] = 0                              # atoms that see none of the tied coordinates
+    atoms = torch.cat([torch.eye(d), torch.nn.functional.normalize(other, dim=1)])
+    lead = torch.tensor([1e-4, 1e-3, 1e-2, 5.0, 6.0, 7.0])    # atom 5's lead over nine others at 10
+    r = torch.zeros(6, d)
+    r[:, :ties] = 10.0
+    r[:, 5] += lead
+    r[:, ties:] = 0.3 * torch.randn(6, d - ties)
+    full = r @ atoms.T
+    bound = BF16_ERROR * r.norm(dim=1)
+    assert (lead[:3] < bound[:3]).all() and (lead[3:] > 2 * bound[3:]).all()
+    corr = Correlations(atoms, torch.ones(atoms.shape[0]), torch.bfloat16)
+    pick, value = corr.pick(r)
+    assert torch.equal(pick, torch.full((6,), 5)) and torch.equal(full.abs().argmax(1), pick)
+    assert corr.recomputed == 3                      # the three near-ties, and only they
+    torch.testing.assert_close(value, full[:, 5], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["omp", "mp"])
@@ -117,6 +145,7 @@ def test_run_blocks_covers_every_row_once_and_raises():
 @pytest.mark.parametrize("fields,match", [({"variant": "fast"}, "variant must be one of auto, gram, gram-free"),
                                           ({"chunk": 0}, "chunk must be >= 1"),
                                           ({"threads": -1}, "threads must be >= 0"),
+                                          ({"precision": "half"}, "precision must be one of auto, bfloat16, full"),
                                           ({"memory": "lots"}, "'lots'")])
 def test_config_is_checked(fields, match):
     with pytest.raises(ValueError, match=match):

@@ -287,7 +287,9 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
         `defaults.default_knobs` (k: the true codes' L0, else min(16, d // 2, n_atoms); lam: 0.1 x the
         median lam_max of the signals), recorded in ``settings["derived"]`` and named in the title.
     encoder_params : per-encoder config fields, ``{"fista": {"lam": 0.05}}``; they win over k/lam.
-    target_l0 : calibrate each encoder's knob so its mean L0 matches (see `calibrate`).
+    target_l0 : calibrate each encoder's knob so its mean L0 matches (see `calibrate`). The lasso
+        solvers share one `lam`: the first is calibrated, and the others solve the same problem at its
+        lam (their L0 agree to the solvers' tolerance), so their rows compare solvers, not penalties.
     x_train : training signals for trainable encoders (and for learning, with joint=True).
     joint : paper c's "unknown D and Z": each method learns its own dictionary (n_atoms atoms,
         default the true dictionary's) from x_train, then encodes the data; rows report dictionary
@@ -359,13 +361,21 @@ def compare(encoders: Sequence, data, dictionary=None, *, k: int | None = None, 
                 "encoder_params": encoder_params or {}, "reference": solver, "seed": seed, "derived": derived}
     references: dict[tuple, torch.Tensor] = {}
     rows = []
+    lasso_lams: dict = {}     # calibrated once per lasso problem: its other solvers then solve the same one
     for item, name in zip(items, names):
         if callback:
             callback(name, "start")
         if isinstance(item, str) and not item.endswith(".safetensors"):
+            params = (encoder_params or {}).get(name, {})
+            problem = lasso_problem(name, params) if target_l0 is not None else None
             try:
-                enc, fit_s = _prepare(name, d, k, lam, (encoder_params or {}).get(name, {}), target_l0, x_train,
-                                      seed)
+                if problem in lasso_lams:
+                    enc, fit_s = _prepare(name, d, k, lasso_lams[problem], params, None, x_train, seed)
+                else:
+                    enc, fit_s = _prepare(name, d, k, lam, params, target_l0, x_train, seed)
+                    if problem is not None:
+                        lasso_lams[problem] = enc.config.lam
+                        settings.setdefault("lasso_lam_calibrated_by", []).append(name)
             except Unreachable as err:
                 log.warning("%s skipped: %s", name, err)
                 rows.append({"encoder": name, "skipped": str(err)})
@@ -420,6 +430,16 @@ def _choose_reference(reference, items, names, d: Signals, n_samples: int) -> st
         raise ValueError(f"reference {reference!r} does not solve the lasso objective; lasso solvers: "
                          f"{', '.join(lasso)} (or 'auto', 'none')")
     return reference
+
+
+def lasso_problem(name: str, params: dict) -> tuple | None:
+    """What, besides `lam`, defines the lasso problem encoder `name` solves with config `params` (its sign
+    constraint), or None when it solves none with a calibratable `lam` (a lam given in `params` is kept).
+    Solvers of one problem at one lam reach one solution, so calibrating one of them calibrates all."""
+    cls = encoder_class(name)
+    if not cls.solves_lasso or cls.knob != "lam" or "lam" in params:
+        return None
+    return (bool(params.get("positive", getattr(cls.Config, "positive", False))),)
 
 
 def _solves_lasso(item, name) -> bool:

@@ -24,7 +24,7 @@ from typing import Callable
 
 from . import _io
 from ._validation import check_int_range, resolve_device
-from .compare import compare
+from .compare import compare, lasso_problem
 from .encoder import suggest
 from .registry import encoder_class
 from .synthetic import make_sparse_data
@@ -229,6 +229,7 @@ def run_cell(cell: dict, encoders, p: Preset, match: str, budget: int | None, de
     data = make_sparse_data(p.n_samples + p.n_train, seed=cell["seed"], **gen)
     train, test = data.split(p.n_train) if p.n_train else (None, data)
     rows = []
+    lasso_lams: dict = {}
     for name in encoders:
         reason = _impossible(name, cell)
         if reason:
@@ -242,13 +243,20 @@ def run_cell(cell: dict, encoders, p: Preset, match: str, budget: int | None, de
         # a penalty knob (lam, l1_coefficient) are calibrated; trained penalty-knob encoders would need one
         # training per bisection step, so they keep their penalty and the row says it is not matched.
         target = k if match == "l0" and cls.knob not in (None, "k") and not cls.trainable else None
+        # solvers of one lasso problem share the first one's calibrated lam, as `compare` does
+        problem = lasso_problem(name, params) if target is not None else None
+        shares = problem in lasso_lams
+        if shares:
+            params["lam"], target = lasso_lams[problem], None
         try:
             res = compare([name], test, k=k, encoder_params={name: params} if params else None, target_l0=target,
                           x_train=None if train is None else train.x, seed=cell["seed"], reference=None,
                           device=device)
             row = res.rows[0]
             if "skipped" not in row:        # an unreachable target: compare skipped the row, with its reason
-                row["matched_l0"] = match == "l0" and (target is not None or cls.knob == "k")
+                row["matched_l0"] = match == "l0" and (target is not None or cls.knob == "k" or shares)
+                if problem is not None and not shares:
+                    lasso_lams[problem] = row["lam"]
             rows.append(row)
         except (ValueError, ImportError) as err:
             rows.append({"encoder": name, "skipped": str(err)})

@@ -23,6 +23,7 @@ from . import _io, distributed, encoder_file, training
 from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
                           load_model, read_corpus)
 from .bench import ranks as bench_ranks_run, scale, speed
+from .checkpoint import checkpoints
 from ._validation import check_int_range, describe_device
 from .compare import Comparison, compare as run_compare
 from .data import TRUE_DICTIONARY, comparison_data, load_dictionary, planted_split, training_data
@@ -436,6 +437,10 @@ def train_cmd(
     seed: int = typer.Option(0, help="Seed of training (initialisation and data order)."),
     set_: list[str] = typer.Option([], "--set", show_default="none",
                                    help="Method option METHOD.FIELD=VALUE, e.g. --set topk.steps=5000 (repeatable)."),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, show_default="every 10 minutes",
+        help="Steps (sparse-coding: iterations) between checkpoints in OUT-checkpoint.safetensors/.json. "
+             "Running the same command again resumes from it; it is removed when training ends."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Learn a dictionary (and its encoder) from signals and save them."""
@@ -448,9 +453,13 @@ def train_cmd(
     params = _parse_sets(set_, [method]).get(method, {})
     if k is not None and "k" in options:
         params.setdefault("k", k)
+    if checkpoint_every is not None:
+        if "checkpoint_every" not in options:
+            raise ValueError(f"method {method!r} cannot checkpoint (--checkpoint-every): it runs in another library")
+        params["checkpoint_every"] = checkpoint_every
     train = training_data(data, n_samples, streams=method not in REFERENCE_METHODS, d=d,
                           n_atoms=true_atoms or n_atoms, k=3 if k is None else k, noise=noise, seed=data_seed)
-    with _progress_bars(1, "train") as on_item:
+    with _progress_bars(1, "train") as on_item, checkpoints(_io.sibling(out, "-checkpoint")):
         on_item(method, "start")
         learned = learn_dictionary(train.source, method, n_atoms, y=train.y, seed=seed,
                                    input_scale=train.input_scale, **params)

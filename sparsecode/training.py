@@ -331,9 +331,10 @@ class _DictionaryStep:
         every, fired = self.encoder.config.resample_every, self.state["fired"]
         self.state["step"] += 1
         if batch is not None:
-            fired.logical_or_(batch.fired)
+            # firing over the global batch, every step, so that every rank holds (and rank 0
+            # checkpoints) the same record: n_atoms values, little beside the gradients' all-reduce
+            fired.logical_or_(distributed.current().sum(batch.fired.double()) > 0)
             if every and int(self.state["step"]) % every == 0:
-                fired.copy_(distributed.current().sum(fired.double()) > 0)
                 self.state["resampled"] += self.encoder._resample(~fired, self.atoms, batch)
                 fired.zero_()
         self.encoder.resampled = int(self.state["resampled"])

@@ -9,6 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 from sparsecode import distributed, metrics
+from sparsecode.activations import ActivationStore
+from sparsecode.data import load_dictionary
 
 
 def _free_port() -> int:
@@ -165,9 +167,25 @@ def _io_write(path, obj):
         json.dump(obj, f)
 
 
-def test_two_ranks_compare_over_a_store_and_train_like_one_process(tmp_path):
-    x, dictionary, store = _problem(tmp_path)
-    _launch(_data_parallel_case, 2, str(tmp_path))
+def _both_cases(group, folder):
+    _data_parallel_case(group, folder)
+    _parallel_training_case(group, os.path.join(folder, "training"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-process job (starting processes is most of the cost) for the tests of what ranks compute."""
+    folder = tmp_path_factory.mktemp("two-ranks")
+    _problem(folder)
+    (folder / "training").mkdir()
+    _launch(_both_cases, 2, str(folder))
+    return folder
+
+
+def test_two_ranks_compare_over_a_store_and_train_like_one_process(two_ranks):
+    tmp_path = two_ranks
+    x, dictionary = ActivationStore(tmp_path / "store").load().x, load_dictionary(str(tmp_path / "dictionary.safetensors"))
+    store = ActivationStore(tmp_path / "store")
     expected = _compare_on_store(store, dictionary)
     enc, learned = _train(x)
     for rank in range(2):
@@ -265,9 +283,9 @@ def _signals(n=90, d=6, seed=0):
     return torch.randn(n, d, generator=g, dtype=torch.float64) * (torch.rand(n, d, generator=g) < 0.5) + 0.3
 
 
-def _learn(method, x, **params):
+def _learn(method, x, n_atoms=10, **params):
     import sparsecode as sc
-    learned = sc.learn_dictionary(x, method, 10, seed=2, **params)
+    learned = sc.learn_dictionary(x, method, n_atoms, seed=2, **params)
     return learned.dictionary, learned.losses
 
 
@@ -412,7 +430,7 @@ def test_a_killed_train_command_resumes_when_run_again(tmp_path):
 PARALLEL = [
     ("binary-entropy", dict(steps=12, batch_size=41, entropy=0.05, covariance=0.02, checkpoint_every=5)),
     ("binary-topk", dict(k=3, steps=12, batch_size=41, checkpoint_every=5)),
-    ("topk", dict(k=2, steps=12, batch_size=41, resample_every=3, checkpoint_every=5)),
+    ("topk", dict(n_atoms=40, k=1, steps=12, batch_size=41, resample_every=3, checkpoint_every=5)),
 ]
 
 
@@ -438,8 +456,8 @@ def _parallel_training_case(group, folder):
     _io_write(folder / f"rank{group.rank}.json", out)
 
 
-def test_two_ranks_train_binary_coders_and_resample_dead_atoms_like_one_process(tmp_path):
-    _launch(_parallel_training_case, 2, str(tmp_path))
+def test_two_ranks_train_binary_coders_and_resample_dead_atoms_like_one_process(two_ranks):
+    tmp_path = two_ranks / "training"
     x = _signals(97)
     for method, params in PARALLEL:
         dictionary, losses = _learn(method, x, **params)
@@ -453,6 +471,10 @@ def test_two_ranks_train_binary_coders_and_resample_dead_atoms_like_one_process(
             assert got["resumed_losses"] == got["losses"], method
             assert got["resumed"] == got["atoms"], method
     assert not [p for p in tmp_path.iterdir() if "ckpt" in p.name]
+    # the resampling case does resample (most of its 40 atoms die between checks)
+    import sparsecode as sc
+    params = dict(PARALLEL[-1][1])
+    assert sc.learn_dictionary(x, "topk", params.pop("n_atoms"), seed=2, **params).encoder.resampled > 10
 
 
 def test_batch_statistics_outside_a_parallel_step_are_the_batch_s_own():

@@ -73,6 +73,7 @@ class Checkpointer:
 
     @property
     def active(self) -> bool:
+        """Whether checkpoints are kept (within a `checkpoints` block)."""
         return self.path is not None
 
     def resume(self) -> dict[str, torch.Tensor] | None:
@@ -150,6 +151,7 @@ def rng_state(generator: torch.Generator | None = None, device: torch.device | N
 
 def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator | None = None,
                   device: torch.device | None = None) -> None:
+    """Put back the random states `rng_state` returned."""
     torch.set_rng_state(state["rng.torch"])
     if "rng.cuda" in state and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["rng.cuda"], device)

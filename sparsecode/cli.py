@@ -643,22 +643,28 @@ def bench_ranks(
     k: int = typer.Option(16, help="Non-zeros per synthetic code and the encoders' k."),
     encoders: str = typer.Option("omp,fista", help="Comma-separated encoders."),
     repeats: int = typer.Option(1, help="Runs of each command; medians are reported."),
+    train: str = typer.Option("topk", help="Comma-separated methods whose data-parallel training is timed too "
+                                           "('' for none)."),
+    train_steps: int = typer.Option(20, help="Training steps of each timed training."),
+    train_batch: int = typer.Option(4096, help="Signals per training step (the global batch)."),
     out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to this JSON file."),
 ) -> None:
-    """Speed-up of a comparison over an activation store on --ranks processes (torchrun, one thread
-    each) over one process."""
+    """Speed-up of a comparison over an activation store, and of training on it, on --ranks processes
+    (torchrun, one thread each) over one process."""
     _setup_logging(False)
     if out is not None:
         _io.check_writable(out, "--out", suffixes=(".json",))
+    methods = tuple(_names(train)) if train.strip() else ()
     with _progress(TextColumn("{task.completed}/{task.total} runs")) as bar:
-        task = bar.add_task("ranks", total=2 * repeats)
+        task = bar.add_task("ranks", total=2 * repeats * (1 + len(methods)))
         rows = bench_ranks_run(n_ranks=ranks, n_tokens=n_tokens, d=d, n_atoms=n_atoms, k=k,
-                               encoders=tuple(_names(encoders)), repeats=repeats,
+                               encoders=tuple(_names(encoders)), repeats=repeats, train=methods,
+                               train_steps=train_steps, train_batch=train_batch,
                                callback=lambda done, total: bar.update(task, completed=done))
-    print_table(rows, ["encoder", "ranks", "signals_per_s_1", "signals_per_s", "speedup", "wall_s_1", "wall_s",
-                       "wall_speedup"],
+    print_table(rows, ["work", "encoder", "ranks", "signals_per_s_1", "signals_per_s", "speedup", "wall_s_1",
+                       "wall_s", "wall_speedup"],
                 title=f"{ranks} processes over 1, one thread each: {n_tokens:,} signals, d={d}, n_atoms={n_atoms}, "
-                      f"k={k} (signals/s: encoding; wall: the whole command)")
+                      f"k={k} (signals/s: encoding, or training; wall: the whole command)")
     if out is not None:
         _io.write_json(out, {"bench": "ranks", "rows": rows})
         _saved(out)

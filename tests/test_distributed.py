@@ -253,13 +253,15 @@ def test_two_ranks_extract_the_one_process_tokens_and_resume_rank_by_rank(tmp_pa
 
 
 @pytest.mark.slow
-def test_bench_ranks_runs_compare_under_torchrun_on_one_and_two_processes():
+def test_bench_ranks_runs_compare_and_training_under_torchrun_on_one_and_two_processes():
     from sparsecode.bench import ranks
-    rows = ranks(2, n_tokens=8192 + 512, d=16, n_atoms=32, k=3, encoders=("omp",))
-    (row,) = rows
-    assert row["encoder"] == "omp" and row["ranks"] == 2
-    assert row["signals_per_s_1"] > 0 and row["signals_per_s"] > 0
-    assert row["speedup"] == pytest.approx(row["signals_per_s"] / row["signals_per_s_1"])
+    rows = ranks(2, n_tokens=8192 + 512, d=16, n_atoms=32, k=3, encoders=("omp",), train=("topk",), train_steps=5,
+                 train_batch=256)
+    assert [(r["work"], r["encoder"]) for r in rows] == [("compare", "omp"), ("train", "topk")]
+    for row in rows:
+        assert row["ranks"] == 2
+        assert row["signals_per_s_1"] > 0 and row["signals_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["signals_per_s"] / row["signals_per_s_1"])
     with pytest.raises(ValueError, match="n_ranks"):
         ranks(1)
 

@@ -152,7 +152,11 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
     first = 0
     saved = saver.resume()
     if saved is not None:
-        first, losses, order, pos = _restore(saved, params, opt, hook_state, gen, position, device)
+        try:
+            first, losses, order, pos = _restore(saved, params, opt, hook_state, gen, position, device)
+        except KeyError as err:
+            raise ValueError(f"checkpoint {saver.path} lacks the tensor {err}: it is not a whole checkpoint of "
+                             f"{what}; delete it to start afresh") from None
     batches = None if stream is None else _stream_batches(stream, cfg, device, position)
     every = max(1, cfg.steps // 10)
     small = all(p.device.type == "cpu" for p in params) and \

@@ -423,7 +423,8 @@ class TrainableEncoder(Encoder):
         self.net = self._seeded_build(x, self.dictionary.n_atoms, atoms)
         self.d_in = x.shape[1]
         self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters(),
-                                  self.dictionary.n_atoms, stream=stream)
+                                  self.dictionary.n_atoms, stream=stream,
+                                  identity={"dictionary": checkpoint.data_checksum(atoms)})
         self.net.eval()
 
     def _seeded_build(self, x: torch.Tensor, n_atoms: int, atoms: torch.Tensor | None) -> nn.Module:
@@ -533,7 +534,7 @@ class TrainableEncoder(Encoder):
         return x, y
 
     def _train(self, x, y, decode, params, n_atoms: int, after_step=None, stream=None,
-               track: bool = False) -> list[float]:
+               track: bool = False, identity: dict | None = None) -> list[float]:
         def loss_fn(batch):
             if stream is None:
                 xb, yb = x[batch], y[batch]
@@ -550,7 +551,8 @@ class TrainableEncoder(Encoder):
         self.net.train()
         return optimise(list(params), loss_fn, x.shape[0], self.config, what=f"train {self.name}",
                         lr=self._learning_rate(n_atoms), after_step=after_step, device=x.device, stream=stream,
-                        identity={"data": checkpoint.data_checksum(x), "targets": checkpoint.data_checksum(y)})
+                        identity={"data": checkpoint.data_checksum(x), "targets": checkpoint.data_checksum(y),
+                                  **(identity or {})})
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path) -> Path:

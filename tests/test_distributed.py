@@ -358,6 +358,36 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_field(tmp_p
             pass
 
 
+def test_by_default_a_checkpoint_is_written_after_a_time_without_one(tmp_path, monkeypatch):
+    from sparsecode import checkpoint, training
+    monkeypatch.setattr(checkpoint, "EVERY_S", 0.0)        # every step is "10 minutes" after the last one
+    x = _signals()
+    params = dict(k=2, steps=8, batch_size=40)
+    whole, whole_losses = _learn("topk", x, **params)
+    with checkpoint.checkpoints(tmp_path / "ckpt"):
+        with training.progress(_stop_at(3)), pytest.raises(_Stop):
+            _learn("topk", x, **params)
+        assert json.loads((tmp_path / "ckpt.json").read_text())["step"] == 3
+        resumed, resumed_losses = _learn("topk", x, **params)
+    assert resumed_losses == whole_losses and torch.equal(resumed.atoms, whole.atoms)
+
+
+def test_a_shared_dictionary_encoder_resumes_only_on_the_same_dictionary(tmp_path):
+    import sparsecode as sc
+    from sparsecode import checkpoint, training
+    data = sc.synthetic.make_sparse_data(n_samples=80, d=8, n_atoms=12, k=2, seed=1)
+    other = sc.synthetic.make_sparse_data(n_samples=80, d=8, n_atoms=12, k=2, seed=2).dictionary
+
+    def fit(dictionary):
+        return sc.get_encoder("relu", steps=6, batch_size=30, checkpoint_every=2).fit(dictionary, data.x)
+
+    with checkpoint.checkpoints(tmp_path / "relu"):
+        with training.progress(_stop_at(3)), pytest.raises(_Stop):
+            fit(data.dictionary)
+        with pytest.raises(ValueError, match="dictionary.sum is"):
+            fit(other)
+
+
 def test_lista_training_resumes_from_its_checkpoint(tmp_path):
     import sparsecode as sc
     from sparsecode import checkpoint, training

@@ -334,11 +334,11 @@ class _DictionaryStep:
     def __call__(self, batch: Batch | None = None) -> None:
         every, fired = self.encoder.config.resample_every, self.state["fired"]
         self.state["step"] += 1
-        if batch is not None:
+        if batch is not None and every:
             # firing over the global batch, every step, so that every rank holds (and rank 0
             # checkpoints) the same record: n_atoms values, little beside the gradients' all-reduce
             fired.logical_or_(distributed.current().sum(batch.fired.double()) > 0)
-            if every and int(self.state["step"]) % every == 0:
+            if int(self.state["step"]) % every == 0:
                 self.state["resampled"] += self.encoder._resample(~fired, self.atoms, batch)
                 fired.zero_()
         self.encoder.resampled = int(self.state["resampled"])

@@ -27,6 +27,7 @@ MODULES = (
     ("sparsecode.defaults", "k and lam derived from the data when the user gives none"),
     ("sparsecode.memory", "memory budgets"),
     ("sparsecode.distributed", "several processes under torchrun"),
+    ("sparsecode.checkpoint", "resumable training: checkpoints and resuming from them"),
     ("sparsecode.activations", "LLM activations: model, corpus, hooks, store, extraction, evaluation"),
 )
 #: methods a subclass implements although their names are private: the plug-in contract (docs/plugins.md)

@@ -21,23 +21,25 @@ import torch
 from torch import nn
 
 from sparsecode.metrics import binary_entropy_bits
-from sparsecode.training import Forward, TrainableEncoder, TrainConfig
+from sparsecode.training import Forward, TrainableEncoder, TrainConfig, batch_mean, batch_rows
 
 
 def fvu_loss(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     """FVU of a batch: squared error over squared deviation from the batch mean (paper a's loss)."""
-    return ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(torch.finfo(y.dtype).tiny)
+    deviation = batch_mean(((y - batch_mean(y).detach()) ** 2).sum(1))
+    return batch_mean(((y - y_hat) ** 2).sum(1)) / deviation.clamp_min(torch.finfo(y.dtype).tiny)
 
 
 def entropy_penalty(h: torch.Tensor) -> torch.Tensor:
     """Paper b's L_e: sum over features of the binary entropy (bits) of their minibatch firing rate."""
-    return binary_entropy_bits(h.mean(0)).sum()
+    return binary_entropy_bits(batch_mean(h)).sum()
 
 
 def covariance_penalty(h: torch.Tensor) -> torch.Tensor:
     """Paper b's L_c: sum of |Cov(h)_ij| over pairs i != j, covariance over the minibatch."""
-    c = h - h.mean(0)
-    cov = c.T @ c / max(h.shape[0] - 1, 1)
+    c = h - batch_mean(h).detach()          # deviations sum to zero over the batch: the mean's gradient cancels
+    n = batch_rows(h.shape[0])
+    cov = batch_mean(c.T @ c / h.shape[0], rows=h.shape[0]) * (n / max(n - 1, 1))
     return cov.abs().sum() - cov.diagonal().abs().sum()
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from sparsecode_encoders.iterative import FISTA, soft_threshold
 from sparsecode._validation import as_tensor
+from sparsecode.checkpoint import data_checksum
 from sparsecode.training import TrainableEncoder, TrainConfig, optimise
 
 
@@ -105,7 +106,8 @@ class LISTA(TrainableEncoder):
         self.net.train()
         self.losses = optimise(list(self.net.parameters()),
                                lambda idx: ((self.net(x[idx]) - target[idx]) ** 2).sum(1).mean(),
-                               x.shape[0], self.config, what=f"train {self.name}", device=x.device)
+                               x.shape[0], self.config, what=f"train {self.name}", device=x.device,
+                               identity={"data": data_checksum(x), "dictionary": data_checksum(atoms)})
         self.net.eval()
 
     def learn(self, x, n_atoms, y=None):

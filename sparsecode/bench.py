@@ -291,46 +291,89 @@ def _mb(nbytes) -> float:
 
 def ranks(n_ranks: int = 2, n_tokens: int = 32768, d: int = 256, n_atoms: int = 1024, k: int = 16,
           lam: float = 0.05, encoders: tuple[str, ...] = ("omp", "fista"), shard_tokens: int = 4096,
-          repeats: int = 1, seed: int = 0, callback: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Speed-up of a streamed comparison over an activation store on `n_ranks` processes against
-    one, each process on one CPU thread: ``sparsecode compare`` run under ``torchrun`` on a
-    synthetic store of `n_tokens` signals, median of `repeats` runs of each.
+          repeats: int = 1, seed: int = 0, train: tuple[str, ...] = ("topk",), train_steps: int = 20,
+          train_batch: int = 4096, callback: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Speed-up on `n_ranks` processes against one, each process on one CPU thread, on a synthetic
+    activation store of `n_tokens` signals, median of `repeats` runs of each:
 
-    ``signals_per_s`` is the job's (tokens over the slowest rank's encoding time); ``wall_s`` is the
-    whole command, start-up (imports, joining the group) and reading included."""
+    - ``work="compare"``: ``sparsecode compare`` over the store under ``torchrun``, one row per
+      encoder; ``signals_per_s`` is the job's (tokens over the slowest rank's encoding time);
+    - ``work="train"``: data-parallel training of each method of `train` (`train_steps` steps of
+      `train_batch` signals streamed from the store) under ``torchrun``; ``signals_per_s`` is the
+      signals trained on over the training time (between barriers around `learn`).
+
+    ``wall_s`` is the whole command, start-up (imports, joining the group) and reading included."""
     check_int_range("n_ranks", n_ranks, 2)
     check_int_range("repeats", repeats, 1)
+    check_int_range("train_steps", train_steps, 1)
+    check_int_range("train_batch", train_batch, n_ranks)
     from .activations import write_store
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    jobs = [("compare", w) for w in (1, n_ranks) for _ in range(repeats)]
+    jobs += [(method, w) for method in train for w in (1, n_ranks) for _ in range(repeats)]
+    runs: dict[tuple[str, int], list[tuple[dict, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="sparsecode-bench-") as tmp:
         tmp = Path(tmp)
         data = make_sparse_data(n_tokens, d, n_atoms, k, seed=seed)
         write_store(tmp / "store", data.x, shard_tokens)
         data.dictionary.save(tmp / "dictionary.safetensors")
-        runs: dict[int, list[tuple[dict, float]]] = {1: [], n_ranks: []}
-        for i, world in enumerate([w for w in (1, n_ranks) for _ in range(repeats)]):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        for i, (work, world) in enumerate(jobs):
             if callback:
-                callback(i, 2 * repeats)
+                callback(i, len(jobs))
             out = tmp / f"result-{i}.json"
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                       "-m", "sparsecode", "compare", "--encoders", ",".join(encoders), "--data",
-                       f"activations:{tmp / 'store'}", "--dictionary", str(tmp / "dictionary.safetensors"),
-                       "--n-train", "0", "--n-samples", str(n_tokens), "--k", str(k), "--lam", str(lam),
-                       "--reference", "none", "--device", "cpu", "--out", str(out)]
+            if work == "compare":
+                command = [*launch, f"--nproc-per-node={world}", "-m", "sparsecode", "compare", "--encoders",
+                           ",".join(encoders), "--data", f"activations:{tmp / 'store'}", "--dictionary",
+                           str(tmp / "dictionary.safetensors"), "--n-train", "0", "--n-samples", str(n_tokens),
+                           "--k", str(k), "--lam", str(lam), "--reference", "none", "--device", "cpu", "--out",
+                           str(out)]
+            else:
+                command = [*launch, f"--nproc-per-node={world}", "--no-python", sys.executable, "-c",
+                           "import sys; from sparsecode.bench import _train_rank; _train_rank(*sys.argv[1:])",
+                           str(tmp / "store"), str(out), work, str(n_atoms), str(k), str(train_steps),
+                           str(train_batch)]
             start = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - start
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-            rows = json.loads(out.read_text())["rows"]
-            runs[world].append(({r["encoder"]: r["signals_per_s"] for r in rows}, wall))
+            result = json.loads(out.read_text())
+            speeds = {r["encoder"]: r["signals_per_s"] for r in result["rows"]} if work == "compare" else \
+                {work: result["signals_per_s"]}
+            runs.setdefault((work, world), []).append((speeds, wall))
     rows = []
-    for name in encoders:
-        one = float(np.median([r[name] for r, _ in runs[1]]))
-        many = float(np.median([r[name] for r, _ in runs[n_ranks]]))
-        wall_one = float(np.median([w for _, w in runs[1]]))
-        wall_many = float(np.median([w for _, w in runs[n_ranks]]))
-        rows.append({"encoder": name, "ranks": n_ranks, "n_tokens": n_tokens, "n_atoms": n_atoms, "d": d,
-                     "signals_per_s_1": one, "signals_per_s": many, "speedup": many / one,
-                     "wall_s_1": wall_one, "wall_s": wall_many, "wall_speedup": wall_one / wall_many})
+    for work, names in [("compare", encoders), *(("train", (method,)) for method in train)]:
+        for name in names:
+            key = "compare" if work == "compare" else name
+            one = float(np.median([r[name] for r, _ in runs[key, 1]]))
+            many = float(np.median([r[name] for r, _ in runs[key, n_ranks]]))
+            wall_one = float(np.median([w for _, w in runs[key, 1]]))
+            wall_many = float(np.median([w for _, w in runs[key, n_ranks]]))
+            rows.append({"work": work, "encoder": name, "ranks": n_ranks, "n_tokens": n_tokens, "n_atoms": n_atoms,
+                         "d": d, "signals_per_s_1": one, "signals_per_s": many, "speedup": many / one,
+                         "wall_s_1": wall_one, "wall_s": wall_many, "wall_speedup": wall_one / wall_many})
     return rows
+
+
+def _train_rank(store: str, out: str, method: str, n_atoms: str, k: str, steps: str, batch_size: str) -> None:
+    """One rank of `ranks`' training job (started by torchrun): train `method` on the store, data-parallel;
+    rank 0 writes the signals trained on per second."""
+    from . import _io, distributed
+    from .activations import ActivationStore
+    torch.set_num_threads(1)
+    group = distributed.setup("cpu")
+    try:
+        params = {"steps": int(steps), "batch_size": int(batch_size)}
+        if "k" in encoder_class(method).Config.__dataclass_fields__:
+            params["k"] = int(k)
+        enc = get_encoder(method, **params)
+        group.barrier()
+        start = time.perf_counter()
+        enc.learn(ActivationStore(store), int(n_atoms))
+        group.barrier()
+        elapsed = time.perf_counter() - start
+        if group.main:
+            _io.write_json(Path(out), {"train_s": elapsed, "signals_per_s": int(steps) * int(batch_size) / elapsed})
+    finally:
+        distributed.teardown()

@@ -23,6 +23,7 @@ from . import _io, distributed, encoder_file, training
 from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
                           load_model, read_corpus)
 from .bench import ranks as bench_ranks_run, scale, speed
+from .checkpoint import checkpoints
 from ._validation import check_int_range, describe_device
 from .compare import Comparison, compare as run_compare
 from .data import TRUE_DICTIONARY, comparison_data, load_dictionary, planted_split, training_data
@@ -436,6 +437,10 @@ def train_cmd(
     seed: int = typer.Option(0, help="Seed of training (initialisation and data order)."),
     set_: list[str] = typer.Option([], "--set", show_default="none",
                                    help="Method option METHOD.FIELD=VALUE, e.g. --set topk.steps=5000 (repeatable)."),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, show_default="every 10 minutes",
+        help="Steps (sparse-coding: iterations) between checkpoints in OUT-checkpoint.safetensors/.json. "
+             "Running the same command again resumes from it; it is removed when training ends."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
 ) -> None:
     """Learn a dictionary (and its encoder) from signals and save them."""
@@ -448,9 +453,13 @@ def train_cmd(
     params = _parse_sets(set_, [method]).get(method, {})
     if k is not None and "k" in options:
         params.setdefault("k", k)
+    if checkpoint_every is not None:
+        if "checkpoint_every" not in options:
+            raise ValueError(f"method {method!r} cannot checkpoint (--checkpoint-every): it runs in another library")
+        params["checkpoint_every"] = checkpoint_every
     train = training_data(data, n_samples, streams=method not in REFERENCE_METHODS, d=d,
                           n_atoms=true_atoms or n_atoms, k=3 if k is None else k, noise=noise, seed=data_seed)
-    with _progress_bars(1, "train") as on_item:
+    with _progress_bars(1, "train") as on_item, checkpoints(_io.sibling(out, "-checkpoint")):
         on_item(method, "start")
         learned = learn_dictionary(train.source, method, n_atoms, y=train.y, seed=seed,
                                    input_scale=train.input_scale, **params)
@@ -634,22 +643,28 @@ def bench_ranks(
     k: int = typer.Option(16, help="Non-zeros per synthetic code and the encoders' k."),
     encoders: str = typer.Option("omp,fista", help="Comma-separated encoders."),
     repeats: int = typer.Option(1, help="Runs of each command; medians are reported."),
+    train: str = typer.Option("topk", help="Comma-separated methods whose data-parallel training is timed too "
+                                           "('' for none)."),
+    train_steps: int = typer.Option(20, help="Training steps of each timed training."),
+    train_batch: int = typer.Option(4096, help="Signals per training step (the global batch)."),
     out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to this JSON file."),
 ) -> None:
-    """Speed-up of a comparison over an activation store on --ranks processes (torchrun, one thread
-    each) over one process."""
+    """Speed-up of a comparison over an activation store, and of training on it, on --ranks processes
+    (torchrun, one thread each) over one process."""
     _setup_logging(False)
     if out is not None:
         _io.check_writable(out, "--out", suffixes=(".json",))
+    methods = tuple(_names(train)) if train.strip() else ()
     with _progress(TextColumn("{task.completed}/{task.total} runs")) as bar:
-        task = bar.add_task("ranks", total=2 * repeats)
+        task = bar.add_task("ranks", total=2 * repeats * (1 + len(methods)))
         rows = bench_ranks_run(n_ranks=ranks, n_tokens=n_tokens, d=d, n_atoms=n_atoms, k=k,
-                               encoders=tuple(_names(encoders)), repeats=repeats,
+                               encoders=tuple(_names(encoders)), repeats=repeats, train=methods,
+                               train_steps=train_steps, train_batch=train_batch,
                                callback=lambda done, total: bar.update(task, completed=done))
-    print_table(rows, ["encoder", "ranks", "signals_per_s_1", "signals_per_s", "speedup", "wall_s_1", "wall_s",
-                       "wall_speedup"],
+    print_table(rows, ["work", "encoder", "ranks", "signals_per_s_1", "signals_per_s", "speedup", "wall_s_1",
+                       "wall_s", "wall_speedup"],
                 title=f"{ranks} processes over 1, one thread each: {n_tokens:,} signals, d={d}, n_atoms={n_atoms}, "
-                      f"k={k} (signals/s: encoding; wall: the whole command)")
+                      f"k={k} (signals/s: encoding, or training; wall: the whole command)")
     if out is not None:
         _io.write_json(out, {"bench": "ranks", "rows": rows})
         _saved(out)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import checkpoint
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary
 from .encoder import Encoder, suggest, to_numpy64
@@ -130,14 +131,18 @@ def _check_options(method: str, params: dict) -> None:
 
 
 def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_iter=30, resample=True,
-                 ridge=1e-6) -> LearnedDictionary:
-    """Alternating minimisation: codes by `inference` on D, then D = argmin ||X - Z D||^2 (MOD)."""
+                 ridge=1e-6, checkpoint_every=0) -> LearnedDictionary:
+    """Alternating minimisation: codes by `inference` on D, then D = argmin ||X - Z D||^2 (MOD).
+    Within a `checkpoint.checkpoints` block it checkpoints every `checkpoint_every` iterations (0: every
+    10 minutes) and resumes from a checkpoint of the same settings."""
     allowed = inference_methods()
     if inference not in allowed:
         raise ValueError(f"inference must be an untrained encoder set by k or lam, got {inference!r}."
                          f"{suggest(str(inference), allowed)} Choices: {', '.join(allowed)}")
     check_int_range("n_iter", n_iter, 1)
+    check_int_range("checkpoint_every", checkpoint_every, 0)
     check_positive("lam", lam)
+    settings = dict(seed=seed, inference=inference, k=k, lam=lam, n_iter=n_iter, resample=resample, ridge=ridge)
     gen = torch.Generator().manual_seed(seed)
     n, d = x.shape
     if n >= n_atoms:
@@ -154,7 +159,15 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
     losses = []
     callback = progress_callback()
     eye = torch.eye(n_atoms, dtype=x.dtype, device=x.device)
-    for it in range(n_iter):
+    saver = checkpoint.Checkpointer(f"sparse-coding ({inference})", {
+        "settings": settings, "n_atoms": n_atoms, "data": checkpoint.data_checksum(x), "dtype": str(x.dtype)},
+        checkpoint_every)
+    first, saved = 0, saver.resume()
+    if saved is not None:
+        atoms = saved["atoms"].to(atoms)
+        checkpoint.set_rng_state(saved, gen)
+        first, losses = int(saved["step"]), saved["losses"].tolist()
+    for it in range(first, n_iter):
         codes = enc.fit(Dictionary(atoms)).encode(x)
         residual = x - codes @ atoms
         losses.append(float((residual ** 2).mean()))
@@ -167,10 +180,14 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
             worst = (residual ** 2).sum(1).topk(len(unused)).indices
             atoms[unused] = x[worst] + 1e-3 * torch.randn(len(worst), d, generator=gen, dtype=x.dtype).to(x.device)
         atoms = unit_rows(atoms)
+        if saver.due(it + 1, n_iter):
+            saver.save(it + 1, {"atoms": atoms, "losses": torch.tensor(losses, dtype=torch.float64),
+                                **checkpoint.rng_state(gen)})
         if callback is not None:
             callback(f"sparse-coding ({inference})", it + 1, n_iter, losses[-1])
         log.info("sparse-coding: iteration %d/%d mse %.6g, %d unused atoms", it + 1, n_iter, losses[-1],
                  int((~used).sum()))
+    saver.finish()
     dictionary = Dictionary(atoms, metadata={"learned_by": f"sparse-coding/{inference}"})
     return LearnedDictionary(dictionary, enc.fit(dictionary), losses)
 

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from . import distributed, encoder_file
+from . import checkpoint, distributed, encoder_file
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary
 from .encoder import Encoder, EncoderConfig
@@ -93,11 +93,15 @@ class TrainConfig(EncoderConfig):
     resample_every: int = 0
     """When learning a dictionary: every this many steps, atoms that fired on no signal since the
     last check restart from the worst-reconstructed signals of the batch (0: never)."""
+    checkpoint_every: int = 0
+    """Steps between training checkpoints, where checkpoints are kept (`train`: beside OUT); 0: every
+    10 minutes of training. It does not change the result, so a run may resume with another value."""
 
     def validate(self) -> None:
         super().validate()
         check_int_range("steps", self.steps, 1)
         check_int_range("resample_every", self.resample_every, 0)
+        check_int_range("checkpoint_every", self.checkpoint_every, 0)
         check_int_range("batch_size", self.batch_size, 1)
         check_positive("lr", self.lr)
         if self.optimizer not in ("adam", "signum"):
@@ -110,7 +114,7 @@ def make_optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
 
 def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int,
              cfg: TrainConfig, *, what: str, lr: float | None = None, after_step: Callable[[], None] | None = None,
-             device=None, stream=None) -> list[float]:
+             device=None, stream=None, identity: dict | None = None) -> list[float]:
     """Minimise ``loss_fn(batch_indices)`` over minibatches of range(n); returns the loss per step.
 
     `loss_fn` returns the loss, or ``(loss, aux)``: then ``after_step(aux)`` gets what the step
@@ -122,20 +126,38 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
     same global batch (same seed), takes its contiguous part of it (`Group.part`), and the gradients
     of the parts, weighted by their share, are summed over ranks before every step. For a loss that
     is a mean over signals this is the global batch's gradient, so N ranks follow one process's
-    path up to float rounding; a loss with batch statistics (FVU's variance, the binary coders'
-    firing entropy) is then computed per part, as with DDP and batch norm.
+    path up to float rounding; a loss with batch statistics computes them with `batch_mean`, which
+    averages over the global batch, and so does too.
+
+    Within a `checkpoint.checkpoints` block the loop checkpoints every `cfg.checkpoint_every` steps
+    and resumes from a checkpoint of the same training (`identity`: what else it must match, e.g.
+    the data's checksum); an `after_step` with a ``state`` dict of tensors has them saved too.
     """
     group = distributed.current()
     if group.distributed and min(cfg.batch_size, n) < group.world_size:
         raise ValueError(f"{what}: batch_size={min(cfg.batch_size, n)} is smaller than the {group.world_size} ranks "
                          "that share every batch")
     gen = torch.Generator().manual_seed(cfg.seed)
-    batches = None if stream is None else _stream_batches(stream, cfg, device)
     opt = make_optimizer([p for p in params if p.requires_grad], cfg.optimizer, lr or cfg.lr)
+    hook_state: dict[str, torch.Tensor] = getattr(after_step, "state", {})
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
+    saver = checkpoint.Checkpointer(what, {"config": config, "signals": n, "streamed": stream is not None,
+                                           "parameters": [list(p.shape) for p in params], **(identity or {})},
+                                    cfg.checkpoint_every)
     callback = _progress.get()
-    losses = []
+    losses: list[float] = []
     full = cfg.batch_size >= n
     order, pos = None, n
+    position = [0, 0]              # a stream's epoch, and batches taken in it
+    first = 0
+    saved = saver.resume()
+    if saved is not None:
+        try:
+            first, losses, order, pos = _restore(saved, params, opt, hook_state, gen, position, device)
+        except KeyError as err:
+            raise ValueError(f"checkpoint {saver.path} lacks the tensor {err}: it is not a whole checkpoint of "
+                             f"{what}; delete it to start afresh") from None
+    batches = None if stream is None else _stream_batches(stream, cfg, device, position)
     every = max(1, cfg.steps // 10)
     small = all(p.device.type == "cpu" for p in params) and \
         sum(p.numel() for p in params) * min(cfg.batch_size, n) <= SMALL_STEP
@@ -144,7 +166,7 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
     # descheduled thread (measured: 200 steps of a 16-atom SAE, 4 s single-threaded, 27 s with two
     # threads while other processes ran).
     with one_thread_per_op() if small else contextlib.nullcontext():
-        for step in range(cfg.steps):
+        for step in range(first, cfg.steps):
             if batches is not None:
                 idx = next(batches)
             elif full:
@@ -158,7 +180,11 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
             if group.distributed:
                 share = group.part(len(idx))
                 idx, weight = idx[share.start:share.stop], len(share) / len(idx)
-            loss = loss_fn(idx.to(device) if device is not None and batches is None else idx)
+            token = _step_group.set(group if group.distributed else None)
+            try:
+                loss = loss_fn(idx.to(device) if device is not None and batches is None else idx)
+            finally:
+                _step_group.reset(token)
             loss, aux = loss if isinstance(loss, tuple) else (loss, _NO_AUX)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{what}: loss became {loss.item()} at step {step}; lower lr={lr or cfg.lr}")
@@ -171,11 +197,78 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
                 with torch.no_grad():
                     after_step() if aux is _NO_AUX else after_step(aux)
             losses.append(float(loss.detach()))
+            if saver.due(step + 1, cfg.steps):
+                saver.save(step + 1, _state(params, opt, hook_state, gen, losses, order, pos, position, device))
             if callback is not None:
                 callback(what, step + 1, cfg.steps, losses[-1])
             if step % every == 0 or step == cfg.steps - 1:
                 log.info("%s: step %d/%d loss %.6g", what, step + 1, cfg.steps, losses[-1])
+    saver.finish()
     return losses
+
+
+def _state(params, opt, hook_state, gen, losses, order, pos, position, device) -> dict[str, torch.Tensor]:
+    """Everything a resumed loop needs to take the uninterrupted loop's next step."""
+    tensors = {f"param.{i}": p.detach() for i, p in enumerate(params)}
+    for i, state in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{key}": torch.as_tensor(value) for key, value in state.items()})
+    tensors.update({f"hook.{key}": value for key, value in hook_state.items()})
+    tensors.update(checkpoint.rng_state(gen, None if device is None else torch.device(device)))
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
+    tensors["data.position"] = torch.tensor([pos, *position], dtype=torch.int64)
+    if order is not None:
+        tensors["data.order"] = order
+    return tensors
+
+
+def _restore(saved, params, opt, hook_state, gen, position, device):
+    """Put a checkpoint's state back; returns (first step, losses, order, pos)."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(saved[f"param.{i}"])
+        for key, value in hook_state.items():
+            value.copy_(saved[f"hook.{key}"])
+    state: dict[int, dict] = {}
+    for name, value in saved.items():
+        if name.startswith("opt."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value
+    loaded = opt.state_dict()
+    loaded["state"] = state
+    opt.load_state_dict(loaded)
+    checkpoint.set_rng_state(saved, gen, None if device is None else torch.device(device))
+    pos, *where = saved["data.position"].tolist()
+    position[:] = where
+    return int(saved["step"]), saved["losses"].tolist(), saved.get("data.order"), pos
+
+
+_step_group: contextvars.ContextVar = contextvars.ContextVar("sparsecode_step_group", default=None)
+
+
+def batch_mean(values: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The mean over dim 0 of a training batch's `values` (n, ...), for losses built on batch statistics.
+
+    `rows` given: `values` already is the mean of that many rows (e.g. ``h.T @ h / n``, whose rows
+    need not be materialised). In a data-parallel step (`optimise` under a launcher) the rows are
+    this rank's part of the global batch: the result is the global batch's mean (the parts' sums
+    and counts, all-reduced) and its gradient is this part's mean's. `optimise` weights each part's
+    gradient by its share and sums them, so a loss that is a function of such means gets the one-
+    process gradient: for a mean m and a loss f(m), sum_r share_r f'(m) d(mean_r) = f'(m) dm.
+    Elsewhere it is this batch's mean."""
+    local = values.mean(0) if rows is None else values
+    count = values.shape[0] if rows is None else rows
+    group = _step_group.get()
+    if group is None:
+        return local
+    flat = local.detach().reshape(-1) * count
+    total = group.sum(torch.cat([flat, flat.new_tensor([count])]))
+    return (total[:-1] / total[-1]).view_as(local) + (local - local.detach())
+
+
+def batch_rows(rows: int) -> int:
+    """The rows of the global batch of which this step's batch of `rows` is a part (see `batch_mean`)."""
+    group = _step_group.get()
+    return rows if group is None else int(group.sum(torch.tensor([float(rows)])))
 
 
 def _all_reduce_grads(group, opt: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
@@ -194,17 +287,20 @@ def _all_reduce_grads(group, opt: torch.optim.Optimizer, loss: torch.Tensor) -> 
 _NO_AUX = object()
 
 
-def _stream_batches(stream, cfg: TrainConfig, device):
-    """Endless training batches from a store's token range (an epoch is one pass over it)."""
-    epoch = 0
+def _stream_batches(stream, cfg: TrainConfig, device, position: list[int]):
+    """Endless training batches from a store's token range (an epoch is one pass over it), from
+    `position` ``[epoch, batches taken in it]`` on, which it keeps up to date for checkpoints."""
     while True:
         produced = False
-        for xb in stream.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+        for i, xb in enumerate(stream.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + position[0])):
             produced = True
+            if i < position[1]:         # taken before a resumed checkpoint: read past it
+                continue
+            position[1] = i + 1
             yield xb.to(device) if device is not None else xb
         if not produced:
             raise ValueError(f"the token range to train on is empty ({stream.n_tokens} tokens)")
-        epoch += 1
+        position[:] = [position[0] + 1, 0]
 
 
 class Forward(NamedTuple):
@@ -224,6 +320,30 @@ class Batch(NamedTuple):
     y_hat: torch.Tensor
     fired: torch.Tensor
     """Atoms that were active on at least one signal of the batch (n_atoms,) bool."""
+
+
+class _DictionaryStep:
+    """`TrainableEncoder._dictionary_step`'s hook. `state` holds what it carries from step to step (for
+    checkpoints); under data-parallel training the atoms' firing is summed over the ranks' parts."""
+
+    def __init__(self, encoder: "TrainableEncoder", atoms: torch.Tensor, normalise: bool):
+        self.encoder, self.atoms, self.normalise = encoder, atoms, normalise
+        self.state = {"fired": torch.zeros(atoms.shape[0], dtype=torch.bool, device=atoms.device),
+                      "step": torch.zeros(1, dtype=torch.int64), "resampled": torch.zeros(1, dtype=torch.int64)}
+
+    def __call__(self, batch: Batch | None = None) -> None:
+        every, fired = self.encoder.config.resample_every, self.state["fired"]
+        self.state["step"] += 1
+        if batch is not None and every:
+            # firing over the global batch, every step, so that every rank holds (and rank 0
+            # checkpoints) the same record: n_atoms values, little beside the gradients' all-reduce
+            fired.logical_or_(distributed.current().sum(batch.fired.double()) > 0)
+            if int(self.state["step"]) % every == 0:
+                self.state["resampled"] += self.encoder._resample(~fired, self.atoms, batch)
+                fired.zero_()
+        self.encoder.resampled = int(self.state["resampled"])
+        if self.normalise:
+            self.atoms.copy_(unit_rows(self.atoms))
 
 
 class TrainableEncoder(Encoder):
@@ -303,7 +423,8 @@ class TrainableEncoder(Encoder):
         self.net = self._seeded_build(x, self.dictionary.n_atoms, atoms)
         self.d_in = x.shape[1]
         self.losses = self._train(x, y, lambda z: z @ atoms + (0 if bias is None else bias), self.net.parameters(),
-                                  self.dictionary.n_atoms, stream=stream)
+                                  self.dictionary.n_atoms, stream=stream,
+                                  identity={"dictionary": checkpoint.data_checksum(atoms)})
         self.net.eval()
 
     def _seeded_build(self, x: torch.Tensor, n_atoms: int, atoms: torch.Tensor | None) -> nn.Module:
@@ -347,38 +468,38 @@ class TrainableEncoder(Encoder):
         """The step hook of learning a dictionary: every `resample_every` steps, atoms that fired on no
         signal since the last check restart from the batch the step saw (`Batch`, the loss's aux);
         then the atoms go back to unit norm (unless not `normalise`: a transcoder's decoder)."""
-        if self.config.resample_every and distributed.current().distributed:
-            raise ValueError("resample_every > 0 (dead-atom resampling from one batch) is not data-parallel yet: "
-                             "train with one process, or with resample_every=0")
-        fired = torch.zeros(atoms.shape[0], dtype=torch.bool, device=atoms.device)
-        step = [0]
         self.resampled = 0
-
-        def after_step(batch: Batch | None = None):
-            step[0] += 1
-            if batch is not None:
-                fired.logical_or_(batch.fired)
-                if step[0] % self.config.resample_every == 0:
-                    self.resampled += self._resample(~fired, atoms, batch)
-                    fired.zero_()
-            if normalise:
-                atoms.copy_(unit_rows(atoms))
-        return after_step
+        return _DictionaryStep(self, atoms, normalise)
 
     def _resample(self, dead: torch.Tensor, atoms: torch.Tensor, batch: Batch) -> int:
-        """Point dead atoms (and their encoder rows) at the worst-reconstructed signals of `batch`."""
+        """Point dead atoms (and their encoder rows) at the worst-reconstructed signals of `batch`.
+
+        In a data-parallel step `batch` is this rank's part: each rank offers its own worst signals,
+        every rank picks the worst of all offers (the global batch's worst, ranked as one process
+        ranks them) and centres inputs on the global batch's mean, so all ranks (and one process)
+        make the same change."""
         n_dead = int(dead.sum())
         if not n_dead:
             return 0
         xb, yb, y_hat = batch.x, batch.y, batch.y_hat
-        worst = ((yb - y_hat) ** 2).sum(1).topk(min(n_dead, yb.shape[0])).indices
+        errors = ((yb - y_hat) ** 2).sum(1)
+        offer = errors.topk(min(n_dead, yb.shape[0])).indices
+        candidates = (errors[offer], yb[offer] - y_hat[offer], xb[offer])
+        group = distributed.current()
+        if group.distributed:
+            offers = group.gather(tuple(t.cpu() for t in candidates))
+            candidates = tuple(torch.cat([o[i] for o in offers]).to(xb.device) for i in range(3))
+            totals = group.sum(torch.cat([xb.sum(0), xb.new_tensor([xb.shape[0]])]))
+            mean = totals[:-1] / totals[-1]
+        else:
+            mean = xb.mean(0)
+        errors, residuals, inputs = candidates
+        worst = errors.topk(min(n_dead, errors.shape[0])).indices
         idx = dead.nonzero().flatten()[: len(worst)]
-        residual = yb[worst] - y_hat[worst]
-        atoms[idx] = unit_rows(residual)
+        atoms[idx] = unit_rows(residuals[worst])
         rows = getattr(self.net, "encoder_rows", None)
         if callable(rows) and rows().shape[1] == xb.shape[1]:
-            inputs = xb[worst] - xb.mean(0)
-            rows()[idx] = 0.2 * unit_rows(inputs)
+            rows()[idx] = 0.2 * unit_rows(inputs[worst] - mean)
         log.info("%s: resampled %d dead atoms", self.name, len(idx))
         return len(idx)
 
@@ -413,7 +534,7 @@ class TrainableEncoder(Encoder):
         return x, y
 
     def _train(self, x, y, decode, params, n_atoms: int, after_step=None, stream=None,
-               track: bool = False) -> list[float]:
+               track: bool = False, identity: dict | None = None) -> list[float]:
         def loss_fn(batch):
             if stream is None:
                 xb, yb = x[batch], y[batch]
@@ -429,7 +550,9 @@ class TrainableEncoder(Encoder):
 
         self.net.train()
         return optimise(list(params), loss_fn, x.shape[0], self.config, what=f"train {self.name}",
-                        lr=self._learning_rate(n_atoms), after_step=after_step, device=x.device, stream=stream)
+                        lr=self._learning_rate(n_atoms), after_step=after_step, device=x.device, stream=stream,
+                        identity={"data": checkpoint.data_checksum(x), "targets": checkpoint.data_checksum(y),
+                                  **(identity or {})})
 
     # --- files ------------------------------------------------------------------------------
     def save(self, path) -> Path:

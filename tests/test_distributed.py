@@ -9,6 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 from sparsecode import distributed, metrics
+from sparsecode.activations import ActivationStore
+from sparsecode.data import load_dictionary
 
 
 def _free_port() -> int:
@@ -165,9 +167,25 @@ def _io_write(path, obj):
         json.dump(obj, f)
 
 
-def test_two_ranks_compare_over_a_store_and_train_like_one_process(tmp_path):
-    x, dictionary, store = _problem(tmp_path)
-    _launch(_data_parallel_case, 2, str(tmp_path))
+def _both_cases(group, folder):
+    _data_parallel_case(group, folder)
+    _parallel_training_case(group, os.path.join(folder, "training"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-process job (starting processes is most of the cost) for the tests of what ranks compute."""
+    folder = tmp_path_factory.mktemp("two-ranks")
+    _problem(folder)
+    (folder / "training").mkdir()
+    _launch(_both_cases, 2, str(folder))
+    return folder
+
+
+def test_two_ranks_compare_over_a_store_and_train_like_one_process(two_ranks):
+    tmp_path = two_ranks
+    x, dictionary = ActivationStore(tmp_path / "store").load().x, load_dictionary(str(tmp_path / "dictionary.safetensors"))
+    store = ActivationStore(tmp_path / "store")
     expected = _compare_on_store(store, dictionary)
     enc, learned = _train(x)
     for rank in range(2):
@@ -235,12 +253,267 @@ def test_two_ranks_extract_the_one_process_tokens_and_resume_rank_by_rank(tmp_pa
 
 
 @pytest.mark.slow
-def test_bench_ranks_runs_compare_under_torchrun_on_one_and_two_processes():
+def test_bench_ranks_runs_compare_and_training_under_torchrun_on_one_and_two_processes():
     from sparsecode.bench import ranks
-    rows = ranks(2, n_tokens=8192 + 512, d=16, n_atoms=32, k=3, encoders=("omp",))
-    (row,) = rows
-    assert row["encoder"] == "omp" and row["ranks"] == 2
-    assert row["signals_per_s_1"] > 0 and row["signals_per_s"] > 0
-    assert row["speedup"] == pytest.approx(row["signals_per_s"] / row["signals_per_s_1"])
+    rows = ranks(2, n_tokens=8192 + 512, d=16, n_atoms=32, k=3, encoders=("omp",), train=("topk",), train_steps=5,
+                 train_batch=256)
+    assert [(r["work"], r["encoder"]) for r in rows] == [("compare", "omp"), ("train", "topk")]
+    for row in rows:
+        assert row["ranks"] == 2
+        assert row["signals_per_s_1"] > 0 and row["signals_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["signals_per_s"] / row["signals_per_s_1"])
     with pytest.raises(ValueError, match="n_ranks"):
         ranks(1)
+
+
+# --- resumable training checkpoints ------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step):
+    """A progress callback that interrupts training after `step` steps (as a kill would, later)."""
+    def callback(what, done, total, loss):
+        if done == step:
+            raise _Stop(what)
+    return callback
+
+
+def _signals(n=90, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * (torch.rand(n, d, generator=g) < 0.5) + 0.3
+
+
+def _learn(method, x, n_atoms=10, **params):
+    import sparsecode as sc
+    learned = sc.learn_dictionary(x, method, n_atoms, seed=2, **params)
+    return learned.dictionary, learned.losses
+
+
+CHECKPOINTED = [
+    ("topk", dict(k=2, steps=11, batch_size=40, resample_every=2, checkpoint_every=3)),
+    ("binary-entropy", dict(steps=11, batch_size=40, entropy=0.01, covariance=0.01, checkpoint_every=4)),
+    ("binary-topk", dict(k=3, steps=11, batch_size=40, checkpoint_every=5)),
+    ("sparse-coding", dict(inference="omp", k=2, n_iter=7, checkpoint_every=2)),
+]
+
+
+@pytest.mark.parametrize("method,params", CHECKPOINTED, ids=[m for m, _ in CHECKPOINTED])
+def test_training_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp_path, method, params):
+    from sparsecode import checkpoint, training
+    x = _signals()
+    whole, whole_losses = _learn(method, x, **params)
+    stem = tmp_path / "run-checkpoint"
+    last = 5 if method == "sparse-coding" else 8         # after a checkpoint, before the end
+    with checkpoint.checkpoints(stem):
+        with training.progress(_stop_at(last)), pytest.raises(_Stop):
+            _learn(method, x, **params)
+        saved = json.loads((tmp_path / "run-checkpoint.json").read_text())
+        every = params["checkpoint_every"]
+        assert saved["step"] == last // every * every and saved["format"] == "sparsecode-checkpoint"
+        torch.manual_seed(1234)          # the resumed process's own random state does not matter
+        resumed, resumed_losses = _learn(method, x, **params)
+    # exactly the uninterrupted run: same steps, same batches, same optimiser state
+    assert resumed_losses == whole_losses
+    assert torch.equal(resumed.atoms, whole.atoms)
+    if whole.bias is not None:
+        assert torch.equal(resumed.bias, whole.bias)
+    assert not list(tmp_path.iterdir()), "the checkpoint is removed when training ends"
+
+
+def test_a_streamed_training_resumes_at_its_place_in_the_store(tmp_path):
+    import sparsecode as sc
+    from sparsecode import checkpoint, training
+    from sparsecode.activations import write_store
+    store = write_store(tmp_path / "store", _signals(130).float(), 30)
+    params = dict(k=2, steps=9, batch_size=50, checkpoint_every=4)        # 3 batches an epoch: epochs cross
+    whole = sc.learn_dictionary(store, "topk", 10, **params)
+    with checkpoint.checkpoints(tmp_path / "ckpt"):
+        with training.progress(_stop_at(6)), pytest.raises(_Stop):
+            sc.learn_dictionary(store, "topk", 10, **params)
+        resumed = sc.learn_dictionary(store, "topk", 10, **params)
+    assert resumed.losses == whole.losses
+    assert torch.equal(resumed.dictionary.atoms, whole.dictionary.atoms)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_naming_the_field(tmp_path):
+    from sparsecode import checkpoint, training
+    x = _signals()
+    params = dict(k=2, steps=8, batch_size=40, checkpoint_every=2)
+    with checkpoint.checkpoints(tmp_path / "ckpt"):
+        with training.progress(_stop_at(3)), pytest.raises(_Stop):
+            _learn("topk", x, **params)
+        with pytest.raises(ValueError, match=r"ckpt.json is a checkpoint of another training: config.k is 2 there "
+                                             r"and 3 here"):
+            _learn("topk", x, **{**params, "k": 3})
+        with pytest.raises(ValueError, match=r"data.sum is"):
+            _learn("topk", x + 1, **params)
+        # how often it checkpoints does not change the result: resuming with another value is fine
+        _learn("topk", x, **{**params, "checkpoint_every": 5})
+    assert not (tmp_path / "ckpt.json").exists()
+    (tmp_path / "ckpt.json").write_text('{"not": "ours"}')
+    with pytest.raises(FileExistsError, match="not a sparsecode checkpoint"):
+        with checkpoint.checkpoints(tmp_path / "ckpt"):
+            pass
+
+
+def test_by_default_a_checkpoint_is_written_after_a_time_without_one(tmp_path, monkeypatch):
+    from sparsecode import checkpoint, training
+    monkeypatch.setattr(checkpoint, "EVERY_S", 0.0)        # every step is "10 minutes" after the last one
+    x = _signals()
+    params = dict(k=2, steps=8, batch_size=40)
+    whole, whole_losses = _learn("topk", x, **params)
+    with checkpoint.checkpoints(tmp_path / "ckpt"):
+        with training.progress(_stop_at(3)), pytest.raises(_Stop):
+            _learn("topk", x, **params)
+        assert json.loads((tmp_path / "ckpt.json").read_text())["step"] == 3
+        resumed, resumed_losses = _learn("topk", x, **params)
+    assert resumed_losses == whole_losses and torch.equal(resumed.atoms, whole.atoms)
+
+
+def test_a_shared_dictionary_encoder_resumes_only_on_the_same_dictionary(tmp_path):
+    import sparsecode as sc
+    from sparsecode import checkpoint, training
+    data = sc.synthetic.make_sparse_data(n_samples=80, d=8, n_atoms=12, k=2, seed=1)
+    other = sc.synthetic.make_sparse_data(n_samples=80, d=8, n_atoms=12, k=2, seed=2).dictionary
+
+    def fit(dictionary):
+        return sc.get_encoder("relu", steps=6, batch_size=30, checkpoint_every=2).fit(dictionary, data.x)
+
+    with checkpoint.checkpoints(tmp_path / "relu"):
+        with training.progress(_stop_at(3)), pytest.raises(_Stop):
+            fit(data.dictionary)
+        with pytest.raises(ValueError, match="dictionary.sum is"):
+            fit(other)
+
+
+def test_lista_training_resumes_from_its_checkpoint(tmp_path):
+    import sparsecode as sc
+    from sparsecode import checkpoint, training
+    data = sc.synthetic.make_sparse_data(n_samples=80, d=8, n_atoms=12, k=2, seed=1)
+
+    def fit():
+        enc = sc.get_encoder("lista", lam=0.05, unroll=3, steps=9, batch_size=30, checkpoint_every=2)
+        return enc.fit(data.dictionary, data.x.double())
+
+    whole = fit()
+    with checkpoint.checkpoints(tmp_path / "lista"):
+        with training.progress(_stop_at(5)), pytest.raises(_Stop):
+            fit()
+        resumed = fit()
+    assert resumed.losses == whole.losses
+    for name, tensor in whole.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[name], tensor), name
+
+
+def test_train_command_checkpoint_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from sparsecode.cli import app
+    base = ["train", "--n-atoms", "8", "--k", "3", "--n-samples", "100", "--out", str(tmp_path / "sae")]
+    result = CliRunner().invoke(app, base + ["--method", "sklearn", "--checkpoint-every", "3"])
+    assert result.exit_code == 2 and "cannot checkpoint" in result.output
+    result = CliRunner().invoke(app, base + ["--set", "topk.steps=20", "--checkpoint-every", "3"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae-encoder.json", "sae-encoder.safetensors",
+                                                         "sae.json", "sae.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_killed_train_command_resumes_when_run_again(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    args = ["--n-atoms", "12", "--k", "3", "--d", "8", "--n-samples", "400", "--set", "topk.steps=4000",
+            "--set", "topk.batch_size=64", "--checkpoint-every", "50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(out, stdout=subprocess.PIPE):
+        return subprocess.Popen([sys.executable, "-m", "sparsecode", "train", *args, "--out", str(out)], env=env,
+                                stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+    whole = train(tmp_path / "whole")
+    assert whole.communicate(timeout=300)[0] is not None and whole.returncode == 0
+    run = train(tmp_path / "cut", stdout=subprocess.DEVNULL)
+    checkpoint_file = tmp_path / "cut-checkpoint.json"
+    deadline = time.monotonic() + 240
+    while not checkpoint_file.exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    assert run.poll() is None, "training ended before it could be killed"
+    time.sleep(0.5)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert checkpoint_file.exists() and not (tmp_path / "cut.json").exists()
+    resumed = train(tmp_path / "cut")
+    printed = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, printed
+    assert "resuming from" in printed
+    assert not checkpoint_file.exists()
+    for name in ("", "-encoder"):
+        whole, cut = (load_file(str(tmp_path / f"{run_}{name}.safetensors")) for run_ in ("whole", "cut"))
+        assert whole.keys() == cut.keys()
+        for key in whole:
+            assert torch.equal(whole[key], cut[key]), key
+
+
+# --- exact data-parallel binary coders and dead-atom resampling, and checkpoints on ranks -------
+
+PARALLEL = [
+    ("binary-entropy", dict(steps=12, batch_size=41, entropy=0.05, covariance=0.02, checkpoint_every=5)),
+    ("binary-topk", dict(k=3, steps=12, batch_size=41, checkpoint_every=5)),
+    ("topk", dict(n_atoms=40, k=1, steps=12, batch_size=41, resample_every=3, checkpoint_every=5)),
+]
+
+
+def _parallel_training_case(group, folder):
+    from pathlib import Path
+
+    from sparsecode import checkpoint, training
+    folder = Path(folder)
+    x = _signals(97)
+    out = {}
+    for method, params in PARALLEL:
+        dictionary, losses = _learn(method, x, **params)
+        with checkpoint.checkpoints(folder / f"{method}-ckpt"):
+            try:
+                with training.progress(_stop_at(7)):
+                    _learn(method, x, **params)
+            except _Stop:
+                pass
+            # only rank 0 wrote the checkpoint, and every rank resumes from it
+            resumed, resumed_losses = _learn(method, x, **params)
+        out[method] = {"atoms": dictionary.atoms.tolist(), "bias": dictionary.bias.tolist(), "losses": losses,
+                       "resumed": resumed.atoms.tolist(), "resumed_losses": resumed_losses}
+    _io_write(folder / f"rank{group.rank}.json", out)
+
+
+def test_two_ranks_train_binary_coders_and_resample_dead_atoms_like_one_process(two_ranks):
+    tmp_path = two_ranks / "training"
+    x = _signals(97)
+    for method, params in PARALLEL:
+        dictionary, losses = _learn(method, x, **params)
+        for rank in range(2):
+            got = json.loads((tmp_path / f"rank{rank}.json").read_text())[method]
+            # global batch statistics (all-reduced sums and counts): one process's path, in float64
+            assert got["losses"] == pytest.approx(losses, rel=1e-9), method
+            for key, expected in (("atoms", dictionary.atoms), ("bias", dictionary.bias)):
+                torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64), expected,
+                                           rtol=1e-9, atol=1e-12, msg=f"{method} {key}")
+            assert got["resumed_losses"] == got["losses"], method
+            assert got["resumed"] == got["atoms"], method
+    assert not [p for p in tmp_path.iterdir() if "ckpt" in p.name]
+    # the resampling case does resample (most of its 40 atoms die between checks)
+    import sparsecode as sc
+    params = dict(PARALLEL[-1][1])
+    assert sc.learn_dictionary(x, "topk", params.pop("n_atoms"), seed=2, **params).encoder.resampled > 10
+
+
+def test_batch_statistics_outside_a_parallel_step_are_the_batch_s_own():
+    from sparsecode.training import batch_mean, batch_rows
+    h = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    assert batch_mean(h).tolist() == [0.75, 0.75]
+    assert batch_mean(h.T @ h / 4, rows=4).tolist() == [[0.75, 0.5], [0.5, 0.75]]
+    assert batch_rows(4) == 4

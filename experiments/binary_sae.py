@@ -12,7 +12,7 @@
 
 The stores are extracted once into --cache and reused (the extraction re-tokenises the corpus).
 
-    python experiments/binary_sae.py                  # 2304 atoms, 500 steps, 20k tokens (about 30 min, 2 busy cores)
+    python experiments/binary_sae.py                  # 1152 atoms, 200 steps, 20k tokens (about 30 min, 2 busy cores)
     python experiments/binary_sae.py --quick          # 576 atoms, 100 steps, results in runs/binary-sae-quick
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from _common import RESULTS  # noqa: E402
 from _llm import ensure_stores  # noqa: E402
 
 K = 32
+BATCH = 512
 
 
 def paper_lr(n_atoms: int) -> float:
@@ -64,9 +65,9 @@ def rates_of(codes: torch.Tensor) -> torch.Tensor:
     return (codes != 0).double().mean(0)
 
 
-def summary(label: str, kind: str, codes: torch.Tensor, fvu: float, seconds: float) -> dict:
+def summary(label: str, kind: str, codes: torch.Tensor, fvu: float, seconds: float, seed: int = 0) -> dict:
     r = rates_of(codes)
-    return {"model": label, "kind": kind, "fvu": fvu, "l0": float((codes != 0).sum(1).double().mean()),
+    return {"model": label, "seed": seed, "kind": kind, "fvu": fvu, "l0": float((codes != 0).sum(1).double().mean()),
             "dead": float((r == 0).double().mean()), "dense_50": float((r > 0.5).double().mean()),
             "dense_10": float((r > 0.1).double().mean()), "seconds": seconds, "firing_rates": r.tolist()}
 
@@ -75,7 +76,12 @@ def fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
     return sc.metrics.fvu(y, y_hat)
 
 
-def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Path | None) -> list[dict]:
+#: the rows trained again at other seeds (`--add-seed`): the reference, the default and the two fixes
+KEY_ROWS = ("default", "Adam lr 1e-3", "raw activations (not normalised)")
+
+
+def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Path | None, seed: int = 0) -> list[dict]:
+    """The TopK SAE and every binary variant at seed 0; at another seed the TopK SAE and `KEY_ROWS` only."""
     store = act.ActivationStore(store_path)
     if "normalization" not in store.manifest:
         act.compute_normalization(store_path)
@@ -84,20 +90,23 @@ def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Pat
     n_train = store.n_tokens - n_test
     data = {norm: (store.load(n_train, normalize=norm).x, store.load(n_test, start=n_train, normalize=norm).x)
             for norm in (True, False)}
-    train = {"steps": steps, "batch_size": 1024 if not quick else 512, "k": K}
+    train = {"steps": steps, "batch_size": BATCH, "k": K, "seed": seed}
+    models = models if seed == 0 else None
     rows = []
     t0 = time.perf_counter()
     x_train, x_test = data[True]
     topk = sc.learn_dictionary(x_train, "topk", n_atoms, lr=1e-3, **train)
     codes = topk.encoder.encode(x_test)
     rows.append(summary("TopK SAE (Adam 1e-3)", "sae", codes, fvu(x_test, topk.dictionary.decode(codes)),
-                        time.perf_counter() - t0))
+                        time.perf_counter() - t0, seed))
     print(_line(rows[-1]), flush=True)
     if models is not None:
         models.mkdir(parents=True, exist_ok=True)
         topk.dictionary.save(models / "topk-dictionary")
         topk.encoder.save(models / "topk-encoder")
     for label, change in ablations(n_atoms, steps).items():
+        if seed and not label.startswith(KEY_ROWS):
+            continue
         change = dict(change)
         raw = change.pop("raw", False)
         x_train, x_test = data[not raw]
@@ -105,10 +114,10 @@ def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Pat
         learned = sc.learn_dictionary(x_train, "binary-topk", n_atoms, **{**train, **change})
         codes = learned.encoder.encode(x_test)
         rows.append(summary(f"binary SAE: {label}", "sae", codes, fvu(x_test, learned.dictionary.decode(codes)),
-                            time.perf_counter() - t0))
+                            time.perf_counter() - t0, seed))
         print(_line(rows[-1]), flush=True)
-        if models is not None and label.startswith("default"):
-            learned.encoder.save(models / "binary-encoder")
+        if models is not None:
+            learned.encoder.save(models / f"binary-{len(rows) - 2}")      # probing.py reads them
     return rows
 
 
@@ -121,7 +130,7 @@ def run_transcoders(store_path: Path, n_atoms: int, steps: int, quick: bool, lr:
     n_train = store.n_tokens - n_test
     tr, te = store.load(n_train, normalize=True, targets=True), store.load(n_test, start=n_train, normalize=True,
                                                                             targets=True)
-    train = {"steps": steps, "batch_size": 1024 if not quick else 512, "k": K}
+    train = {"steps": steps, "batch_size": BATCH, "k": K}
     binary = {} if lr is None else {"lr": lr}
     rows = []
     for label, method, params in (("TopK transcoder (Adam 1e-3)", "topk", {"lr": 1e-3}),
@@ -144,11 +153,21 @@ def _line(row: dict) -> str:
             f">50% {row['dense_50']:.3f} >10% {row['dense_10']:.3f} ({row['seconds']:.0f}s)")
 
 
+def fewest_dead(rows: list[dict]) -> dict | None:
+    """The seed-0 binary SAE with the fewest dead latents among those reconstructing at least as well
+    as the default (a variant that kills nothing but learns nothing is no fix)."""
+    binaries = [r for r in rows if r["model"].startswith("binary SAE") and r.get("seed", 0) == 0]
+    if not binaries:
+        return None
+    return min((r for r in binaries if r["fvu"] <= binaries[0]["fvu"]), key=lambda r: r["dead"])
+
+
 def histogram_figure(rows: list[dict], path: Path, title: str) -> None:
     """Log firing-rate histograms, one panel per model family, the dead count in each legend."""
+    rows = [r for r in rows if r.get("seed", 0) == 0]
     panels = {"sae": [r for r in rows if r["kind"] == "sae"], "transcoder": [r for r in rows if r["kind"] == "transcoder"]}
     pick = {"sae": [r for r in panels["sae"] if r["model"].startswith(("TopK", "binary SAE: default"))]}
-    best = min((r for r in panels["sae"] if r["model"].startswith("binary SAE")), key=lambda r: r["dead"], default=None)
+    best = fewest_dead(panels["sae"])
     if best is not None and best not in pick["sae"]:
         pick["sae"].append(best)
     pick["transcoder"] = panels["transcoder"]
@@ -177,10 +196,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/llm-cache"),
                         help="folder of the extracted stores (reused between runs)")
     parser.add_argument("--tokens", type=int, default=20_000)
-    parser.add_argument("--n-atoms", type=int, default=2304, help="dictionary size (4x d=576)")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--n-atoms", type=int, default=1152, help="dictionary size (2x d=576)")
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="576 atoms, 100 steps; results in runs/binary-sae-quick")
     parser.add_argument("--skip-ablation", action="store_true", help="transcoders only")
+    parser.add_argument("--add-seed", type=int, default=0,
+                        help="train the TopK SAE and the key binary rows at this seed and add them to the results")
+    parser.add_argument("--replot", action="store_true", help="redraw the table and figure from the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = RESULTS / "binary_sae"
@@ -189,20 +211,34 @@ def main() -> None:
         out = Path("runs/binary-sae-quick")
     out.mkdir(parents=True, exist_ok=True)
     t0, load = time.perf_counter(), os.getloadavg()[0]
-    stores = ensure_stores(args.cache, args.tokens)
-    models = None if args.quick else args.cache / f"models-{args.tokens}-{args.n_atoms}"
-    rows = [] if args.skip_ablation else run_sae(stores["resid"], args.n_atoms, args.steps, args.quick, models)
-    rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None)
+    if args.replot or args.add_seed:
+        previous = json.loads((out / "results.json").read_text())
+        protocol, rows = previous["protocol"], previous["rows"]
+        if args.add_seed:
+            stores = ensure_stores(args.cache, args.tokens)
+            rows += run_sae(stores["resid"], args.n_atoms, args.steps, args.quick, None, seed=args.add_seed)
+            protocol.setdefault("added_seeds", []).append(
+                {"seed": args.add_seed, "seconds": round(time.perf_counter() - t0), "load_average_at_start": load})
+    else:
+        stores = ensure_stores(args.cache, args.tokens)
+        models = None if args.quick else args.cache / f"models-{args.tokens}-{args.n_atoms}"
+        rows = [] if args.skip_ablation else run_sae(stores["resid"], args.n_atoms, args.steps, args.quick, models)
+        rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None)
+        protocol = {"model": "SmolLM2-135M-Instruct (embedded GGUF)", "layer": 15, "tokens": args.tokens, "k": K,
+                    "n_atoms": args.n_atoms, "steps": args.steps, "batch_size": BATCH,
+                    "seconds": round(time.perf_counter() - t0), "load_average_at_start": load,
+                    "cpus": os.cpu_count()}
     elapsed = time.perf_counter() - t0
 
-    lines = ["| model | FVU | L0 | dead | fires on >50% | fires on >10% | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead']:.3f} | {r['dense_50']:.3f} | "
-                     f"{r['dense_10']:.3f} | {r['seconds']:.0f} |")
+    lines = ["| model | seeds | FVU | L0 | dead | fires on >50% | fires on >10% | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        cell = lambda key, fmt: (f"{np.mean([r[key] for r in mine]):{fmt}}" + (
+            f" ± {np.std([r[key] for r in mine]):{fmt}}" if len(mine) > 1 else ""))
+        lines.append(f"| {model} | {len(mine)} | {cell('fvu', '.3f')} | {cell('l0', '.1f')} | {cell('dead', '.3f')} | "
+                     f"{cell('dense_50', '.3f')} | {cell('dense_10', '.3f')} | {np.mean([r['seconds'] for r in mine]):.0f} |")
     table = "\n".join(lines)
-    protocol = {"model": "SmolLM2-135M-Instruct (embedded GGUF)", "layer": 15, "tokens": args.tokens, "k": K,
-                "n_atoms": args.n_atoms, "steps": args.steps, "seconds": round(elapsed),
-                "load_average_at_start": load, "cpus": os.cpu_count()}
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=1))
     (out / "results.md").write_text(table + "\n")
     histogram_figure(rows, out / "firing.png", f"SmolLM2-135M layer 15, {args.n_atoms} latents, k={K}, "

@@ -97,7 +97,7 @@ def encoders(models: Path, x_fit: torch.Tensor, steps: int) -> dict[str, tuple]:
     topk = sc.load_encoder(models / "topk-encoder.safetensors")
     D = topk.dictionary
     out = {"topk (SAE encoder)": (topk, D, False), "omp (k=32)": (sc.get_encoder("omp", k=32).fit(D), D, False)}
-    out["fista (L0 = 32)"] = (sc.calibrate("fista", D, x_fit[:1024], 32.0)[0], D, False)
+    out["fista (L0 = 32)"] = (sc.calibrate("fista", D, x_fit[:256], 32.0)[0], D, False)
     out["binary-topk on the TopK dictionary"] = (
         sc.get_encoder("binary-topk", k=32, steps=steps, batch_size=512).fit(D, x_fit), D, False)
     results = json.loads((RESULTS / "binary_sae" / "results.json").read_text())["rows"]
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--n-atoms", type=int, default=1152)
     parser.add_argument("--per-class", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=200, help="training steps of binary-topk on the TopK dictionary")
+    parser.add_argument("--steps", type=int, default=100, help="training steps of binary-topk on the TopK dictionary")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

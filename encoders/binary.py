@@ -60,6 +60,22 @@ class SigmoidSTE(torch.autograd.Function):
         return grad * s * (1 - s), None
 
 
+class SigmoidDerivativeSTE(torch.autograd.Function):
+    """Forward: 1[v > 0]. Backward: dL/dv = dL/da * s(v) (1 - s(v)), the sigmoid's derivative (paper b's
+    gradient estimate; it vanishes smoothly instead of being cut at |v| = 1)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (v,) = ctx.saved_tensors
+        s = torch.sigmoid(v)
+        return grad * s * (1 - s)
+
+
 class ClippedSTE(torch.autograd.Function):
     """Forward: 1[v > 0]. Backward: the gradient passes where |v| <= 1 (straight-through, clipped)."""
 
@@ -72,6 +88,10 @@ class ClippedSTE(torch.autograd.Function):
     def backward(ctx, grad):
         (v,) = ctx.saved_tensors
         return grad * (v.abs() <= 1).to(grad.dtype)
+
+
+#: paper b's two gradient estimates of the step function
+STES = {"clipped": ClippedSTE, "sigmoid": SigmoidDerivativeSTE}
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,9 @@ class BinaryTopKConfig(TrainConfig):
     smaller than 2^15 atoms trained on modest data collapsed to no firing latent)."""
     decode_scale: bool = True
     """Learn one decode scale per atom also when learning a dictionary (false: pure 0/1 codes on unit-norm atoms)."""
+    skip: bool = False
+    """Skip-transcoder: add a linear map of the input, W_skip x (starting at zero), to the reconstruction;
+    `skip_term(x)` gives it, as the dictionary's decode does not."""
 
     def validate(self) -> None:
         super().validate()
@@ -104,6 +127,14 @@ class BinaryEntropyConfig(TrainConfig):
     """Weight lam_c of the covariance penalty sum_(i != j) |Cov(h)_ij|."""
     bits: int = 1
     """Binary units per atom; more than one decodes sum_t 2^-t b_t (more-bit decoding)."""
+    warmup: int = 0
+    """Training steps on the reconstruction loss alone before the entropy and covariance penalties
+    switch on (paper b's warm-up)."""
+    ste: str = "clipped"
+    """Gradient of the step function: 'clipped' (identity where |v| <= 1) or 'sigmoid' (s(v)(1 - s(v)))."""
+    loss: str = "mse"
+    """Reconstruction loss: 'mse' (mean over signals and features) or 'sse' (squared error summed over
+    features, mean over signals: paper b's L_r, the scale its penalty weights such as 1e-7 refer to)."""
 
     def validate(self) -> None:
         super().validate()
@@ -111,6 +142,12 @@ class BinaryEntropyConfig(TrainConfig):
             raise ValueError(f"penalties must be >= 0, got entropy={self.entropy}, covariance={self.covariance}")
         if not 1 <= self.bits <= 16:
             raise ValueError(f"bits must be between 1 and 16, got {self.bits}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
+        if self.ste not in STES:
+            raise ValueError(f"ste must be one of {sorted(STES)}, got {self.ste!r}")
+        if self.loss not in ("mse", "sse"):
+            raise ValueError(f"loss must be 'mse' or 'sse', got {self.loss!r}")
 
 
 class _BinaryNet(nn.Module):
@@ -147,8 +184,32 @@ class BinaryTopK(TrainableEncoder):
 
     def _build(self, d_in, n_atoms, x, atoms):
         # on a shared dictionary (atoms given) the scale is what lets 0/1 codes decode with it
-        return _BinaryNet(d_in, n_atoms, n_atoms, atoms, x, learn_scale=self.config.decode_scale or atoms is not None,
-                          active=self.config.k, log_theta=math.log(self.config.theta_init))
+        net = _BinaryNet(d_in, n_atoms, n_atoms, atoms, x, learn_scale=self.config.decode_scale or atoms is not None,
+                         active=self.config.k, log_theta=math.log(self.config.theta_init))
+        if self.config.skip:
+            d_out = atoms.shape[1] if atoms is not None else self._target_width
+            net.skip = nn.Parameter(torch.zeros(d_out, d_in, dtype=x.dtype))
+        return net
+
+    def learn(self, x, n_atoms: int, y=None):
+        if self.config.skip:
+            if y is None:
+                raise ValueError("skip=true makes a skip-transcoder: it needs targets y (for instance an MLP's "
+                                 "output) besides the inputs x")
+            self._target_width = y.shape[1]
+        return super().learn(x, n_atoms, y)
+
+    def skip_term(self, x) -> torch.Tensor | None:
+        """A skip-transcoder's W_skip x, to add to the dictionary's decode of the codes; None without `skip`."""
+        with torch.no_grad():
+            return self._skip(torch.as_tensor(x))
+
+    def _skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        skip = getattr(self.net, "skip", None)
+        return None if skip is None else x.to(skip.dtype) @ skip.T
+
+    def forward(self, x) -> Forward:
+        return Forward(self._codes(x), direct=self._skip(x))
 
     def _learning_rate(self, n_atoms):
         return self.config.lr or min(3e-3 / math.sqrt(n_atoms / 2 ** 15), 3e-3)
@@ -179,8 +240,14 @@ class BinaryEntropy(TrainableEncoder):
     Config = BinaryEntropyConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
+        self.penalised_steps = -self.config.warmup     # counts training steps; the penalties act from 0 on
         return _BinaryNet(d_in, n_atoms * self.config.bits, n_atoms, atoms, x, learn_scale=True,
                           active=max(1, n_atoms // 2))
+
+    def _reconstruction_loss(self, y, y_hat):
+        if self.config.loss == "sse":
+            return ((y - y_hat) ** 2).sum(1).mean()
+        return super()._reconstruction_loss(y, y_hat)
 
     def _initial_atoms(self, n_atoms: int, x: torch.Tensor) -> torch.Tensor:
         """Start the decoder at the least-squares decoder of the initial codes (norms into the scale).
@@ -201,7 +268,7 @@ class BinaryEntropy(TrainableEncoder):
 
     def bits_of(self, x: torch.Tensor) -> torch.Tensor:
         """The hidden binary units (n, n_atoms * bits)."""
-        return ClippedSTE.apply(self.net.pre(x))
+        return STES[self.config.ste].apply(self.net.pre(x))
 
     def binary_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Per-atom values before the scale: 0/1 with one bit, sum_t 2^-t b_t with more."""
@@ -223,6 +290,10 @@ class BinaryEntropy(TrainableEncoder):
 
     def _penalty(self, out: Forward):
         h = out.units
+        if self.net.training:
+            self.penalised_steps += 1
+            if self.penalised_steps <= 0:
+                return 0.0
         penalty = self.config.entropy * entropy_penalty(h)
         if self.config.covariance:
             penalty = penalty + self.config.covariance * covariance_penalty(h)

@@ -310,6 +310,8 @@ class Forward(NamedTuple):
     """Differentiable codes (n, n_atoms)."""
     units: torch.Tensor | None = None
     """The method's own units before they become codes (e.g. binary bits), where its penalty acts on them."""
+    direct: torch.Tensor | None = None
+    """A part of the reconstruction that bypasses the dictionary (a skip-transcoder's linear skip), added to it."""
 
 
 class Batch(NamedTuple):
@@ -447,7 +449,9 @@ class TrainableEncoder(Encoder):
             torch.manual_seed(self.config.seed)
             self.net = self._build(x.shape[1], n_atoms, x, None).to(x)
             if transcoder:
-                atoms = torch.zeros(n_atoms, y.shape[1], dtype=x.dtype, device=x.device)
+                # "starts at zero", but not exactly: a latent that never fires keeps its start, and a
+                # dictionary may hold no zero row (1e-8 of the targets' scale changes no training step)
+                atoms = 1e-8 * float(y.std()) * torch.randn(n_atoms, y.shape[1], dtype=x.dtype, device=x.device)
             else:
                 atoms = self._initial_atoms(n_atoms, x)
         atoms = nn.Parameter(atoms)
@@ -541,7 +545,7 @@ class TrainableEncoder(Encoder):
             else:
                 xb = yb = batch.to(dtype=x.dtype)
             out = self.forward(xb)
-            y_hat = decode(out.codes)
+            y_hat = decode(out.codes) if out.direct is None else decode(out.codes) + out.direct
             loss = self._loss(yb, y_hat, out, decode)
             if not track:
                 return loss

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sparsecode.metrics import binary_entropy_bits
-from sparsecode.training import Forward, TrainableEncoder, TrainConfig, batch_mean, batch_rows
+from sparsecode.training import Forward, TrainableEncoder, TrainConfig, batch_mean, batch_rows, current_step
 
 
 def fvu_loss(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
@@ -240,7 +240,6 @@ class BinaryEntropy(TrainableEncoder):
     Config = BinaryEntropyConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
-        self.penalised_steps = -self.config.warmup     # counts training steps; the penalties act from 0 on
         return _BinaryNet(d_in, n_atoms * self.config.bits, n_atoms, atoms, x, learn_scale=True,
                           active=max(1, n_atoms // 2))
 
@@ -290,10 +289,9 @@ class BinaryEntropy(TrainableEncoder):
 
     def _penalty(self, out: Forward):
         h = out.units
-        if self.net.training:
-            self.penalised_steps += 1
-            if self.penalised_steps <= 0:
-                return 0.0
+        step = current_step()
+        if step is not None and step < self.config.warmup:
+            return 0.0
         penalty = self.config.entropy * entropy_penalty(h)
         if self.config.covariance:
             penalty = penalty + self.config.covariance * covariance_penalty(h)

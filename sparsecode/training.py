@@ -180,11 +180,12 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
             if group.distributed:
                 share = group.part(len(idx))
                 idx, weight = idx[share.start:share.stop], len(share) / len(idx)
-            token = _step_group.set(group if group.distributed else None)
+            token, step_token = _step_group.set(group if group.distributed else None), _step_number.set(step)
             try:
                 loss = loss_fn(idx.to(device) if device is not None and batches is None else idx)
             finally:
                 _step_group.reset(token)
+                _step_number.reset(step_token)
             loss, aux = loss if isinstance(loss, tuple) else (loss, _NO_AUX)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{what}: loss became {loss.item()} at step {step}; lower lr={lr or cfg.lr}")
@@ -243,6 +244,14 @@ def _restore(saved, params, opt, hook_state, gen, position, device):
 
 
 _step_group: contextvars.ContextVar = contextvars.ContextVar("sparsecode_step_group", default=None)
+_step_number: contextvars.ContextVar = contextvars.ContextVar("sparsecode_step_number", default=None)
+
+
+def current_step() -> int | None:
+    """The step (from 0) whose loss `optimise` is computing, None outside it. A loss that changes with
+    the step (a penalty switched on after a warm-up) reads it here rather than counting calls, so a
+    training resumed from a checkpoint continues at the right step."""
+    return _step_number.get()
 
 
 def batch_mean(values: torch.Tensor, rows: int | None = None) -> torch.Tensor:

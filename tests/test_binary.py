@@ -24,18 +24,22 @@ def test_sigmoid_derivative_ste_hand_values():
 
 
 def test_entropy_warmup_switches_the_penalty_on_after_warmup_steps(planted):
+    from sparsecode import training
     train, _ = planted
     enc = sc.get_encoder("binary-entropy", entropy=0.5, warmup=3, steps=1).fit(train.dictionary, train.x)
     h = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
-    enc.penalised_steps = -3                     # as at the start of training
-    enc.net.train()
-    values = [float(enc._penalty(Forward(h, units=h))) for _ in range(5)]
+    values = []
+    for step in range(5):                        # the step optimise is computing the loss of
+        token = training._step_number.set(step)
+        try:
+            values.append(float(enc._penalty(Forward(h, units=h))))
+        finally:
+            training._step_number.reset(token)
     # rates 3/4 and 1/4: 2 * H2(1/4) = 1.6225562 bits, times the weight 0.5
     assert values[:3] == [0.0, 0.0, 0.0]
     assert values[3] == pytest.approx(0.5 * 1.6225562, rel=1e-6) == values[4]
     assert float(entropy_penalty(h)) == pytest.approx(1.6225562, rel=1e-6)
-    enc.net.eval()                               # evaluating does not count as a training step
-    enc.penalised_steps = -3
+    assert training.current_step() is None       # outside training the penalty always acts
     assert float(enc._penalty(Forward(h, units=h))) == pytest.approx(0.5 * 1.6225562, rel=1e-6)
 
 

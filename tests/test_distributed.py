@@ -287,13 +287,15 @@ def _signals(n=90, d=6, seed=0):
 
 def _learn(method, x, n_atoms=10, **params):
     import sparsecode as sc
-    learned = sc.learn_dictionary(x, method, n_atoms, seed=2, **params)
+    learned = sc.learn_dictionary(x, method.removesuffix("-warmup"), n_atoms, seed=2, **params)
     return learned.dictionary, learned.losses
 
 
 CHECKPOINTED = [
     ("topk", dict(k=2, steps=11, batch_size=40, resample_every=2, checkpoint_every=3)),
     ("binary-entropy", dict(steps=11, batch_size=40, entropy=0.01, covariance=0.01, checkpoint_every=4)),
+    # the penalties switch on after the resume point: the warm-up goes by the step, not by calls counted
+    ("binary-entropy-warmup", dict(steps=11, batch_size=40, entropy=0.01, warmup=9, checkpoint_every=4)),
     ("binary-topk", dict(k=3, steps=11, batch_size=40, checkpoint_every=5)),
     ("sparse-coding", dict(inference="omp", k=2, n_iter=7, checkpoint_every=2)),
 ]

@@ -25,7 +25,9 @@ class ReLUConfig(TrainConfig):
     dimensions / atoms), as SAELens's l1_coefficient; paper c uses 0.01. Not the lasso's lam: per signal
     this is the lasso at lam = l1_coefficient * d / (2 n_atoms), and the encoder only approximates it."""
     bias: bool = False
-    """Give the encoder a bias (paper c's SAE encoder ReLU(Wx) has none)."""
+    """Give the encoder a bias (paper c writes its SAE encoder ReLU(Wx); its code's nn.Linear has one).
+    Without one each latent fires on a half-space through the origin, however large the L1 weight: only the rows'
+    directions, not their scale, can make the codes sparser."""
     weight_init: str = "dictionary"
     """Start of the encoder's weights: 'dictionary' (rows = the atoms, when the dictionary is known) or
     'uniform' (torch.nn.Linear's default, weights and bias U(-1/sqrt(d), 1/sqrt(d)), as paper c's code)."""

@@ -39,8 +39,8 @@ N_TRAIN = N_TEST = 1024
 def options(steps: int) -> dict[str, dict]:
     """Each encoder's options besides its calibrated knob."""
     trained = {"steps": steps, "lr": 3e-3}
-    # the SAE needs its bias to reach a low L0: without one, ReLU(W x)'s support does not change with
-    # W's scale, so no L1 weight makes it sparser (paper c's nn.Linear encoder has a bias)
+    # the SAE needs its bias to reach L0 = K: without one a latent fires on a half-space through the
+    # origin whatever the L1 weight (calibrated without it: L0 7.1 at best for K=3); paper c's nn.Linear has one
     return {"relu": {**trained, "bias": True}, "mlp": {**trained, "hidden": 256}, "lista": {**trained, "positive": True},
             "ito": {"steps": max(1000, steps)}, "fista": {"positive": True}, "omp": {}}
 

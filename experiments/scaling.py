@@ -9,7 +9,7 @@ trained ones are retrained at every trial value) is calibrated with `sparsecode.
 its mean L0 on the test signals is K: the rows compare inference at the same sparsity. A cell where
 a method cannot reach L0 = K (OMP or the lasso with K > M) is recorded as skipped, with the reason.
 
-    python experiments/scaling.py --quick      # N in {16, 32, 64}, K=3, 1 seed, short training
+    python experiments/scaling.py --quick      # N in {16, 64}, K=3, 1 seed, short training
     python experiments/scaling.py              # the paper's grid, 3 seeds (hours on a CPU)
 
 Results: experiments/results/scaling[_quick].json (every cell; a rerun with the same settings resumes
@@ -31,8 +31,8 @@ from _common import RESULTS, at_least_one, save
 ENCODERS = ("relu", "mlp", "ito", "fista", "omp", "lista")
 FULL = {"n_atoms": [16, 32, 64, 128, 256], "d": [8, 16, 32], "k": [3, 9, 15], "seeds": 3, "steps": 5000,
         "rel_tol": 0.02, "max_steps": 20}
-QUICK = {"n_atoms": [16, 32, 64], "d": [8, 16, 32], "k": [3], "seeds": 1, "steps": 600,
-         "rel_tol": 0.05, "max_steps": 10}
+QUICK = {"n_atoms": [16, 64], "d": [8, 16, 32], "k": [3], "seeds": 1, "steps": 600,
+         "rel_tol": 0.05, "max_steps": 8}
 N_TRAIN = N_TEST = 1024
 
 

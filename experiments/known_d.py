@@ -27,7 +27,7 @@ import argparse
 import time
 
 import sparsecode as sc
-from _common import at_least_one, report_seeds
+from _common import at_least_one, markdown_table, report_seeds, save, summarise
 
 N, M, K, LAM = 16, 8, 3, 0.01
 # The paper's per-signal loss mean_d(r^2) + LAM mean_atoms|z| equals (2/M) times the lasso
@@ -89,7 +89,8 @@ def ablation(steps: int) -> list[tuple[str, str, dict]]:
             ("mlp-256, lr 3e-3", "mlp", paper_mlp(steps, lr=3e-3))]
 
 
-def run(variants: list[tuple[str, str, dict]], seeds: int) -> list[dict]:
+def run(variants: list[tuple[str, str, dict]], seeds: int, after_seed=None) -> list[dict]:
+    """Rows of every variant on every seed; ``after_seed(rows)`` after each seed (to save what is done)."""
     rows = []
     for seed in range(seeds):
         data = sc.synthetic.make_sparse_data(n_samples=2048, d=M, n_atoms=N, k=K, seed=seed)
@@ -101,6 +102,8 @@ def run(variants: list[tuple[str, str, dict]], seeds: int) -> list[dict]:
             rows.append({"seed": seed, **res.rows[0], "encoder": label, "seconds": time.perf_counter() - start})
         print(f"seed {seed}: " + ", ".join(f"{r['encoder']} {r['code_mcc']:.3f}" for r in rows if r["seed"] == seed),
               flush=True)
+        if after_seed is not None:
+            after_seed(rows)
     return rows
 
 
@@ -121,13 +124,20 @@ def main() -> None:
     variants = ablation(steps) if args.ablation else paper(steps) if args.protocol == "paper" else ours(steps)
     name = "known_d" + ("_ablation" if args.ablation else "_paper" if args.protocol == "paper" else "")
     name += "_quick" if args.quick else ""
-    start = time.time()
-    rows = run(variants, seeds)
     keys, labels = (ABLATION_KEYS, ABLATION_LABELS) if args.ablation else (KEYS, LABELS)
-    protocol = {"N": N, "M": M, "K": K, "lam": LAM, "protocol": args.protocol, "steps": steps, "seeds": seeds,
+    start = time.time()
+
+    def protocol() -> dict:
+        return {"N": N, "M": M, "K": K, "lam": LAM, "protocol": args.protocol, "steps": steps, "seeds": seeds,
                 "options": {label: options for label, _, options in variants}, "minutes": (time.time() - start) / 60}
+
+    def partial(rows):          # a long run keeps what it has done so far (the figure comes at the end)
+        summary = summarise(rows, keys)
+        save(name, {"protocol": protocol(), "rows": rows, "summary": summary}, markdown_table(summary, keys, labels))
+
+    rows = run(variants, seeds, partial)
     title = f"Known D (N={N}, M={M}, K={K}), {args.protocol} protocol{', ablation' if args.ablation else ''}"
-    report_seeds(name, rows, keys, labels, protocol, ("code_mcc", "fvu"),
+    report_seeds(name, rows, keys, labels, protocol(), ("code_mcc", "fvu"),
                  f"{title}, {steps} steps, mean ± std over {seeds} seeds")
 
 

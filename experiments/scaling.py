@@ -104,7 +104,7 @@ def table(summary: list[dict], encoders) -> str:
 
 def figure(summary: list[dict], encoders, title: str, name: str) -> None:
     import matplotlib.pyplot as plt
-    ks, ds = sorted({e["k"] for e in summary}), sorted({e["d"] for e in summary})
+    ks, ds, ns = (sorted({e[key] for e in summary}) for key in ("k", "d", "n_atoms"))
     fig, axes = plt.subplots(len(ks), len(ds), figsize=(4.2 * len(ds), 3.6 * len(ks)), squeeze=False,
                              sharey=True)
     colors = dict(zip(encoders, plt.get_cmap("tab10")(np.arange(len(encoders)))))
@@ -117,6 +117,7 @@ def figure(summary: list[dict], encoders, title: str, name: str) -> None:
                 n, mean, std = map(np.array, zip(*pts))
                 ax.errorbar(n, mean, yerr=std, marker="o", ms=4, capsize=2, label=encoder, color=colors[encoder])
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_title(f"M = {d}, K = {k}")
         ax.set_xlabel("N (atoms)")
         if j == 0:
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("--n-atoms", type=at_least_one, nargs="+", default=None, help="replace the N grid")
     parser.add_argument("--d", type=at_least_one, nargs="+", default=None, help="replace the M grid")
     parser.add_argument("--k", type=at_least_one, nargs="+", default=None, help="replace the K grid")
+    parser.add_argument("--plot", action="store_true",
+                        help="only redraw the table and figure from the saved results (of a run cut short)")
     args = parser.parse_args()
     torch.set_num_threads(1)        # tiny problems: threads only wait on each other (and on other users)
     settings = dict(QUICK if args.quick else FULL)
@@ -151,6 +154,14 @@ def main() -> None:
                 "n_train": N_TRAIN, "n_test": N_TEST, "matched_l0": "K"}
     rows: list[dict] = []
     path = RESULTS / f"{name}.json"
+    if args.plot:
+        if not path.exists():
+            parser.error(f"--plot redraws saved results, and {path} does not exist")
+        summary = summarise(json.loads(path.read_text())["rows"])
+        figure(summary, ENCODERS, f"Code MCC against N at matched L0 (known D), {settings['seeds']} seed(s)", name)
+        (RESULTS / f"{name}.md").write_text(table(summary, ENCODERS) + "\n")
+        print(table(summary, ENCODERS))
+        return
     if path.exists():
         previous = json.loads(path.read_text())
         if {k: v for k, v in previous["protocol"].items() if k != "minutes"} == protocol:

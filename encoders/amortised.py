@@ -14,6 +14,10 @@ from sparsecode.ops import topk_relu
 from sparsecode.training import Forward, TrainableEncoder, TrainConfig
 
 
+#: encoder starts: the atoms themselves, or torch.nn.Linear's default (what paper c's code trains from)
+INITS = ("dictionary", "uniform")
+
+
 @dataclass(frozen=True)
 class ReLUConfig(TrainConfig):
     l1_coefficient: float = 0.01
@@ -21,7 +25,17 @@ class ReLUConfig(TrainConfig):
     dimensions / atoms), as SAELens's l1_coefficient; paper c uses 0.01. Not the lasso's lam: per signal
     this is the lasso at lam = l1_coefficient * d / (2 n_atoms), and the encoder only approximates it."""
     bias: bool = False
-    """Give the encoder a bias (paper c's SAE encoder ReLU(Wx) has none)."""
+    """Give the encoder a bias (paper c writes its SAE encoder ReLU(Wx); its code's nn.Linear has one).
+    Without one each latent fires on a half-space through the origin, however large the L1 weight: only the rows'
+    directions, not their scale, can make the codes sparser."""
+    weight_init: str = "dictionary"
+    """Start of the encoder's weights: 'dictionary' (rows = the atoms, when the dictionary is known) or
+    'uniform' (torch.nn.Linear's default, weights and bias U(-1/sqrt(d), 1/sqrt(d)), as paper c's code)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.weight_init not in INITS:
+            raise ValueError(f"weight_init must be one of {', '.join(map(repr, INITS))}, got {self.weight_init!r}")
 
 
 @dataclass(frozen=True)
@@ -36,24 +50,37 @@ class TopKConfig(TrainConfig):
 class MLPConfig(ReLUConfig):
     hidden: int = 256
     """Width of the hidden layer (paper c: 32 or 256)."""
+    bias: bool = True
+    """Biases in both layers (paper c's MLP, torch.nn.Linear layers, has them)."""
+    weight_init: str = "uniform"
+    """Start of the weights: 'uniform' (torch.nn.Linear's default, paper c); 'dictionary' is refused, as
+    neither layer has the dictionary's shape."""
 
     def validate(self) -> None:
         super().validate()
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if self.weight_init != "uniform":
+            raise ValueError(f"the mlp encoder's layers start only at weight_init='uniform', got weight_init={self.weight_init!r}")
 
 
 class Linear(nn.Module):
-    """z = x W^T (+ b), with W (n_atoms, d_in) starting at the dictionary's atoms when they fit."""
+    """z = x W^T (+ b), with W (n_atoms, d_in) starting at the dictionary's atoms when they fit, or with
+    ``init="uniform"`` at torch.nn.Linear's default (weights and bias U(-1/sqrt(d_in), 1/sqrt(d_in)))."""
 
-    def __init__(self, d_in: int, n_atoms: int, atoms: torch.Tensor | None, bias: bool):
+    def __init__(self, d_in: int, n_atoms: int, atoms: torch.Tensor | None, bias: bool, init: str = "dictionary"):
         super().__init__()
-        if atoms is not None and atoms.shape[1] == d_in:
+        bound = 1 / d_in ** 0.5
+        if init == "uniform":
+            w = torch.empty(n_atoms, d_in).uniform_(-bound, bound)
+        elif atoms is not None and atoms.shape[1] == d_in:
             w = atoms.detach().clone()
         else:
             w = torch.randn(n_atoms, d_in) / d_in ** 0.5
         self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(n_atoms, dtype=w.dtype)) if bias else None
+        b = torch.empty(n_atoms, dtype=w.dtype).uniform_(-bound, bound) if init == "uniform" \
+            else torch.zeros(n_atoms, dtype=w.dtype)
+        self.bias = nn.Parameter(b) if bias else None
 
     def forward(self, x):
         z = x @ self.weight.T
@@ -82,7 +109,7 @@ class _LinearSAE(TrainableEncoder):
     architecture: str
 
     def _build(self, d_in, n_atoms, x, atoms):
-        return Linear(d_in, n_atoms, atoms, self.config.bias)
+        return Linear(d_in, n_atoms, atoms, self.config.bias, getattr(self.config, "weight_init", "dictionary"))
 
     def flops_per_signal(self, encoded=None) -> float:
         n_atoms = self.dictionary.n_atoms
@@ -127,8 +154,8 @@ class MLP(_L1Mixin, TrainableEncoder):
     Config = MLPConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
-        h = self.config.hidden
-        return nn.Sequential(nn.Linear(d_in, h), nn.ReLU(), nn.Linear(h, n_atoms), nn.ReLU())
+        h, bias = self.config.hidden, self.config.bias
+        return nn.Sequential(nn.Linear(d_in, h, bias=bias), nn.ReLU(), nn.Linear(h, n_atoms, bias=bias), nn.ReLU())
 
     def _codes(self, x):
         return self.net(x)

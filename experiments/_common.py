@@ -34,13 +34,21 @@ def seeds_experiment(name: str, doc: str, run, keys: tuple[str, ...], labels: di
     parser.add_argument("--seeds", type=at_least_one, default=5)
     args = parser.parse_args()
     rows = run(args.steps, args.seeds)
+    report_seeds(name, rows, keys, labels, {**protocol, "steps": args.steps, "seeds": args.seeds}, figure_keys,
+                 f"{title}, mean ± std over {args.seeds} seeds")
+
+
+def report_seeds(name: str, rows: list[dict], keys: tuple[str, ...], labels: dict[str, str], protocol: dict,
+                 figure_keys: tuple[str, ...], title: str) -> dict:
+    """Mean ± std table, JSON and bar figure of per-seed rows; returns the saved payload."""
     summary = summarise(rows, keys)
     table = markdown_table(summary, keys, labels)
-    path = save(name, {"protocol": {**protocol, "steps": args.steps, "seeds": args.seeds}, "rows": rows,
-                       "summary": summary}, table)
-    bar_figure(summary, figure_keys, labels, f"{title}, mean ± std over {args.seeds} seeds", name)
+    payload = {"protocol": protocol, "rows": rows, "summary": summary}
+    path = save(name, payload, table)
+    bar_figure(summary, figure_keys, labels, title, name)
     print(table)
     print(f"saved {path}")
+    return payload
 
 
 def summarise(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:

@@ -35,6 +35,31 @@ def test_known_d_ordering(planted):
     assert relu.losses[-1] < relu.losses[0]
 
 
+def test_uniform_init_is_torch_linear_default_and_dictionary_init_is_the_atoms(planted):
+    train, _ = planted
+    D = train.dictionary
+    # one Adam step at a negligible rate leaves the weights where they started
+    start = dict(steps=1, lr=1e-12, seed=7)
+    paper = sc.get_encoder("relu", weight_init="uniform", bias=True, **start).fit(D, train.x)
+    torch.manual_seed(7)
+    reference = torch.nn.Linear(8, 16)          # paper c's code: the encoder is a default nn.Linear
+    torch.testing.assert_close(paper.net.weight.detach(), reference.weight.detach(), atol=1e-8, rtol=0)
+    torch.testing.assert_close(paper.net.bias.detach(), reference.bias.detach(), atol=1e-8, rtol=0)
+    ours = sc.get_encoder("relu", **start).fit(D, train.x)
+    torch.testing.assert_close(ours.net.weight.detach(), D.atoms, atol=1e-8, rtol=0)
+    assert ours.net.bias is None
+
+
+def test_mlp_bias_option(planted):
+    train, test = planted
+    with_bias = sc.get_encoder("mlp", hidden=8, steps=1, seed=0).fit(train.dictionary, train.x)
+    assert [tuple(p.shape) for p in with_bias.net.parameters()] == [(8, 8), (8,), (16, 8), (16,)]
+    without = sc.get_encoder("mlp", hidden=8, steps=1, seed=0, bias=False).fit(train.dictionary, train.x)
+    assert [tuple(p.shape) for p in without.net.parameters()] == [(8, 8), (16, 8)]
+    # without biases the encoder is positively homogeneous: twice the signal, twice the code
+    torch.testing.assert_close(without.encode(2 * test.x[:5]), 2 * without.encode(test.x[:5]))
+
+
 def test_lista_beats_as_many_ista_steps(planted):
     train, test = planted
     D, lam, T = train.dictionary, 0.05, 5
@@ -230,6 +255,8 @@ def test_compare_trains_with_x_train_and_joint_mode(planted):
     (lambda: sc.get_encoder("relu", steps=5).fit(torch.randn(16, 8), torch.zeros(0, 8)), "empty"),
     (lambda: sc.get_encoder("relu").fit(torch.randn(16, 8)), "is trained"),
     (lambda: sc.get_encoder("topk", optimizer="sgd"), "optimizer must be"),
+    (lambda: sc.get_encoder("relu", weight_init="gaussian"), "weight_init must be one of 'dictionary', 'uniform', got 'gaussian'"),
+    (lambda: sc.get_encoder("mlp", weight_init="dictionary"), "only at weight_init='uniform', got weight_init='dictionary'"),
     (lambda: sc.learn_dictionary(torch.randn(10, 4), "topkk", 8), "Did you mean 'topk'"),
     (lambda: sc.learn_dictionary(torch.randn(10, 4), "topk", 8, k=9), "k=9 is larger than n_atoms=8"),
     (lambda: sc.learn_dictionary(torch.zeros(0, 4), "topk", 8), "empty"),

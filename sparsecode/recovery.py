@@ -239,16 +239,18 @@ def run_cell(cell: dict, encoders, p: Preset, match: str, budget: int | None, de
         if budget is not None:
             params.update(cls.budget_params(budget))
         # k-knob encoders are matched by setting k (compare passes the planted k); inference methods with
-        # a penalty knob (lam, l1_coefficient) are calibrated; trained penalty-knob encoders would need one
-        # training per bisection step, so they keep their penalty and the row says it is not matched.
-        target = k if match == "l0" and cls.knob not in (None, "k") and not cls.trainable else None
+        # a penalty knob (lam, l1_coefficient) are calibrated, and so are encoders with an inference knob
+        # (one training, then a threshold); other trained penalty-knob encoders would need one training per
+        # bisection step, so they keep their penalty. Whether a row is matched is measured, not assumed.
+        calibrated = cls.inference_knob is not None or (cls.knob not in (None, "k") and not cls.trainable)
+        target = k if match == "l0" and calibrated else None
         try:
             res = compare([name], test, k=k, encoder_params={name: params} if params else None, target_l0=target,
                           x_train=None if train is None else train.x, seed=cell["seed"], reference=None,
                           device=device)
             row = res.rows[0]
             if "skipped" not in row:        # an unreachable target: compare skipped the row, with its reason
-                row["matched_l0"] = match == "l0" and (target is not None or cls.knob == "k")
+                row["matched_l0"] = match == "l0" and abs(row["l0"] - k) <= max(0.02 * k, 0.05)
             rows.append(row)
         except (ValueError, ImportError) as err:
             rows.append({"encoder": name, "skipped": str(err)})

@@ -246,18 +246,43 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
 
 def _calibrate_at_inference(name, cls, dictionary: Dictionary, x, target_l0, params, x_train, tol,
                             max_steps) -> tuple[Encoder, float]:
-    """`calibrate` for an encoder with an inference knob: one fit, then bisection of that knob."""
+    """`calibrate` for an encoder with an inference knob: one fit, then `calibrate_inference`."""
     if target_l0 > dictionary.n_atoms:
         raise Unreachable(f"target_l0={target_l0:g} is more than the dictionary's n_atoms={dictionary.n_atoms}")
     if cls.knob == "k":
         params = {**params, "k": min(max(1, round(target_l0)), cls.max_k(dictionary.n_atoms, dictionary.d))}
-    knob = cls.inference_knob
-    report = progress_callback()
-    what = f"calibrating {name}'s {knob} to L0 {target_l0:g}"
-    if report is not None:
-        report(what, 0, max_steps, float("nan"))
     enc = get_encoder(name, **params)
     enc = enc.fit(dictionary, x_train) if cls.trainable else enc.fit(dictionary)
+    return _bisect_inference(enc, x, target_l0, tol, max_steps)
+
+
+def calibrate_inference(encoder: Encoder, x, target_l0: float, *, rel_tol: float = 0.02,
+                        max_steps: int = 40) -> tuple[Encoder, float]:
+    """Set a fitted encoder's `inference_knob` (a threshold only encoding reads) so its mean L0 on `x` is
+    `target_l0`, by bisection between its densest and its all-zero value; nothing is refitted.
+
+    Returns a copy sharing the fitted state (`Encoder.retuned`) and its mean L0; within `rel_tol` of
+    the target (at least 0.05 absolute), else the closest value found, with a warning. A target above
+    the L0 at the densest value raises `Unreachable`. This is what `calibrate` does after fitting such an
+    encoder; use it on an encoder trained elsewhere (e.g. with its own dictionary by `learn_dictionary`).
+    """
+    check_positive("target_l0", target_l0, allow_zero=False)
+    if not isinstance(encoder, Encoder) or encoder.inference_knob is None:
+        raise ValueError(f"{getattr(encoder, 'name', encoder)!r} has no inference knob to calibrate "
+                         "(inference_knob is None)")
+    if not encoder.is_fitted:
+        raise RuntimeError(f"encoder {encoder.name!r} is not fitted: calibrate_inference sets a threshold on a "
+                           "fitted encoder")
+    x = as_tensor(x, "x")
+    return _bisect_inference(encoder, x, target_l0, max(rel_tol * target_l0, 0.05), max_steps)
+
+
+def _bisect_inference(enc: Encoder, x, target_l0, tol, max_steps) -> tuple[Encoder, float]:
+    knob = enc.inference_knob
+    report = progress_callback()
+    what = f"calibrating {enc.name}'s {knob} to L0 {target_l0:g}"
+    if report is not None:
+        report(what, 0, max_steps, float("nan"))
     lo, hi = enc.inference_range(x)
     found: dict = {}
 
@@ -271,8 +296,8 @@ def _calibrate_at_inference(name, cls, dictionary: Dictionary, x, target_l0, par
 
     densest = l0_at(lo)
     if densest + tol < target_l0:
-        raise Unreachable(f"target_l0={target_l0:g} is out of {name}'s reach: at its densest {knob}={lo:.3g} its "
-                          f"mean L0 is {densest:.3g}; train it denser (its {cls.knob})")
+        raise Unreachable(f"target_l0={target_l0:g} is out of {enc.name}'s reach: at its densest {knob}={lo:.3g} "
+                          f"its mean L0 is {densest:.3g}; train it denser (its {enc.knob})")
     # L0 falls as the knob grows: keep L0(lo) > target > L0(hi)
     for _ in range(0 if abs(densest - target_l0) <= tol else max_steps):
         mid = (lo + hi) / 2
@@ -290,7 +315,7 @@ def _calibrate_at_inference(name, cls, dictionary: Dictionary, x, target_l0, par
     best = min(found, key=lambda v: abs(found[v][1] - target_l0))
     tuned, l0 = found[best]
     if abs(l0 - target_l0) > tol:
-        log.warning("%s: calibrated %s=%.4g gives L0=%.3f, target %.3f", name, knob, best, l0, target_l0)
+        log.warning("%s: calibrated %s=%.4g gives L0=%.3f, target %.3f", enc.name, knob, best, l0, target_l0)
     return tuned, l0
 
 

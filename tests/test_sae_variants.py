@@ -279,3 +279,20 @@ def test_exported_batch_topk_uses_the_calibrated_threshold(planted, tmp_path):
                           x_train=train.x)
     export_saelens(enc, tmp_path / "sae")
     assert torch.allclose(load_sae(tmp_path / "sae").encode(test.x), enc.encode(test.x), atol=1e-6)
+
+
+def test_calibrate_inference_on_an_encoder_that_learned_its_own_dictionary(planted):
+    from sparsecode.compare import calibrate_inference
+    train, test = planted
+    learned = sc.learn_dictionary(train.x, method="jumprelu", n_atoms=32, steps=40, lr=3e-3)
+    before = learned.encoder.config.threshold_scale
+    enc, l0 = calibrate_inference(learned.encoder, test.x, 2.5)
+    assert abs(l0 - 2.5) <= 0.05 and sc.metrics.mean_l0(enc.encode(test.x)) == l0
+    assert torch.allclose(enc.encode(test.x), _codes_by_hand(enc, test.x), atol=1e-6)
+    assert enc.dictionary is learned.dictionary and learned.encoder.config.threshold_scale == before
+    with pytest.raises(ValueError, match="'topk' has no inference knob to calibrate"):
+        calibrate_inference(sc.get_encoder("topk", k=2, steps=1).fit(train.dictionary, train.x), test.x, 2.0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        calibrate_inference(sc.get_encoder("gated"), test.x, 2.0)
+    with pytest.raises(ValueError, match="target_l0 must be > 0"):
+        calibrate_inference(enc, test.x, 0.0)

@@ -108,11 +108,22 @@ def _relative_gap(l1: torch.Tensor, zcorr: torch.Tensor, rr: torch.Tensor, worst
     return gap / torch.clamp_min(primal, tiny)
 
 
-def duality_gap(x, z, atoms, lam: float, positive: bool = False) -> torch.Tensor:
-    """Per-signal lasso duality gap divided by the primal objective, shape (n,)."""
+def duality_gap(x, z, atoms, lam: float, positive: bool = False, *, with_floor: bool = False):
+    """Per-signal lasso duality gap divided by the primal objective, shape (n,); `with_floor` adds the
+    smallest such gap the dtype resolves (`gap_floor`)."""
     r = x - z @ atoms
     corr = r @ atoms.T
-    return _relative_gap(z.abs().sum(1), (z * corr).sum(1), (r * r).sum(1), _worst(corr, positive), lam)
+    l1, rr = z.abs().sum(1), (r * r).sum(1)
+    gap = _relative_gap(l1, (z * corr).sum(1), rr, _worst(corr, positive), lam)
+    return (gap, gap_floor((x * x).sum(1), 0.5 * rr + lam * l1)) if with_floor else gap
+
+
+def gap_floor(xx: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
+    """The smallest relative duality gap the dtype of `primal` resolves for signals of squared norm xx:
+    the residual is a difference of terms of the size of ||x||^2, so it is known to about eps ||x||^2
+    (with a margin for the sums). Below it, iterating in that dtype goes on rounding."""
+    primal = torch.clamp_min(primal, torch.finfo(primal.dtype).tiny)
+    return 4 * torch.finfo(primal.dtype).eps * xx / primal
 
 
 def _apply(quad, y: torch.Tensor) -> torch.Tensor:
@@ -132,19 +143,18 @@ def _subproblem_gap(z, b, quad, xx, lam: float, positive: bool) -> tuple[torch.T
     corr = b - qz
     l1 = z.abs().sum(1)
     rr = torch.clamp_min(xx - 2 * (z * b).sum(1) + (z * qz).sum(1), 0)
-    primal = torch.clamp_min(0.5 * rr + lam * l1, torch.finfo(z.dtype).tiny)
-    floor = 4 * torch.finfo(z.dtype).eps * xx / primal
+    floor = gap_floor(xx, 0.5 * rr + lam * l1)
     return _relative_gap(l1, (z * corr).sum(1), rr, _worst(corr, positive), lam), floor
 
 
-def retire(done: torch.Tensor, live: torch.Tensor, z: torch.Tensor, ok: torch.Tensor, it: int,
+def retire(done: torch.Tensor, live: torch.Tensor, z: torch.Tensor, ok: torch.Tensor, it: int | torch.Tensor,
            out: torch.Tensor, n_iter: torch.Tensor, met: torch.Tensor) -> torch.Tensor:
     """Write the finished rows (`done`, a mask over the `live` rows) of a batched iteration: their
-    iterate, the iterations used and whether they met the criterion. Returns the mask of rows that
-    go on."""
+    iterate, the iterations used (one count, or one per live row) and whether they met the criterion.
+    Returns the mask of rows that go on."""
     rows = live[done]
-    out[rows] = z[done]
-    n_iter[rows] = it
+    out[rows] = z[done].to(out.dtype)
+    n_iter[rows] = it[done] if torch.is_tensor(it) else it
     met[rows] = ok[done]
     return ~done
 

@@ -14,7 +14,10 @@ each answer carries the same certificate as FISTA's. They differ in how an itera
   points are the lasso's optima.
 
 Signals are solved in chunks sized from the memory budget; a signal leaves its chunk's batch as soon
-as it is certified, so the cost follows the hard signals. None forms the n_atoms^2 Gram matrix
+as it is certified, so the cost follows the hard signals. As in FISTA (`encoders.iterative.PRECISE`),
+a signal whose certificate lies below what the input's dtype resolves (float32 at a small `lam`,
+where the residual is a small difference of vectors of the size of x) goes on in float64 from where
+it stood, with the input's atoms in float64, instead of iterating on rounding to `max_iter`. None forms the n_atoms^2 Gram matrix
 unless it fits the budget and pays (ADMM with n_atoms <= 2 d, LCA with n_atoms <= 2 d).
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecode_encoders.iterative import duality_gap, retire, soft_threshold
+from sparsecode_encoders.iterative import PRECISE, duality_gap, retire, soft_threshold
 from sparsecode._validation import check_positive
 from sparsecode.encoder import Encoded, Encoder, MemoryConfig
 from sparsecode.memory import fits, rows_within
@@ -152,25 +155,58 @@ class _LassoSolver(Encoder):
         return Encoded(codes, n_iter=mean_iter, uncertified=uncertified)
 
     def _solve_chunk(self, x, atoms, shared, codes, iters, certified) -> None:
-        """Solve signals x; `shared` is this chunk's own copy (ADMM changes its rho)."""
-        cfg = self.config
+        """Solve signals x; `shared` is this chunk's own copy (ADMM changes its rho). Signals that the
+        input's dtype cannot certify go on in `PRECISE`."""
         live = torch.arange(x.shape[0], device=x.device)
         state = self._start(x, atoms, shared)
         state["x"] = x
-        it = 0
+        used = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        coarse = torch.finfo(x.dtype).bits < torch.finfo(PRECISE).bits
+        moved = self._iterate(state, live, used, atoms, shared, codes, iters, certified, promote=coarse)
+        if moved is not None:
+            live, state, used = moved
+            atoms = atoms.to(PRECISE)
+            state, shared = self._precise(state, shared, atoms)
+            self._iterate(state, live, used, atoms, shared, codes, iters, certified, promote=False)
+
+    def _iterate(self, state, live, used, atoms, shared, codes, iters, certified, promote: bool):
+        """Iterate the `live` signals (state rows, iterations `used` so far) until each is certified or has
+        used max_iter. With `promote`, signals whose gap the dtype cannot resolve leave instead: returns
+        them (live, state, used), or None."""
+        cfg = self.config
+        moved = []
         while live.numel():
-            for _ in range(min(self.check_every, cfg.max_iter - it)):
+            steps = min(self.check_every, int((cfg.max_iter - used).min()))
+            for _ in range(steps):
                 self._step(state, shared)
-                it += 1
+            used = used + steps
             z = self._codes_of(state)
-            ok = duality_gap(state["x"], z, atoms, cfg.lam, cfg.positive) <= cfg.tol
-            done = ok | (it >= cfg.max_iter)
+            gap, floor = duality_gap(state["x"], z, atoms, cfg.lam, cfg.positive, with_floor=True)
+            ok = gap <= cfg.tol
+            done = ok | (used >= cfg.max_iter)
+            leave = ~done & (floor > cfg.tol) if promote else None
+            if leave is not None and bool(leave.any()):
+                moved.append((live[leave], {key: value[leave] for key, value in state.items()}, used[leave]))
+                done = done | leave
             if bool(done.any()):
-                keep = retire(done, live, z, ok, it, codes, iters, certified)
-                live = live[keep]
+                keep = retire(done, live, z, ok, used, codes, iters, certified)
+                live, used = live[keep], used[keep]
                 state = {key: value[keep] for key, value in state.items()}
             if live.numel():
                 self._checked(state, shared)
+        if not moved:
+            return None
+        return (torch.cat([m[0] for m in moved]), {key: torch.cat([m[1][key] for m in moved]) for key in moved[0][1]},
+                torch.cat([m[2] for m in moved]))
+
+    def _precise(self, state: dict, shared: dict, atoms: torch.Tensor) -> tuple[dict, dict]:
+        """`state` and `shared` to go on in `PRECISE` (`atoms`, the input's, in that dtype): their tensors
+        in that dtype; subclasses recompute what rounding in the input's dtype spoiled where the iteration's
+        fixed point depends on it."""
+        state = {key: value.to(PRECISE) for key, value in state.items()}
+        shared = {key: value.to(PRECISE) if torch.is_tensor(value) and value.is_floating_point() else value
+                  for key, value in shared.items()}
+        return state, shared
 
     def flops_per_signal(self, encoded=None) -> float:
         n_atoms, d = self.dictionary.n_atoms, self.dictionary.d
@@ -217,6 +253,12 @@ class ADMM(_LassoSolver):
             m.diagonal().add_(rho)
         shared["solve"] = torch.cholesky_inverse(torch.linalg.cholesky(m)).to(dtype)
         shared["atoms"] = a.to(dtype)
+
+    def _precise(self, state, shared, atoms):
+        state, shared = super()._precise(state, shared, atoms)
+        state["b"] = state["x"] @ atoms.T
+        self._factor(shared, PRECISE)          # at the rho reached so far, factored again in PRECISE
+        return state, shared
 
     def _ridge(self, q: torch.Tensor, shared: dict) -> torch.Tensor:
         """q (G + rho I)^-1, row by row."""
@@ -300,6 +342,11 @@ class CD(_LassoSolver):
     def _codes_of(self, state):
         return state["z"]
 
+    def _precise(self, state, shared, atoms):
+        state, shared = super()._precise(state, shared, atoms)
+        self._checked(state, shared)           # the residual, from x in PRECISE
+        return state, shared
+
     def _checked(self, state, shared):
         # the residual is updated by rank-one steps, whose rounding accumulates over sweeps (in float32
         # enough to keep the gap above tol): start again from x - z D at each gap test
@@ -327,6 +374,14 @@ class LCA(_LassoSolver):
     def _start(self, x, atoms, shared):
         b = x @ atoms.T
         return {"b": b, "u": torch.zeros_like(b), "a": torch.zeros_like(b)}
+
+    def _precise(self, state, shared, atoms):
+        state, shared = super()._precise(state, shared, atoms)
+        # the fixed point is where b - a (G - I) balances lam: a rounded b or G moves it
+        state["b"] = state["x"] @ atoms.T
+        if shared["gram"] is not None:
+            shared["gram"] = atoms @ atoms.T
+        return state, shared
 
     def _step(self, state, shared):
         a, u = state["a"], state["u"]

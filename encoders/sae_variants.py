@@ -100,12 +100,16 @@ class JumpReLUConfig(TrainConfig):
     """Width eps of the rectangle kernel of the threshold's straight-through gradient (SAELens: 0.001)."""
     threshold_init: float = 1e-3
     """Initial threshold theta of every latent (SAELens: 0.001)."""
+    threshold_scale: float = 1.0
+    """At inference, every learned threshold times this (1: as trained; 0: a plain ReLU). An inference
+    knob: `compare(target_l0=...)` calibrates it on the trained encoder."""
 
     def validate(self) -> None:
         super().validate()
         check_positive("l0_coefficient", self.l0_coefficient)
         check_positive("bandwidth", self.bandwidth, allow_zero=False)
         check_positive("threshold_init", self.threshold_init, allow_zero=False)
+        check_positive("threshold_scale", self.threshold_scale)
 
 
 @dataclass(frozen=True)
@@ -113,12 +117,16 @@ class BatchTopKConfig(TrainConfig):
     k: int = 16
     """Latents kept per signal on average: k x batch over the training batch, and about k at inference."""
     threshold_momentum: float = 0.99
-    """Momentum of the running average of the smallest kept pre-activation, the inference threshold."""
+    """Momentum of the running average of the smallest kept pre-activation, the learned inference threshold."""
+    threshold: float | None = None
+    """Inference threshold: latents whose ReLU(W x + b) exceeds it fire (None: the running average learned in
+    training). An inference knob: `compare(target_l0=...)` calibrates it on the trained encoder."""
 
     def validate(self) -> None:
         super().validate()
         if not 0 <= self.threshold_momentum < 1:
             raise ValueError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum!r}")
+        check_positive("threshold", self.threshold)
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,14 @@ class GatedConfig(TrainConfig):
     l1_coefficient: float = 0.01
     """L1 weight on the gate: the loss is MSE + l1_coefficient * mean ReLU(gate pre-activation) + the
     auxiliary MSE (means over the batch and over dimensions / atoms, as the relu encoder's)."""
+    threshold: float = 0.0
+    """At inference, a latent fires where its gate pre-activation W x + b_gate exceeds this (0: as trained).
+    An inference knob: `compare(target_l0=...)` calibrates it on the trained encoder."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}")
 
 
 # --- networks ----------------------------------------------------------------------------------
@@ -169,6 +185,11 @@ class _GatedNet(Linear):
 class _SAEVariant(TrainableEncoder):
     family = "amortised"
 
+    def _inputs(self, x) -> torch.Tensor:
+        """Signals as `encode` hands them to the network: checked, in its dtype."""
+        x = self._check_x(x)
+        return x.to(self._work_dtype(x))
+
     def flops_per_signal(self, encoded=None) -> float:
         return 2 * self.d_in * self.dictionary.n_atoms + 4 * self.dictionary.n_atoms
 
@@ -178,6 +199,7 @@ class JumpReLU(_SAEVariant):
 
     name = "jumprelu"
     knob = "l0_coefficient"
+    inference_knob = "threshold_scale"
     Config = JumpReLUConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
@@ -189,9 +211,19 @@ class JumpReLU(_SAEVariant):
     def forward(self, x) -> Forward:
         # units: the step 1[pre > threshold], whose straight-through gradient trains the threshold
         pre = torch.relu(self.net(x))
-        threshold = torch.exp(self.net.log_threshold)
+        threshold = self._threshold()
         return Forward(JumpReLUFunction.apply(pre, threshold, self.config.bandwidth),
                        StepFunction.apply(pre, threshold, self.config.bandwidth))
+
+    def _threshold(self) -> torch.Tensor:
+        threshold = torch.exp(self.net.log_threshold)
+        return threshold if self.net.training else threshold * self.config.threshold_scale
+
+    @torch.no_grad()
+    def inference_range(self, x) -> tuple[float, float]:
+        # no latent fires once every threshold exceeds its largest pre-activation
+        ratio = torch.relu(self.net(self._inputs(x))) / torch.exp(self.net.log_threshold)
+        return 0.0, max(float(ratio.max()), 1.0)
 
     def _penalty(self, out: Forward):
         return self.config.l0_coefficient * out.units.sum(1).mean()
@@ -202,7 +234,7 @@ class JumpReLU(_SAEVariant):
 
     def sae_weights(self) -> dict:
         return {"architecture": "jumprelu", "encoder_rows": self.net.weight, "b_enc": self.net.bias, "k": None,
-                "center": False, "threshold": torch.exp(self.net.log_threshold)}
+                "center": False, "threshold": self._threshold()}
 
 
 class BatchTopK(_SAEVariant):
@@ -210,6 +242,7 @@ class BatchTopK(_SAEVariant):
 
     name = "batch-topk"
     knob = "k"
+    inference_knob = "threshold"
     Config = BatchTopKConfig
 
     def _build(self, d_in, n_atoms, x, atoms):
@@ -218,7 +251,7 @@ class BatchTopK(_SAEVariant):
     def _codes(self, x):
         pre = torch.relu(self.net(x))
         if not self.net.training:
-            return pre * (pre > self.net.threshold).to(pre.dtype)
+            return pre * (pre > self._threshold()).to(pre.dtype)
         codes = batch_topk(pre, self.config.k)
         with torch.no_grad():
             kept = codes[codes > 0]
@@ -228,11 +261,21 @@ class BatchTopK(_SAEVariant):
                 self.net.threshold.copy_(torch.where(old < 0, smallest, m * old + (1 - m) * smallest))
         return codes
 
+    def _threshold(self) -> torch.Tensor:
+        """The inference threshold: the config's, else the one learned in training."""
+        if self.config.threshold is None:
+            return self.net.threshold
+        return torch.tensor(self.config.threshold, dtype=self.net.threshold.dtype, device=self.net.threshold.device)
+
+    @torch.no_grad()
+    def inference_range(self, x) -> tuple[float, float]:
+        return 0.0, max(float(torch.relu(self.net(self._inputs(x))).max()), 1.0)
+
     def sae_weights(self) -> dict:
         """SAELens runs BatchTopK at inference as a JumpReLU with one threshold for every latent."""
         n_atoms = self.net.weight.shape[0]
         return {"architecture": "jumprelu", "encoder_rows": self.net.weight, "b_enc": self.net.bias, "k": None,
-                "center": False, "threshold": self.net.threshold.clamp_min(0).expand(n_atoms)}
+                "center": False, "threshold": self._threshold().clamp_min(0).expand(n_atoms)}
 
 
 class Matryoshka(BatchTopK):
@@ -260,6 +303,7 @@ class Gated(_SAEVariant):
 
     name = "gated"
     knob = "l1_coefficient"
+    inference_knob = "threshold"
     Config = GatedConfig
 
     @classmethod
@@ -278,7 +322,14 @@ class Gated(_SAEVariant):
         wx = x @ self.net.weight.T
         gate = wx + self.net.bias
         magnitude = torch.relu(torch.exp(self.net.r_mag) * wx + self.net.b_mag)
-        return Forward((gate > 0).to(x.dtype) * magnitude, torch.relu(gate))
+        opens = gate > (0.0 if self.net.training else self.config.threshold)
+        return Forward(opens.to(x.dtype) * magnitude, torch.relu(gate))
+
+    @torch.no_grad()
+    def inference_range(self, x) -> tuple[float, float]:
+        gate = self.net(self._inputs(x))
+        low, high = float(gate.min()), float(gate.max())
+        return low - max(1.0, abs(low)), max(high, low + 1.0)
 
     def _penalty(self, out: Forward):
         return self.config.l1_coefficient * out.units.mean()

@@ -2,12 +2,16 @@
 
 (a) Paper c's known-D problem (N=16 atoms, M=8 dimensions, K=3 non-zeros, 1,024 training and 1,024
     test signals per seed): every encoder infers codes on the true dictionary, each knob calibrated
-    by `compare(target_l0=K)`. A row is "matched" when its mean L0 is within calibration's tolerance
-    of K (max(2% of K, 0.05)); unmatched rows are reported as measured, never dropped.
+    by `compare(target_l0=K)`: k searched, lam bisected, and for the SAE variants with an inference
+    threshold (batch-topk, matryoshka, jumprelu, gated) one training, then that threshold bisected.
+    A row is "matched" when its mean L0 is within calibration's tolerance of K (max(2% of K, 0.05));
+    unmatched rows are reported as measured, never dropped.
 (b) SmolLM2-135M-Instruct (embedded GGUF) residual stream at layer 15: each new trainable encoder
     and TopK learns its own dictionary from the same training tokens (same steps, batch, seed);
-    held-out FVU, L0 and dead fraction on that dictionary. k-knobbed methods use k=32; JumpReLU and
-    gated use their default penalties, so their L0 is whatever those give.
+    held-out FVU, L0 and dead fraction on that dictionary, all at L0 about k=32. k-knobbed methods
+    train at k=32; JumpReLU's and gated's penalties are found by bisection on log(penalty) over
+    trainings of the same budget (`penalty_for_l0`). Then every encoder with an inference threshold
+    has it calibrated on the training tokens to L0 = 32 (`calibrate_inference`).
 
     python experiments/new_encoders.py [--quick]
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -27,6 +32,7 @@ import torch
 import sparsecode as sc
 from sparsecode import activations as act
 from _common import RESULTS, at_least_one, summarise
+from sparsecode.compare import Unreachable, calibrate_inference
 
 N, M, K = 16, 8, 3
 BASELINES = ["topk", "fista", "omp"]
@@ -34,6 +40,10 @@ NEW_KNOWN_D = ["admm", "cd", "lca", "gradient-pursuit", "alista", "mp-sae",
                "jumprelu", "batch-topk", "matryoshka", "gated"]
 TRAINABLE = ["topk", "jumprelu", "batch-topk", "matryoshka", "gated"]
 KNOWN_D_KEYS = ("code_mcc", "fvu", "l0", "flops_per_signal")
+#: trainings the penalty search of a penalty-knobbed encoder may run (SmolLM2 part)
+PENALTY_TRIES = 6
+#: the search stops once a training's L0 is within this factor of the target (the threshold does the rest)
+PENALTY_BAND = 1.25
 
 
 def known_d(seeds: int, steps: int) -> list[dict]:
@@ -57,19 +67,68 @@ def known_d(seeds: int, steps: int) -> list[dict]:
     return rows
 
 
+def calibrated_knob(name: str, mine: list[dict]) -> str:
+    """The knob calibration set (the inference threshold where the encoder has one), mean over seeds."""
+    cls = sc.registry.encoder_class(name)
+    knob = cls.inference_knob or cls.knob
+    values = [r[knob] for r in mine if r.get(knob) is not None]
+    if not values:
+        return ""
+    mean = sum(values) / len(values)
+    return f"`{knob}` {mean:.3g}" if knob != "k" else f"`k` {mean:g}"
+
+
 def known_d_table(rows: list[dict]) -> str:
     summary = summarise([r for r in rows if "l0" in r], KNOWN_D_KEYS)
-    lines = ["| encoder | matched L0 | code MCC | FVU | L0 | FLOPs/signal |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| encoder | calibrated | matched L0 | code MCC | FVU | L0 | FLOPs/signal |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for entry in summary:
         mine = [r for r in rows if r["encoder"] == entry["encoder"]]
         matched = sum(r["matched"] for r in mine)
         cells = [f"{entry[k]:.3f} ± {entry[k + '_std']:.3f}" for k in ("code_mcc", "fvu", "l0")]
-        lines.append(f"| `{entry['encoder']}` | {'yes' if matched == len(mine) else f'{matched}/{len(mine)} seeds'} | "
+        lines.append(f"| `{entry['encoder']}` | {calibrated_knob(entry['encoder'], mine)} | "
+                     f"{'yes' if matched == len(mine) else f'{matched}/{len(mine)} seeds'} | "
                      + " | ".join(cells) + f" | {entry['flops_per_signal']:,.0f} |")
     for r in rows:
         if "l0" not in r:
-            lines.append(f"| `{r['encoder']}` | skipped (seed {r['seed']}): {r.get('skipped', '')} | | | | |")
+            lines.append(f"| `{r['encoder']}` | | skipped (seed {r['seed']}): {r.get('skipped', '')} | | | | |")
     return "\n".join(lines)
+
+
+def penalty_for_l0(method: str, x_train, n_atoms: int, target: float, params: dict, scale: float) -> tuple:
+    """The penalty of a penalty-knobbed encoder whose training gives L0 about `target`: bisection on
+    log(penalty) between the config's default and 1,000 times it, each point one training with the
+    experiment's budget, L0 measured on the training tokens with the inference threshold as trained.
+    Stops within a factor PENALTY_BAND of the target, after PENALTY_TRIES trainings, or at once when the
+    largest penalty still trains denser than the target (then the inference threshold does the rest).
+    Returns the learned dictionary and encoder nearest the target, and every training tried."""
+    cls = sc.registry.encoder_class(method)
+    knob = cls.knob
+    tried, learned = [], {}
+
+    def train(value: float) -> float:
+        t0 = time.perf_counter()
+        learned[value] = sc.learn_dictionary(x_train, method, n_atoms, seed=0, input_scale=scale,
+                                             **{**params, knob: value})
+        l0 = sc.metrics.mean_l0(learned[value].encoder.encode(x_train))
+        tried.append({knob: value, "train_l0": l0, "train_s": time.perf_counter() - t0})
+        print(f"  {method} {knob}={value:.4g}: L0 {l0:.1f} after training", flush=True)
+        return l0
+
+    def near(l0: float) -> bool:
+        return target / PENALTY_BAND <= l0 <= target * PENALTY_BAND
+
+    lo = cls.Config.__dataclass_fields__[knob].default
+    hi = 1000 * lo
+    if not near(train(lo)) and tried[-1]["train_l0"] > target and train(hi) < target:
+        while len(tried) < PENALTY_TRIES and not near(tried[-1]["train_l0"]):
+            mid = math.sqrt(lo * hi)
+            if train(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+    best = min(tried, key=lambda t: abs(math.log(t["train_l0"] / target)) if t["train_l0"] > 0 else math.inf)
+    return learned[best[knob]], best[knob], tried
 
 
 def smollm2(tokens: int, n_atoms: int, steps: int, k: int, store_dir: Path) -> dict:
@@ -85,26 +144,45 @@ def smollm2(tokens: int, n_atoms: int, steps: int, k: int, store_dir: Path) -> d
     print(f"store: {store.n_tokens} tokens ({time.perf_counter() - t0:.0f}s), scale {scale:.4g}", flush=True)
     rows = []
     for method in TRAINABLE:
+        cls = sc.registry.encoder_class(method)
         t1 = time.perf_counter()
         params = {"steps": steps, "batch_size": 256, "lr": 1e-3}
-        if "k" in sc.registry.encoder_class(method).Config.__dataclass_fields__:
+        tried = []
+        if cls.knob == "k":
             params["k"] = k
-        learned = sc.learn_dictionary(x_train, method, n_atoms, seed=0, input_scale=scale, **params)
+            learned = sc.learn_dictionary(x_train, method, n_atoms, seed=0, input_scale=scale, **params)
+        else:
+            learned, params[cls.knob], tried = penalty_for_l0(method, x_train, n_atoms, k, params, scale)
+        enc = learned.encoder
+        train_l0 = sc.metrics.mean_l0(enc.encode(x_train))
+        threshold = None
+        if cls.inference_knob is not None:
+            try:
+                enc, _ = calibrate_inference(enc, x_train, k)
+            except Unreachable as err:       # trained sparser than k at its densest threshold: kept as trained
+                print(f"  {method}: {err}", flush=True)
+            threshold = getattr(enc.config, cls.inference_knob)
         train_s = time.perf_counter() - t1
-        row = sc.compare([learned.encoder], x_test, learned.dictionary, reference=None, device="cpu").rows[0]
-        rows.append({"encoder": method, "params": params, "train_s": train_s,
-                     **{key: row[key] for key in ("fvu", "l0", "dead", "dense")}})
+        row = sc.compare([enc], x_test, learned.dictionary, reference=None, device="cpu").rows[0]
+        rows.append({"encoder": method, "params": params, "knob": cls.knob, "penalty_search": tried,
+                     "train_l0": train_l0, "inference_knob": cls.inference_knob, "threshold": threshold,
+                     "train_s": train_s, **{key: row[key] for key in ("fvu", "l0", "dead", "dense")}})
         print(f"{method}: FVU {row['fvu']:.3f} L0 {row['l0']:.1f} dead {row['dead']:.3f} ({train_s:.0f}s)", flush=True)
     return {"model": loaded.name, "layer": 15, "tokens": store.n_tokens, "train_tokens": store.n_tokens - n_test,
-            "test_tokens": n_test, "n_atoms": n_atoms, "steps": steps, "rows": rows}
+            "test_tokens": n_test, "n_atoms": n_atoms, "steps": steps, "k": k, "rows": rows}
 
 
 def smollm2_table(result: dict) -> str:
-    lines = ["| encoder | knob | FVU | L0 | dead | train s |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| encoder | trained at | L0 after training | inference threshold | FVU | L0 | dead | train s |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        knob = f"k={r['params']['k']}" if "k" in r["params"] else "default penalty"
-        lines.append(f"| `{r['encoder']}` | {knob} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead']:.3f} | "
-                     f"{r['train_s']:.0f} |")
+        knob = r["knob"]
+        trained = f"`{knob}`={r['params'][knob]:.4g}"
+        if r["penalty_search"]:
+            trained += f" ({len(r['penalty_search'])} trainings searched)"
+        threshold = "" if r["inference_knob"] is None else f"`{r['inference_knob']}`={r['threshold']:.3g}"
+        lines.append(f"| `{r['encoder']}` | {trained} | {r['train_l0']:.1f} | {threshold} | {r['fvu']:.3f} | "
+                     f"{r['l0']:.1f} | {r['dead']:.3f} | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
 

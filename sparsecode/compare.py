@@ -154,6 +154,11 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     L0 is within `rel_tol` of the target (at least 0.05 absolute), or returns the closest value
     found. Returns the fitted encoder and its mean L0.
 
+    An encoder with an `inference_knob` (a threshold only encoding reads) is fitted once, where its
+    `knob` is k at k = the target rounded, and that threshold is bisected on the fitted encoder
+    between its densest and its all-zero value (`Encoder.inference_range`); a target above its L0 at
+    the densest value is `Unreachable`.
+
     Before searching, the target is checked against what the encoder can reach: above n_atoms,
     above `max_k` (k knob), above d for an encoder that solves the lasso (its solution is unique
     with at most d non-zeros for data in general position, and about min(d, n_atoms) as lam -> 0),
@@ -167,6 +172,8 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     if cls.knob is None:
         raise ValueError(f"encoder {name!r} has no sparsity knob to calibrate (knob is None)")
     tol = max(rel_tol * target_l0, 0.05)
+    if cls.inference_knob is not None:
+        return _calibrate_at_inference(name, cls, dictionary, x, target_l0, params, x_train, tol, max_steps)
     fitted: dict = {}
     cache: dict = {}
     report = progress_callback()
@@ -235,6 +242,81 @@ def calibrate(name: str, dictionary: Dictionary, x: torch.Tensor, target_l0: flo
     if abs(l0 - target_l0) > tol:
         log.warning("%s: calibrated %s=%.4g gives L0=%.3f, target %.3f", name, cls.knob, best, l0, target_l0)
     return enc, l0
+
+
+def _calibrate_at_inference(name, cls, dictionary: Dictionary, x, target_l0, params, x_train, tol,
+                            max_steps) -> tuple[Encoder, float]:
+    """`calibrate` for an encoder with an inference knob: one fit, then `calibrate_inference`."""
+    if target_l0 > dictionary.n_atoms:
+        raise Unreachable(f"target_l0={target_l0:g} is more than the dictionary's n_atoms={dictionary.n_atoms}")
+    if cls.knob == "k":
+        params = {**params, "k": min(max(1, round(target_l0)), cls.max_k(dictionary.n_atoms, dictionary.d))}
+    enc = get_encoder(name, **params)
+    enc = enc.fit(dictionary, x_train) if cls.trainable else enc.fit(dictionary)
+    return _bisect_inference(enc, x, target_l0, tol, max_steps)
+
+
+def calibrate_inference(encoder: Encoder, x, target_l0: float, *, rel_tol: float = 0.02,
+                        max_steps: int = 40) -> tuple[Encoder, float]:
+    """Set a fitted encoder's `inference_knob` (a threshold only encoding reads) so its mean L0 on `x` is
+    `target_l0`, by bisection between its densest and its all-zero value; nothing is refitted.
+
+    Returns a copy sharing the fitted state (`Encoder.retuned`) and its mean L0; within `rel_tol` of
+    the target (at least 0.05 absolute), else the closest value found, with a warning. A target above
+    the L0 at the densest value raises `Unreachable`. This is what `calibrate` does after fitting such an
+    encoder; use it on an encoder trained elsewhere (e.g. with its own dictionary by `learn_dictionary`).
+    """
+    check_positive("target_l0", target_l0, allow_zero=False)
+    if not isinstance(encoder, Encoder) or encoder.inference_knob is None:
+        raise ValueError(f"{getattr(encoder, 'name', encoder)!r} has no inference knob to calibrate "
+                         "(inference_knob is None)")
+    if not encoder.is_fitted:
+        raise RuntimeError(f"encoder {encoder.name!r} is not fitted: calibrate_inference sets a threshold on a "
+                           "fitted encoder")
+    x = as_tensor(x, "x")
+    return _bisect_inference(encoder, x, target_l0, max(rel_tol * target_l0, 0.05), max_steps)
+
+
+def _bisect_inference(enc: Encoder, x, target_l0, tol, max_steps) -> tuple[Encoder, float]:
+    knob = enc.inference_knob
+    report = progress_callback()
+    what = f"calibrating {enc.name}'s {knob} to L0 {target_l0:g}"
+    if report is not None:
+        report(what, 0, max_steps, float("nan"))
+    lo, hi = enc.inference_range(x)
+    found: dict = {}
+
+    def l0_at(value: float) -> float:
+        if value not in found:
+            tuned = enc.retuned(**{knob: value})
+            found[value] = (tuned, metrics.mean_l0(tuned.encode(x)))
+            if report is not None:
+                report(what, min(len(found), max_steps), max_steps, float("nan"))
+        return found[value][1]
+
+    densest = l0_at(lo)
+    if densest + tol < target_l0:
+        raise Unreachable(f"target_l0={target_l0:g} is out of {enc.name}'s reach: at its densest {knob}={lo:.3g} "
+                          f"its mean L0 is {densest:.3g}; train it denser (its {enc.knob})")
+    # L0 falls as the knob grows: keep L0(lo) > target > L0(hi)
+    for _ in range(0 if abs(densest - target_l0) <= tol else max_steps):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):            # no float between them: the closest value is one of the two
+            break
+        l0 = l0_at(mid)
+        if abs(l0 - target_l0) <= tol:
+            break
+        if l0 > target_l0:
+            lo = mid
+        else:
+            hi = mid
+    if report is not None:
+        report(what, max_steps, max_steps, float("nan"))
+    best = min(found, key=lambda v: abs(found[v][1] - target_l0))
+    tuned, l0 = found[best]
+    if abs(l0 - target_l0) > tol:
+        log.warning("%s: calibrated %s=%.4g gives L0=%.3f, target %.3f", enc.name, knob, best, l0, target_l0)
+    return tuned, l0
 
 
 def _check_reachable(name, cls, dictionary: Dictionary, x, target_l0, tol, fit_at, densest) -> None:
@@ -565,7 +647,7 @@ def _measure(enc: Encoder, d: Signals, reference, references, repeats, fit_s, st
     that solve the lasso get its objective and, against `reference`, the gap to its optimum."""
     name = enc.name
     row = {"encoder": name}
-    for knob in dict.fromkeys(("k", "lam", enc.knob)):
+    for knob in dict.fromkeys(("k", "lam", enc.knob, enc.inference_knob)):
         if knob is not None and hasattr(enc.config, knob):
             row[knob] = getattr(enc.config, knob)
     lasso = bool(enc.solves_lasso)

@@ -226,6 +226,10 @@ class Encoder(abc.ABC):
     #: the config field that sets sparsity: "k" (active atoms per signal), "lam" (the lasso penalty)
     #: or the method's own continuous penalty (e.g. "l1_coefficient"); None: none
     knob: ClassVar[str | None] = None
+    #: a config field that only encoding reads (an inference threshold), along which the mean L0 falls
+    #: as it grows: calibration fits the encoder once and searches this field on the fitted encoder
+    #: (`inference_range`, `retuned`) instead of refitting for every value of `knob`; None: none
+    inference_knob: ClassVar[str | None] = None
     #: learns a network from signals in `fit(dictionary, x)` (with the dictionary frozen)
     trainable: ClassVar[bool] = False
     #: can learn its own dictionary too, in `learn(x, n_atoms)`: a dictionary learning method
@@ -302,6 +306,25 @@ class Encoder(abc.ABC):
         elif positive:
             raise ValueError(f"reference {cls.name!r} has no positive option, but a row constrains codes to be >= 0")
         return params
+
+    # --- an inference knob (see `inference_knob`) ----------------------------------------------------
+    def inference_range(self, x) -> tuple[float, float]:
+        """Values of `inference_knob` between which the fitted encoder goes from its densest codes of the
+        signals `x` (low) to all-zero codes (high): the interval calibration searches."""
+        raise NotImplementedError(f"encoder {self.name!r} has no inference knob")
+
+    def retuned(self, **fields) -> "Encoder":
+        """A copy of this fitted encoder with its `inference_knob` set as given; what fitting made (the
+        network, the dictionary) is shared, not copied or refitted."""
+        allowed = {self.inference_knob} - {None}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"encoder {self.name!r} can change only {', '.join(sorted(allowed)) or 'nothing'} "
+                             f"after fitting, not {', '.join(sorted(unknown))}")
+        twin = copy.copy(self)
+        twin.config = dataclasses.replace(self.config, **fields)
+        twin.config.validate()
+        return twin
 
     # --- the template: fit ------------------------------------------------------------------------
     def fit(self, dictionary, x=None, y=None, **targets) -> "Encoder":

@@ -45,15 +45,45 @@ def test_learning_a_dictionary_with_matching_pursuit(planted):
     z = learned.encoder.encode(test.x)
     assert sc.metrics.mean_l0(z) <= 2
     assert sc.metrics.fvu(test.x, D.decode(z)) < 0.15
-    assert torch.equal(z, sc.get_encoder("mp", k=2).fit(D).encode(test.x))
+    assert torch.equal(z, sc.get_encoder("mp-sae", k=2).fit(D).encode(test.x))
     assert sc.metrics.dictionary_mcc(train.dictionary.atoms, D.atoms) > 0.6
 
 
 def test_on_a_shared_dictionary_it_is_matching_pursuit(planted):
     train, test = planted
-    enc = sc.get_encoder("mp-sae", k=3).fit(train.dictionary)
+    enc = sc.get_encoder("mp-sae", k=3, distinct=False).fit(train.dictionary)
     assert not enc.trainable
     assert torch.equal(enc.encode(test.x), sc.get_encoder("mp", k=3).fit(train.dictionary).encode(test.x))
+
+
+def _pursuit_until_distinct(x, atoms, k, max_steps):
+    """Matching pursuit on one signal, step by step, until k different atoms are active (the reference)."""
+    codes, steps = torch.zeros(atoms.shape[0], dtype=x.dtype), 0
+    while int((codes != 0).sum()) < k and steps < max_steps:
+        step, _ = pursuit((x - codes @ atoms)[None], atoms, 1)
+        codes, steps = codes + step[0], steps + 1
+    return codes, steps
+
+
+def test_encoding_reaches_k_distinct_atoms_where_matching_pursuit_picks_one_twice():
+    # coherent atoms (pairs 0.9 apart): k steps of matching pursuit often pick an atom twice
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    atoms = torch.nn.functional.normalize(torch.cat([base, base + 0.3 * torch.randn(10, 8, generator=g,
+                                                                                     dtype=torch.float64)]), dim=1)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    k = 5
+    plain = sc.get_encoder("mp", k=k).fit(atoms).encode(x)
+    assert sc.metrics.mean_l0(plain) < k - 0.2                      # the problem the option solves
+    info = sc.get_encoder("mp-sae", k=k).fit(atoms).encode_with_info(x)
+    assert torch.equal((info.codes != 0).sum(1), torch.full((200,), k))
+    total = 0
+    for i in range(len(x)):
+        ref, steps = _pursuit_until_distinct(x[i], atoms, k, 4 * k)
+        assert torch.allclose(info.codes[i], ref, atol=1e-10)
+        total += steps
+    assert info.n_iter == pytest.approx(total / len(x))
+    assert info.n_iter > k
 
 
 def test_what_it_learns_is_a_dictionary_saved_as_one(planted, tmp_path):

@@ -129,3 +129,17 @@ def test_cli_bench_recovery_and_report(tmp_path):
     assert (tmp_path / "r-report" / "report.md").is_file()
     result = runner.invoke(app, ["bench", "recovery", "--preset", "nope"])
     assert result.exit_code == 2 and "unknown preset" in result.output
+
+
+def test_threshold_encoders_are_calibrated_and_matched_l0_is_measured(tmp_path):
+    # batch-topk is trained once and its inference threshold set to the planted k; mp with k steps may pick
+    # an atom twice, so its row is matched only where its measured L0 is k
+    records = recovery("paper-c", out=tmp_path / "r.jsonl", encoders=["batch-topk", "mp", "omp"],
+                       grid={"n_atoms": [16], "d": [8], "k": [3]}, seeds=1, n_samples=256, n_train=256,
+                       encoder_params={"batch-topk": {"steps": 60}})
+    rows = {r["encoder"]: r for r in records[0]["rows"]}
+    topk = rows["batch-topk"]
+    assert abs(topk["l0"] - 3) <= 0.06 and topk["matched_l0"] and topk["threshold"] > 0 and topk["k"] == 3
+    for name in ("mp", "omp"):
+        assert rows[name]["matched_l0"] == (abs(rows[name]["l0"] - 3) <= 0.06)
+    assert rows["omp"]["matched_l0"] and rows["mp"]["l0"] <= 3

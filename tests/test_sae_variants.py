@@ -206,3 +206,93 @@ def test_gated_loss_is_reconstruction_gate_penalty_and_gate_reconstruction():
     assert torch.allclose(out.units, gate)
     expected = (((x - decode(out.codes)) ** 2).mean() + 0.3 * gate.mean() + ((x - decode(gate)) ** 2).mean())
     assert float(enc._loss(x, decode(out.codes), out, decode).detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+
+
+# --- the inference knob: a threshold calibrated on the trained encoder ------------------------------
+def _codes_by_hand(enc, x):
+    """Each variant's inference codes from its network weights and its config's threshold, written out."""
+    pre = x @ enc.net.weight.T + enc.net.bias
+    if enc.name == "jumprelu":
+        threshold = torch.exp(enc.net.log_threshold) * enc.config.threshold_scale
+        return torch.relu(pre) * (torch.relu(pre) > threshold)
+    if enc.name == "gated":
+        magnitude = torch.relu(torch.exp(enc.net.r_mag) * (x @ enc.net.weight.T) + enc.net.b_mag)
+        return magnitude * (pre > enc.config.threshold)
+    return torch.relu(pre) * (torch.relu(pre) > enc.config.threshold)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_calibration_sets_the_inference_threshold_to_the_target_l0(planted, name):
+    train, test = planted
+    knob = sc.registry.encoder_class(name).inference_knob
+    params = {"steps": 60, "lr": 3e-3, **VARIANTS[name]}
+    for target in (2.0, 4.5):
+        enc, l0 = sc.calibrate(name, train.dictionary, test.x, target, params=params, x_train=train.x)
+        assert abs(l0 - target) <= 0.09                     # calibration's tolerance: 2% of the target, >= 0.05
+        codes = enc.encode(test.x)
+        assert sc.metrics.mean_l0(codes) == pytest.approx(l0)
+        # the codes are the network's at the calibrated threshold, and only the threshold moved
+        assert torch.allclose(codes, _codes_by_hand(enc, test.x), atol=1e-6)
+        if "k" in params:
+            assert enc.config.k == round(target)            # trained once, at k = the target
+        trained = sc.get_encoder(name, **{**params, "k": round(target)} if "k" in params else params)
+        trained.fit(train.dictionary, train.x)
+        assert torch.equal(trained.net.weight, enc.net.weight)
+        assert getattr(enc.config, knob) != getattr(trained.config, knob)
+
+
+def test_inference_threshold_l0_falls_as_it_grows_and_retuning_shares_the_network(planted):
+    train, test = planted
+    enc = sc.get_encoder("batch-topk", k=3, steps=30, lr=3e-3).fit(train.dictionary, train.x)
+    low, high = enc.inference_range(test.x)
+    l0 = [sc.metrics.mean_l0(enc.retuned(threshold=t).encode(test.x)) for t in torch.linspace(low, high, 6).tolist()]
+    assert l0 == sorted(l0, reverse=True) and l0[-1] == 0.0
+    # at the low end every positive pre-activation fires: ReLU's L0
+    assert l0[0] == sc.metrics.mean_l0(torch.relu(test.x @ enc.net.weight.T + enc.net.bias))
+    twin = enc.retuned(threshold=0.5)
+    assert twin.net is enc.net and enc.config.threshold is None and twin.config.threshold == 0.5
+    with pytest.raises(ValueError, match="can change only threshold after fitting, not k"):
+        enc.retuned(k=4)
+    with pytest.raises(ValueError, match="threshold must be >= 0, got -1.0"):
+        enc.retuned(threshold=-1.0)
+
+
+def test_a_target_above_the_densest_threshold_is_unreachable(planted):
+    from sparsecode.compare import Unreachable
+    train, test = planted
+    # a large gate penalty trains gates that stay shut on most signals, even with the threshold at its lowest
+    params = {"steps": 60, "lr": 3e-3, "l1_coefficient": 50.0}
+    enc = sc.get_encoder("gated", **params).fit(train.dictionary, train.x)
+    low, _ = enc.inference_range(test.x)
+    densest = sc.metrics.mean_l0(enc.retuned(threshold=low).encode(test.x))
+    assert densest == sc.metrics.mean_l0(torch.relu(torch.exp(enc.net.r_mag) * (test.x @ enc.net.weight.T)
+                                                    + enc.net.b_mag))
+    with pytest.raises(Unreachable, match=rf"out of gated's reach: at its densest threshold=.* its mean L0 is "
+                                          rf"{densest:.3g}; train it denser \(its l1_coefficient\)"):
+        sc.calibrate("gated", train.dictionary, test.x, densest + 1, params=params, x_train=train.x)
+
+
+def test_exported_batch_topk_uses_the_calibrated_threshold(planted, tmp_path):
+    from sparsecode.sae_formats import export_saelens, load_sae
+    train, test = planted
+    enc, _ = sc.calibrate("batch-topk", train.dictionary, test.x, 2.0, params={"steps": 30, "lr": 3e-3},
+                          x_train=train.x)
+    export_saelens(enc, tmp_path / "sae")
+    assert torch.allclose(load_sae(tmp_path / "sae").encode(test.x), enc.encode(test.x), atol=1e-6)
+
+
+def test_calibrate_inference_on_an_encoder_that_learned_its_own_dictionary(planted):
+    from sparsecode.compare import calibrate_inference
+    train, test = planted
+    learned = sc.learn_dictionary(train.x, method="jumprelu", n_atoms=32, steps=40, lr=3e-3)
+    before = learned.encoder.config.threshold_scale
+    enc, l0 = calibrate_inference(learned.encoder, test.x, 2.5)
+    assert abs(l0 - 2.5) <= 0.05 and sc.metrics.mean_l0(enc.encode(test.x)) == l0
+    assert torch.allclose(enc.encode(test.x), _codes_by_hand(enc, test.x), atol=1e-6)
+    assert enc.dictionary is learned.dictionary and learned.encoder.config.threshold_scale == before
+    with pytest.raises(ValueError, match="'topk' has no inference knob to calibrate"):
+        calibrate_inference(sc.get_encoder("topk", k=2, steps=1).fit(train.dictionary, train.x), test.x, 2.0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        calibrate_inference(sc.get_encoder("gated"), test.x, 2.0)
+    with pytest.raises(ValueError, match="target_l0 must be > 0"):
+        calibrate_inference(enc, test.x, 0.0)

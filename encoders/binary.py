@@ -60,14 +60,18 @@ class SigmoidSTE(torch.autograd.Function):
         return grad * s * (1 - s), None
 
 
-class SigmoidDerivativeSTE(torch.autograd.Function):
-    """Forward: 1[v > 0]. Backward: dL/dv = dL/da * s(v) (1 - s(v)), the sigmoid's derivative (paper b's
-    gradient estimate; it vanishes smoothly instead of being cut at |v| = 1)."""
+class _Step(torch.autograd.Function):
+    """Forward: the step 1[v > 0]; subclasses give the gradient that stands in for its zero derivative."""
 
     @staticmethod
     def forward(ctx, v):
         ctx.save_for_backward(v)
         return (v > 0).to(v.dtype)
+
+
+class SigmoidDerivativeSTE(_Step):
+    """Backward: dL/dv = dL/da * s(v) (1 - s(v)), the sigmoid's derivative (paper b's gradient estimate;
+    it vanishes smoothly instead of being cut at |v| = 1)."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -76,13 +80,8 @@ class SigmoidDerivativeSTE(torch.autograd.Function):
         return grad * s * (1 - s)
 
 
-class ClippedSTE(torch.autograd.Function):
-    """Forward: 1[v > 0]. Backward: the gradient passes where |v| <= 1 (straight-through, clipped)."""
-
-    @staticmethod
-    def forward(ctx, v):
-        ctx.save_for_backward(v)
-        return (v > 0).to(v.dtype)
+class ClippedSTE(_Step):
+    """Backward: the gradient passes where |v| <= 1 (straight-through, clipped)."""
 
     @staticmethod
     def backward(ctx, grad):

@@ -311,7 +311,7 @@ class Encoder(abc.ABC):
     def inference_range(self, x) -> tuple[float, float]:
         """Values of `inference_knob` between which the fitted encoder goes from its densest codes of the
         signals `x` (low) to all-zero codes (high): the interval calibration searches."""
-        raise NotImplementedError(f"encoder {self.name!r} has no inference knob")
+        raise ValueError(f"encoder {self.name!r} has no inference knob (inference_knob is None)")
 
     def retuned(self, **fields) -> "Encoder":
         """A copy of this fitted encoder with its `inference_knob` set as given; what fitting made (the

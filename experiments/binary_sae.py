@@ -80,14 +80,19 @@ def fvu(y: torch.Tensor, y_hat: torch.Tensor) -> float:
 KEY_ROWS = ("default", "Adam lr 1e-3", "raw activations (not normalised)")
 
 
-def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Path | None, seed: int = 0) -> list[dict]:
-    """The TopK SAE and every binary variant at seed 0; at another seed the TopK SAE and `KEY_ROWS` only."""
+def _split(store_path: Path) -> tuple[act.ActivationStore, int, int]:
+    """The store (its normalisation computed once) and its training / held-out token counts."""
     store = act.ActivationStore(store_path)
     if "normalization" not in store.manifest:
         act.compute_normalization(store_path)
         store = act.ActivationStore(store_path)
     n_test = min(4096, store.n_tokens // 5)
-    n_train = store.n_tokens - n_test
+    return store, store.n_tokens - n_test, n_test
+
+
+def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Path | None, seed: int = 0) -> list[dict]:
+    """The TopK SAE and every binary variant at seed 0; at another seed the TopK SAE and `KEY_ROWS` only."""
+    store, n_train, n_test = _split(store_path)
     data = {norm: (store.load(n_train, normalize=norm).x, store.load(n_test, start=n_train, normalize=norm).x)
             for norm in (True, False)}
     train = {"steps": steps, "batch_size": BATCH, "k": K, "seed": seed}
@@ -122,12 +127,7 @@ def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Pat
 
 
 def run_transcoders(store_path: Path, n_atoms: int, steps: int, quick: bool, lr: float | None) -> list[dict]:
-    store = act.ActivationStore(store_path)
-    if "normalization" not in store.manifest:
-        act.compute_normalization(store_path)
-        store = act.ActivationStore(store_path)
-    n_test = min(4096, store.n_tokens // 5)
-    n_train = store.n_tokens - n_test
+    store, n_train, n_test = _split(store_path)
     tr, te = store.load(n_train, normalize=True, targets=True), store.load(n_test, start=n_train, normalize=True,
                                                                             targets=True)
     train = {"steps": steps, "batch_size": BATCH, "k": K}

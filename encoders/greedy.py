@@ -412,6 +412,21 @@ class _Cholesky:
         return torch.linalg.solve_triangular(self.L.transpose(1, 2), self.u.unsqueeze(-1), upper=True).squeeze(-1)
 
 
+# --- choosing a variant on a GPU -----------------------------------------------------------------
+#: A GPU's matrix-product rate over its memory bandwidth (flops per byte): H100, about 700 TFLOP/s in
+#: bfloat16 and 50 in float32, against 3 TB/s.
+GPU_FLOPS_PER_BYTE = {torch.bfloat16: 200.0, None: 20.0}
+#: Passes over a signal's n_atoms correlations that a Gram-free step makes besides its product: the
+#: pick, its certification and the residual's bookkeeping.
+GRAM_FREE_PASSES = 8.0
+
+
+def _gram_free_passes(d: int, low: torch.dtype | None) -> float:
+    """A Gram-free step's cost per signal on a GPU, in passes over n_atoms values (4 bytes each): the
+    product with all atoms (2 d flops per atom) at the device's flops per byte, and its other passes."""
+    return 2 * d / (4 * GPU_FLOPS_PER_BYTE[low]) + GRAM_FREE_PASSES
+
+
 # --- the encoders -------------------------------------------------------------------------------
 class _Pursuit(Encoder):
     family = "greedy"
@@ -421,6 +436,12 @@ class _Pursuit(Encoder):
     @abc.abstractmethod
     def _row_items(self, variant: str) -> int:
         """What a variant keeps per signal (bytes / itemsize), on top of the returned codes."""
+
+    @abc.abstractmethod
+    def _gram_passes(self) -> float:
+        """The Gram variant's mean cost per step and signal in passes over n_atoms values. On a CPU the
+        Gram variant's state stays in cache (it is chosen wherever it fits and pays); on a GPU each pass
+        is memory traffic, set against `_gram_free_passes`."""
 
     def _energy_to_explain(self, x):
         """Squared residual norm that may be removed before the tolerance ||r|| <= tol ||x|| is met."""
@@ -445,6 +466,8 @@ class _Pursuit(Encoder):
             # costs about k d n_atoms more, so it pays once n * k reaches n_atoms (or is already there).
             fit = fits(budget, gram_bytes + MIN_BLOCK * self._row_items("gram") * itemsize)
             pays = self.dictionary.has_gram(x.dtype, x.device) or n * self.config.k >= n_atoms
+            if x.device.type != "cpu":
+                pays = pays and self._gram_passes() < _gram_free_passes(self.dictionary.d, self._low_precision(x))
             variant = "gram" if fit and pays else "gram-free"
         row_bytes = self._row_items(variant) * itemsize
         fixed = gram_bytes if variant == "gram" else 0
@@ -544,6 +567,10 @@ class OMP(_Pursuit):
         # gram: correlations, their scores and the k-1 columns of C; gram-free: correlations and Q
         return (k + 1) * n_atoms + small if variant == "gram" else n_atoms + k * d + small
 
+    def _gram_passes(self) -> float:
+        # step j updates its row of C from the j before it (read both, write one), then alpha and the pick
+        return 1.5 * (self.config.k - 1) + 5
+
     def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
@@ -572,6 +599,9 @@ class MP(_Pursuit):
         # gram: correlations, scores and the gathered Gram rows; gram-free: correlations, residual, atoms
         return 3 * n_atoms + 2 * d if variant == "gram" else n_atoms + 3 * d
 
+    def _gram_passes(self) -> float:
+        return 5.0                        # one Gram row into alpha, then the pick
+
     def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
@@ -599,10 +629,15 @@ class GradientPursuit(_Pursuit):
         # atoms, r and g D
         return 4 * n_atoms + 2 * d if variant == "gram" else 2 * n_atoms + k * d + 3 * d
 
+    def _gram_passes(self) -> float:
+        return 0.5 * self.config.k + 6    # step j reads the support's j + 1 Gram rows, then the pick
+
+    def _low_precision(self, x: torch.Tensor) -> torch.dtype | None:
+        return None                       # its steps use the support's correlations as values
+
     def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
-            # its steps use the support's correlations as values, so its products stay in x's precision
             gp_gram_free(x, codes, corr.atoms, diag, self.config.k, energy)
         else:
             gp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)

@@ -52,7 +52,7 @@ class _Unrolled(nn.Module):
             self.gamma = nn.Parameter(torch.full((cfg.unroll,), step, dtype=atoms.dtype))
         else:
             self.W = nn.Parameter(step * atoms.detach().clone())
-            self.S = nn.Parameter(torch.eye(n_atoms, dtype=atoms.dtype) - step * (atoms.detach() @ atoms.detach().T))
+            self.S = nn.Parameter(torch.eye(n_atoms, dtype=atoms.dtype, device=atoms.device) - step * (atoms.detach() @ atoms.detach().T))
 
     def forward(self, x):
         if self.tied:

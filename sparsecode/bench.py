@@ -116,9 +116,10 @@ def amortised_floor(x: torch.Tensor, atoms: torch.Tensor, k: int, budget: int) -
     values = x.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
     on_cpu = x.device.type == "cpu"
-    workers = cpu_workers(x.device)
-    rows = rows_within(budget, 2 * atoms.shape[0] * x.element_size() * workers, what="signal (x @ atoms.T)",
-                       at_most=256 if on_cpu else 4096)
+    per_row = 2 * atoms.shape[0] * x.element_size()
+    # a budget too small for a block per thread runs fewer threads rather than failing
+    workers = max(1, min(cpu_workers(x.device), budget // per_row))
+    rows = rows_within(budget, per_row * workers, what="signal (x @ atoms.T)", at_most=256 if on_cpu else 4096)
 
     def work(start: int, stop: int) -> None:
         torch.topk(x[start:stop] @ atoms.T, k, dim=1, out=(values[start:stop], indices[start:stop]))
@@ -179,8 +180,10 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return float(np.median(times))
 
 
-def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budget: int, fields: set[str]):
-    """The fitted encoder of one scale row, or the reason it is skipped."""
+def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budget: int, fields: set[str],
+                  options: dict):
+    """The fitted encoder of one scale row, or the reason it is skipped. `options` (config fields) win
+    over the row's k and memory."""
     params = {"memory": memory} if "memory" in fields else {}
     cls = encoder_class(name)
     need = dictionary.n_atoms ** 2 * cls.gram_itemsize
@@ -188,11 +191,12 @@ def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budge
         return None, f"it forms a Gram matrix of {format_bytes(need)}, more than the memory budget {format_bytes(budget)}"
     if cls.knob not in (None, "k") and not cls.trainable:
         # Penalty knobs (the lasso's lam): the value giving about the planted L0, found on a small subsample.
-        enc, _ = calibrate(name, dictionary, x[:min(64, x.shape[0])], float(k), params=params, rel_tol=0.1,
-                           max_steps=12)
+        enc, _ = calibrate(name, dictionary, x[:min(64, x.shape[0])], float(k), params={**params, **options},
+                           rel_tol=0.1, max_steps=12)
         return enc, None
     if "k" in fields:
         params["k"] = k
+    params.update(options)
     if cls.trainable:
         if not {"bias", "steps"} <= fields:
             return None, "a trained encoder without a bias-free one-step configuration"
@@ -206,7 +210,8 @@ def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budge
 
 def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = (576,), k: tuple[int, ...] = (32,),
           n_samples: int = 256, repeats: int = 3, memory=None, device="cpu", encoders: tuple[str, ...] | None = None,
-          seed: int = 0, callback: Callable[[int, int, str], None] | None = None) -> list[dict]:
+          encoder_params: dict[str, dict] | None = None, seed: int = 0,
+          callback: Callable[[int, int, str], None] | None = None) -> list[dict]:
     """Throughput, peak memory and time relative to the amortised floor of inference methods over a grid of
     dictionary sizes (float32, one synthetic problem per cell).
 
@@ -248,19 +253,26 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
             row = {**cell, "encoder": name}
             try:
                 fields = {f.name for f in dataclasses.fields(encoder_class(name).Config)}
-                enc, skipped = _scale_encoder(name, dictionary, x, kk, memory, budget, fields)
+                enc, skipped = _scale_encoder(name, dictionary, x, kk, memory, budget, fields,
+                                              (encoder_params or {}).get(name, {}))
                 if skipped is None:
+                    formed = "variant" in fields and fits(budget // 2, N * N * x.element_size())
                     with _PeakMemory(device) as peak:
                         start = time.perf_counter()
-                        if "variant" in fields and fits(budget // 2, N * N * x.element_size()):
+                        if formed:
                             # In a comparison over a stream of batches the Gram matrix is formed once and
                             # reused by every batch, so a method that can use one gets it here, in setup_s,
                             # as the first batch of such a stream would (the cell's few signals alone would
                             # not repay it).
                             dictionary.gram(x.dtype, x.device)
                         info = enc.encode_with_info(x)
-                        codes = info.codes
                         row["setup_s"] = time.perf_counter() - start
+                    if formed and info.variant != "gram":
+                        # it chose to run without the Gram matrix (on a GPU, say): its memory without one
+                        dictionary.release_gram(x.dtype, x.device)
+                        with _PeakMemory(device) as peak:
+                            info = enc.encode_with_info(x)
+                    codes = info.codes
                     seconds = _timed(lambda: enc.encode(x), repeats, device)
                     row.update(signals_per_s=n / seconds, ratio_to_floor=seconds / floor_s,
                                peak_memory_mb=_mb(peak.bytes), f1=metrics.support_scores(data.codes, codes.cpu())["f1"],

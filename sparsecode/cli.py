@@ -682,6 +682,8 @@ def bench_scale(
                                          help="Working-memory budget of every encoder, e.g. 4GB."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
     encoders: str = typer.Option("omp,mp,fista,topk,spams-omp", help="Comma-separated encoders."),
+    set_: list[str] = typer.Option([], "--set", show_default="none",
+                                   help="Encoder option ENCODER.FIELD=VALUE, e.g. --set omp.variant=gram (repeatable)."),
     out: Optional[Path] = typer.Option(None, show_default="not saved", help="Save the rows to this JSON file."),
     figure: Optional[Path] = typer.Option(None, show_default="not drawn", help="Save a figure of throughput against n_atoms (.png, .pdf, .svg)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step."),
@@ -689,10 +691,12 @@ def bench_scale(
     """Inference at the sizes of real SAEs: throughput, peak memory and time relative to the amortised floor."""
     _setup_logging(verbose)
     grid = {"n_atoms": _int_list(n_atoms, "--n-atoms"), "d": _int_list(d, "--d"), "k": _int_list(k, "--k")}
+    names = _names(encoders)
+    params = _parse_sets(set_, names)
     with _progress(TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
         task = bar.add_task("scale", total=None)
         rows = scale(**grid, n_samples=n_samples, repeats=repeats, memory=memory, device=device,
-                     encoders=tuple(_names(encoders)),
+                     encoders=tuple(names), encoder_params=params,
                      callback=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
     label = describe_device(device)
     print_table([r for r in rows if "skipped" not in r],
@@ -703,7 +707,8 @@ def bench_scale(
             console.print(f"[yellow]skipped[/] {row['encoder']} at n_atoms={row['n_atoms']}, d={row['d']}, "
                           f"k={row['k']}: {row['skipped']}")
     if out is not None:
-        _io.write_json(out, {"bench": "scale", "device": label, "dtype": "float32", "memory": memory, "rows": rows})
+        _io.write_json(out, {"bench": "scale", "device": label, "dtype": "float32", "memory": memory,
+                             "encoder_params": params, "rows": rows})
         _saved(out)
     if figure is not None:
         scale_figure(rows, figure, title=f"Inference throughput ({label}, float32)")

@@ -101,6 +101,10 @@ class Dictionary:
             return a @ a.T
         return self._cached("gram", dtype, device, make)
 
+    def release_gram(self, dtype: torch.dtype | None = None, device=None) -> None:
+        """Free the cached `gram(dtype, device)`, if any (for a caller that formed it and found it unused)."""
+        self._cache.pop(("gram", dtype or self.atoms.dtype, str(torch.device(device or self.atoms.device))), None)
+
     def has_gram(self, dtype: torch.dtype | None = None, device=None) -> bool:
         """Whether `gram(dtype, device)` is already computed (solvers that can do without it choose by this)."""
         slot = ("gram", dtype or self.atoms.dtype, str(torch.device(device or self.atoms.device)))

@@ -131,7 +131,12 @@ def setup(device: str | torch.device | None = None) -> Group:
         cpu = device is not None and torch.device(device).type == "cpu"
         backend = "nccl" if torch.cuda.is_available() and not cpu else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+            if local >= gpus:
+                raise ValueError(f"local rank {local} needs GPU {local}, but this node has {gpus}: start at most "
+                                 f"{gpus} processes per node (torchrun --nproc-per-node), or run on the CPU "
+                                 "(--device cpu)")
+            torch.cuda.set_device(local)
         timeout = datetime.timedelta(seconds=float(os.environ.get("SPARSECODE_DIST_TIMEOUT", TIMEOUT_S)))
         torch.distributed.init_process_group(backend=backend, timeout=timeout)
         log.info("rank %d of %d (%s)", torch.distributed.get_rank(), torch.distributed.get_world_size(), backend)

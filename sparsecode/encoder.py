@@ -366,6 +366,7 @@ class Encoder(abc.ABC):
             how = "fit(dictionary, x_train)" if self.trainable else "fit(dictionary)"
             raise RuntimeError(f"encoder {self.name!r} is not fitted: call .{how} first")
         x = self._check_x(x)
+        self._follow(x.device)
         work = x.to(self._work_dtype(x))
         if self.dictionary.bias is not None and not self.sees_raw_input:
             work = work - self.dictionary.bias.to(device=work.device, dtype=work.dtype)
@@ -431,6 +432,11 @@ class Encoder(abc.ABC):
     def _work_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype `_encode` computes in: x's own when float32/float64, else float32."""
         return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _follow(self, device: torch.device) -> None:
+        """Make ready to encode signals on `device`. Codes come back on the signals' device; solvers
+        read the dictionary there through its per-device cache, so only encoders holding their own
+        tensors (a trained network) have anything to move."""
 
     def _fit(self, x: torch.Tensor | None, **targets) -> None:
         """Precompute (iterative solvers) or train (learned encoders); `self.dictionary` is set."""

@@ -12,6 +12,7 @@ import abc
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,6 +421,13 @@ class TrainableEncoder(Encoder):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._codes(x)
+
+    def _follow(self, device: torch.device) -> None:
+        # a network trained (or loaded) on one device encodes signals on another: it moves once, in place
+        net = getattr(self, "net", None)
+        held = None if net is None else next(itertools.chain(net.parameters(), net.buffers()), None)
+        if held is not None and held.device != device:
+            self.net.to(device)
 
     # --- fitting ----------------------------------------------------------------------------
     def _fit(self, x, y=None) -> None:

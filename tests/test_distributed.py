@@ -130,7 +130,8 @@ def _problem(folder):
 def _compare_on_store(store, dictionary):
     import sparsecode as sc
     # batches of 64 over shards of 70: the ranks' runs of batches cut through shards
-    return sc.compare(COMPARED, store, dictionary, k=3, lam=0.05, reference="fista", batch_size=64).rows
+    return sc.compare(COMPARED, store, dictionary, k=3, lam=0.05, reference="fista", batch_size=64,
+                      device="cpu").rows
 
 
 def _train(x):

@@ -15,7 +15,8 @@ from sparsecode.report import report
 from sparsecode.encoder_file import load_encoder
 
 #: the cheapest sweep: OMP needs no training and no calibration
-CHEAP = dict(encoders=["omp"], grid={"n_atoms": [8], "d": [4], "k": [2]}, seeds=1, n_samples=32, n_train=0)
+CHEAP = dict(encoders=["omp"], grid={"n_atoms": [8], "d": [4], "k": [2]}, seeds=1, n_samples=32, n_train=0,
+             device="cpu")
 
 
 def _atoms(seed: int, n_atoms: int = 6, d: int = 4) -> torch.Tensor:

@@ -349,6 +349,7 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
     tol_live, xx_live = inner_tol[live].to(dtype), xx[live].to(dtype)
     # rounds at least double a signal's iterations so far: few momentum restarts on hard signals
     budget = torch.minimum(cfg.max_iter - used[live], torch.clamp_min(used[live], ROUND_ITER))
+    precise_atoms = None
     if W is None:
         on = atoms if dtype == x.dtype else atoms.to(dtype)
         zs, it, met = _full_round(xs, on, gram if gram is not None and gram.dtype == dtype else None, lipschitz,
@@ -356,6 +357,7 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
                                   block_bytes // 2 if on is not atoms else block_bytes)
         codes[live] = zs.to(codes.dtype)
         r = xs - zs @ on
+        precise_atoms = on if dtype != x.dtype else None
         del on
     else:
         # Each signal's Gram block (m, w, w): gathered from the Gram matrix (a flat index_select; advanced
@@ -378,8 +380,14 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
         r = xs - (_sparse_decode(zw, W, atoms) if dtype == x.dtype else torch.bmm(zw.unsqueeze(1), aw).squeeze(1))
         del aw
     used[live] += it
-    # Certify on the full dictionary: one product with every atom, in the input's dtype.
-    corr = r.to(x.dtype) @ atoms.T
+    # Certify on the full dictionary: one product with every atom, in the input's dtype, or in PRECISE
+    # for signals that iterate in it (their gap may be below what the input's dtype can resolve).
+    if dtype == x.dtype:
+        corr = r @ atoms.T
+    elif precise_atoms is not None:
+        corr = r @ precise_atoms.T
+    else:
+        corr = _precise_correlations(r, atoms, block_bytes)
     worst = _worst(corr, pos).to(dtype)
     within = worst <= lam * (1 + slack)
     if gap_mode:
@@ -448,6 +456,13 @@ def _round(x, atoms, gram, b, lipschitz, cfg, momentum, restart, block_bytes, co
             rows, w_new, z_new = rows[moving], w_new[moving], z_new[moving]
         out.append((rows, w_new, z_new.to(wide)))
     return out
+
+
+def _precise_correlations(r: torch.Tensor, atoms: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """``r @ atoms.T`` in PRECISE, the atoms converted a slice at a time: a precise copy of them all
+    may not fit the budget, and only the few signals that needed PRECISE come here."""
+    step = max(1, min(atoms.shape[0], block_bytes // (2 * atoms.shape[1] * torch.finfo(PRECISE).bits // 8)))
+    return torch.cat([r @ atoms[s:s + step].to(PRECISE).T for s in range(0, atoms.shape[0], step)], dim=1)
 
 
 def _sparse_decode(zw: torch.Tensor, W: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:

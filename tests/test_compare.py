@@ -51,15 +51,15 @@ def test_lasso_solvers_share_one_calibrated_lam(data, monkeypatch):
     calibrate = compare_module.calibrate
     monkeypatch.setattr(compare_module, "calibrate", lambda name, *a, **kw: searched.append(name) or
                         calibrate(name, *a, **kw))
-    res = sc.compare(["omp", "fista", "cd", "spams-lasso"], data, target_l0=6.0, reference=None)
+    res = sc.compare(["omp", "fista", "admm", "spams-lasso"], data, target_l0=6.0, reference=None)
     assert searched == ["omp", "fista"] and res.settings["lasso_lam_calibrated_by"] == ["fista"]
     lam = res.row("fista")["lam"]
-    assert res.row("cd")["lam"] == res.row("spams-lasso")["lam"] == lam
-    for name in ("fista", "cd", "spams-lasso"):          # the same solution, so the same L0
+    assert res.row("admm")["lam"] == res.row("spams-lasso")["lam"] == lam
+    for name in ("fista", "admm", "spams-lasso"):          # the same solution, so the same L0
         assert abs(res.row(name)["l0"] - 6.0) <= 0.12
     # the non-negative lasso is another problem, calibrated on its own
-    res = sc.compare(["fista", "cd"], data, target_l0=6.0, reference=None, encoder_params={"cd": {"positive": True}})
-    assert res.settings["lasso_lam_calibrated_by"] == ["fista", "cd"] and res.row("cd")["lam"] != lam
+    res = sc.compare(["fista", "admm"], data, target_l0=6.0, reference=None, encoder_params={"admm": {"positive": True}})
+    assert res.settings["lasso_lam_calibrated_by"] == ["fista", "admm"] and res.row("admm")["lam"] != lam
 
 
 def test_calibrate_returns_knob_value(data):

@@ -52,6 +52,18 @@ def test_without_a_launcher_the_group_is_one_process(monkeypatch):
     assert group.sum(t) is t and group.gather("a") == ["a"] and group.max(3.0) == 3.0
 
 
+def test_more_ranks_than_gpus_on_a_node_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"local rank 1 needs GPU 1, but this node has 1: start at most 1 "):
+        distributed.setup("cuda")
+
+
 def test_a_world_size_without_the_rest_of_the_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -48,12 +48,12 @@ def test_sweep_writes_every_cell_and_skips_impossible_ones(sweep):
 
 
 def test_lasso_solvers_in_a_cell_share_the_calibrated_lam(tmp_path):
-    # the preset's fista solves the non-negative lasso: cd (signed) is calibrated apart, admm shares cd's lam
-    (record,) = recovery("paper-c", out=tmp_path / "r.jsonl", encoders=["fista", "cd", "admm", "omp"],
+    # the preset's fista solves the non-negative lasso: ista (signed) is calibrated apart, admm shares its lam
+    (record,) = recovery("paper-c", out=tmp_path / "r.jsonl", encoders=["fista", "ista", "admm", "omp"],
                          grid={"n_atoms": [16], "d": [8], "k": [3]}, seeds=1, n_samples=128)
-    fista, cd, admm = (next(r for r in record["rows"] if r["encoder"] == name) for name in ("fista", "cd", "admm"))
-    assert admm["lam"] == cd["lam"] != fista["lam"] and admm["matched_l0"] and cd["matched_l0"]
-    assert admm["l0"] == pytest.approx(cd["l0"], abs=0.05) and abs(cd["l0"] - 3) <= 0.06
+    fista, ista, admm = (next(r for r in record["rows"] if r["encoder"] == name) for name in ("fista", "ista", "admm"))
+    assert admm["lam"] == ista["lam"] != fista["lam"] and admm["matched_l0"] and ista["matched_l0"]
+    assert admm["l0"] == pytest.approx(ista["l0"], abs=0.05) and abs(ista["l0"] - 3) <= 0.06
 
 
 def test_impossible_k_larger_than_n_atoms(tmp_path):

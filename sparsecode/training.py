@@ -149,16 +149,15 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
     losses: list[float] = []
     full = cfg.batch_size >= n
     order, pos = None, n
-    position = [0, 0]              # a stream's epoch, and batches taken in it
     first = 0
     saved = saver.resume()
     if saved is not None:
         try:
-            first, losses, order, pos = _restore(saved, params, opt, hook_state, gen, position, device)
+            first, losses, order, pos = _restore(saved, params, opt, hook_state, gen, device)
         except KeyError as err:
             raise ValueError(f"checkpoint {saver.path} lacks the tensor {err}: it is not a whole checkpoint of "
                              f"{what}; delete it to start afresh") from None
-    batches = None if stream is None else _stream_batches(stream, cfg, device, position)
+    batches = None if stream is None else _stream_batches(stream, cfg, device, first, group)
     every = max(1, cfg.steps // 10)
     small = all(p.device.type == "cpu" for p in params) and \
         sum(p.numel() for p in params) * min(cfg.batch_size, n) <= SMALL_STEP
@@ -168,19 +167,20 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
     # threads while other processes ran).
     with one_thread_per_op() if small else contextlib.nullcontext():
         for step in range(first, cfg.steps):
-            if batches is not None:
-                idx = next(batches)
-            elif full:
-                idx = torch.arange(n)
-            else:
-                if pos + cfg.batch_size > n:
-                    order, pos = torch.randperm(n, generator=gen), 0
-                idx = order[pos:pos + cfg.batch_size]
-                pos += cfg.batch_size
             weight = 1.0
-            if group.distributed:
-                share = group.part(len(idx))
-                idx, weight = idx[share.start:share.stop], len(share) / len(idx)
+            if batches is not None:
+                idx, weight = next(batches)           # this rank's rows of the global batch, and their share
+            else:
+                if full:
+                    idx = torch.arange(n)
+                else:
+                    if pos + cfg.batch_size > n:
+                        order, pos = torch.randperm(n, generator=gen), 0
+                    idx = order[pos:pos + cfg.batch_size]
+                    pos += cfg.batch_size
+                if group.distributed:
+                    share = group.part(len(idx))
+                    idx, weight = idx[share.start:share.stop], len(share) / len(idx)
             token, step_token = _step_group.set(group if group.distributed else None), _step_number.set(step)
             try:
                 loss = loss_fn(idx.to(device) if device is not None and batches is None else idx)
@@ -200,7 +200,7 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
                     after_step() if aux is _NO_AUX else after_step(aux)
             losses.append(float(loss.detach()))
             if saver.due(step + 1, cfg.steps):
-                saver.save(step + 1, _state(params, opt, hook_state, gen, losses, order, pos, position, device))
+                saver.save(step + 1, _state(params, opt, hook_state, gen, losses, order, pos, device))
             if callback is not None:
                 callback(what, step + 1, cfg.steps, losses[-1])
             if step % every == 0 or step == cfg.steps - 1:
@@ -209,21 +209,22 @@ def optimise(params: list[torch.Tensor], loss_fn: Callable[[torch.Tensor], torch
     return losses
 
 
-def _state(params, opt, hook_state, gen, losses, order, pos, position, device) -> dict[str, torch.Tensor]:
-    """Everything a resumed loop needs to take the uninterrupted loop's next step."""
+def _state(params, opt, hook_state, gen, losses, order, pos, device) -> dict[str, torch.Tensor]:
+    """Everything a resumed loop needs to take the uninterrupted loop's next step (a stream's place
+    follows from the step: see `_stream_batches`)."""
     tensors = {f"param.{i}": p.detach() for i, p in enumerate(params)}
     for i, state in opt.state_dict()["state"].items():
         tensors.update({f"opt.{i}.{key}": torch.as_tensor(value) for key, value in state.items()})
     tensors.update({f"hook.{key}": value for key, value in hook_state.items()})
     tensors.update(checkpoint.rng_state(gen, None if device is None else torch.device(device)))
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
-    tensors["data.position"] = torch.tensor([pos, *position], dtype=torch.int64)
+    tensors["data.position"] = torch.tensor([pos], dtype=torch.int64)
     if order is not None:
         tensors["data.order"] = order
     return tensors
 
 
-def _restore(saved, params, opt, hook_state, gen, position, device):
+def _restore(saved, params, opt, hook_state, gen, device):
     """Put a checkpoint's state back; returns (first step, losses, order, pos)."""
     with torch.no_grad():
         for i, p in enumerate(params):
@@ -239,8 +240,7 @@ def _restore(saved, params, opt, hook_state, gen, position, device):
     loaded["state"] = state
     opt.load_state_dict(loaded)
     checkpoint.set_rng_state(saved, gen, None if device is None else torch.device(device))
-    pos, *where = saved["data.position"].tolist()
-    position[:] = where
+    pos = saved["data.position"].tolist()[0]
     return int(saved["step"]), saved["losses"].tolist(), saved.get("data.order"), pos
 
 
@@ -297,20 +297,72 @@ def _all_reduce_grads(group, opt: torch.optim.Optimizer, loss: torch.Tensor) -> 
 _NO_AUX = object()
 
 
-def _stream_batches(stream, cfg: TrainConfig, device, position: list[int]):
-    """Endless training batches from a store's token range (an epoch is one pass over it), from
-    `position` ``[epoch, batches taken in it]`` on, which it keeps up to date for checkpoints."""
+#: A streamed training reads its token range as this many equal contiguous sub-ranges ("lanes"), each
+#: shuffled on its own, and every batch takes a fixed share of rows from each. Under a launcher the
+#: ranks take whole lanes, so each reads only its own part of the store, and the global batch (so the
+#: training) is the same for any number of ranks that divides the lanes.
+LANES = 8
+#: Tokens a lane's reader mixes at a time, shared out among the lanes a process reads.
+LANE_BUFFER_TOKENS = 65536
+
+
+def _stream_batches(stream, cfg: TrainConfig, device, first_step: int, group):
+    """Endless training batches from a store's token range, from step `first_step` on: pairs of this
+    rank's rows of each global batch and their share of it.
+
+    Lane s holds ``n_s`` tokens and gives ``r_s`` rows to every batch (``r_s = n_s`` when the batch is
+    as large as the range: every step then sees all of it). Rows are taken pass after pass, a new
+    shuffle each pass, across a pass's end, so every batch has the same size and lane s's place after
+    t steps is ``divmod(t r_s, n_s)``: a resumed training needs no other record of where it was.
+    Ranks take contiguous runs of whole lanes where their number divides the lanes' (the rows each
+    rank reads are then its part of the global batch in order); otherwise every rank reads every lane
+    and takes its part of the global batch (`Group.part`).
+    """
+    if stream.n_tokens < 1:
+        raise ValueError(f"the token range to train on is empty ({stream.n_tokens} tokens)")
+    n_lanes = min(LANES, stream.n_tokens, cfg.batch_size)
+    base, extra = divmod(stream.n_tokens, n_lanes)
+    sizes = [base + (s < extra) for s in range(n_lanes)]
+    starts = [sum(sizes[:s]) for s in range(n_lanes)]
+    if cfg.batch_size >= stream.n_tokens:
+        rows = sizes
+    else:
+        share, more = divmod(cfg.batch_size, n_lanes)
+        rows = [share + (s < more) for s in range(n_lanes)]
+    whole = sum(rows)
+    by_lanes = group.distributed and n_lanes % group.world_size == 0
+    mine = group.part(n_lanes) if by_lanes else range(n_lanes)
+    buffer = max(1, LANE_BUFFER_TOKENS // len(mine))
+    lanes = [_lane(type(stream)(stream.store, stream.start + starts[s], sizes[s], stream.normalize), rows[s],
+                   cfg.seed * 1_000_003 + s * 10_007, first_step * rows[s], buffer) for s in mine]
     while True:
-        produced = False
-        for i, xb in enumerate(stream.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + position[0])):
-            produced = True
-            if i < position[1]:         # taken before a resumed checkpoint: read past it
+        xb = torch.cat([next(lane) for lane in lanes])
+        weight = len(xb) / whole
+        if group.distributed and not by_lanes:
+            share = group.part(len(xb))
+            xb, weight = xb[share.start:share.stop], len(share) / len(xb)
+        yield (xb.to(device) if device is not None else xb), weight
+
+
+def _lane(part, rows: int, seed: int, taken: int, buffer_tokens: int):
+    """Endless batches of exactly `rows` signals of the token range `part`, pass after pass (pass p
+    shuffled with seed ``seed + p``), starting after the first `taken` rows of that sequence."""
+    passes, skip = divmod(taken, part.n_tokens)
+    held: list[torch.Tensor] = []
+    count = 0
+    while True:
+        for xb in part.batches(rows, shuffle=True, seed=seed + passes, buffer_tokens=buffer_tokens):
+            if skip >= len(xb):
+                skip -= len(xb)
                 continue
-            position[1] = i + 1
-            yield xb.to(device) if device is not None else xb
-        if not produced:
-            raise ValueError(f"the token range to train on is empty ({stream.n_tokens} tokens)")
-        position[:] = [position[0] + 1, 0]
+            xb, skip = xb[skip:], 0
+            held.append(xb)
+            count += len(xb)
+            while count >= rows:
+                joined = torch.cat(held)
+                yield joined[:rows]
+                held, count = [joined[rows:]], count - rows
+        passes += 1
 
 
 class Forward(NamedTuple):

@@ -152,6 +152,33 @@ def _train(x):
     return enc, enc.learn(x.double(), 48)
 
 
+def _train_streamed(store):
+    """topk trained on the store itself (streamed), and the token ranges this process read."""
+    import sparsecode as sc
+    from sparsecode.activations import ActivationStore
+    read, original = [], ActivationStore.batches
+
+    def spy(self, batch_size=4096, **kw):
+        read.append((kw.get("start", 0), kw.get("max_tokens")))
+        return original(self, batch_size, **kw)
+    ActivationStore.batches = spy
+    try:
+        enc = sc.get_encoder("topk", k=3, steps=12, batch_size=64, seed=1)
+        learned = enc.learn(store, 48)
+    finally:
+        ActivationStore.batches = original
+    return enc, learned, sorted(set(read))
+
+
+#: The training's lanes over the store's 300 tokens: 4 of 38 tokens, then 4 of 37.
+LANE_STARTS = [38 * s - max(0, s - 4) for s in range(8)]
+
+
+def _lane_starts(read) -> list[int]:
+    """Where the lanes that were read start (reads of fewer than 100 tokens: not the initial sample)."""
+    return sorted(start for start, n in read if n is not None and n < 100)
+
+
 def _data_parallel_case(group, folder):
     import contextlib
     import io
@@ -165,8 +192,11 @@ def _data_parallel_case(group, folder):
     x = store.load().x
     rows = _compare_on_store(store, dictionary)
     enc, learned = _train(x)
+    streamed, streamed_learned, read = _train_streamed(store)
     _io_write(folder / f"rank{group.rank}.json", {"rows": rows, "losses": enc.losses,
-                                                  "atoms": learned.atoms.tolist(), "bias": learned.bias.tolist()})
+                                                  "atoms": learned.atoms.tolist(), "bias": learned.bias.tolist(),
+                                                  "streamed_losses": streamed.losses,
+                                                  "streamed_atoms": streamed_learned.atoms.tolist(), "read": read})
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         app(["compare", "--encoders", "fista,omp", "--data", f"activations:{folder / 'store'}", "--dictionary",
@@ -201,6 +231,7 @@ def test_two_ranks_compare_over_a_store_and_train_like_one_process(two_ranks):
     store = ActivationStore(tmp_path / "store")
     expected = _compare_on_store(store, dictionary)
     enc, learned = _train(x)
+    streamed, streamed_learned, one_read = _train_streamed(store)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert [r["encoder"] for r in got["rows"]] == COMPARED
@@ -218,6 +249,12 @@ def test_two_ranks_compare_over_a_store_and_train_like_one_process(two_ranks):
                                    rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(torch.tensor(got["bias"], dtype=torch.float64), learned.bias,
                                    rtol=1e-9, atol=1e-12)
+        # streamed from the store: each rank reads only its own lanes (4 of the 8 of 300 / 8 tokens,
+        # besides the sample that initialises the encoder), and the training is the one process's
+        assert got["streamed_losses"] == pytest.approx(streamed.losses, rel=1e-5)
+        torch.testing.assert_close(torch.tensor(got["streamed_atoms"]), streamed_learned.atoms, rtol=1e-5, atol=1e-6)
+        assert _lane_starts(got["read"]) == LANE_STARTS[4 * rank:4 * rank + 4]
+    assert _lane_starts(one_read) == LANE_STARTS
     # one results file, written by rank 0; only rank 0 prints
     saved = json.loads((tmp_path / "cli.json").read_text())
     assert [r["encoder"] for r in saved["rows"]] == ["fista", "omp"]

@@ -105,7 +105,7 @@ def test_learning_streams_and_a_range_limits_the_data(problem):
 
     def spy(self, batch_size=4096, **kw):
         for xb in original(self, batch_size, **kw):
-            seen.append(xb.x.shape[0])
+            seen.append((kw.get("start", 0), kw.get("max_tokens"), xb.x.shape[0]))
             yield xb
     try:
         type(store).batches = spy
@@ -113,7 +113,12 @@ def test_learning_streams_and_a_range_limits_the_data(problem):
     finally:
         type(store).batches = original
     assert learned.dictionary.atoms.shape == (32, 24) and len(learned.losses) == 7
-    # the head sample (200 tokens, one read) then 7 steps of 64 from 200 tokens: 3 full batches and a rest of 8 per pass
-    assert seen[0] == 200 and seen[1:8] == [64, 64, 64, 8, 64, 64, 64]
+    # the head sample (200 tokens, one read), then the training's 8 lanes of 25 tokens, each read in
+    # batches of its 8 rows a step (3 full ones and a rest of 1 per pass), never past the range
+    assert seen[0] == (0, 200, 200)
+    lanes = sorted({(start, n) for start, n, _ in seen[1:]})
+    assert lanes == [(25 * s, 25) for s in range(8)]
+    for lane in lanes:
+        assert [size for start, n, size in seen[1:] if (start, n) == lane][:5] == [8, 8, 8, 1, 8]
     with pytest.raises(ValueError, match="needs its signals in memory"):
         sc.learn_dictionary(store, "sparse-coding", 8)

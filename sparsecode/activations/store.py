@@ -169,9 +169,10 @@ class TokenRange:
     def d(self) -> int:
         return self.store.d
 
-    def batches(self, batch_size: int = 4096, *, shuffle: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int = 4096, *, shuffle: bool = False, seed: int = 0,
+                buffer_tokens: int = 65536) -> Iterator[torch.Tensor]:
         for batch in self.store.batches(batch_size, shuffle=shuffle, seed=seed, normalize=self.normalize,
-                                        start=self.start, max_tokens=self.n_tokens):
+                                        start=self.start, max_tokens=self.n_tokens, buffer_tokens=buffer_tokens):
             yield batch.x
 
     def head(self, n_tokens: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sparsecode as sc
 from sparsecode._validation import resolve_device
+from sparsecode.encoder import coerce_field
 from sparsecode.synthetic import make_sparse_data
 
 
@@ -32,10 +33,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15, help="operators listed")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    config = sc.encoder_class(args.encoder).Config
     options = {}
     for item in args.set:
         field, _, value = item.partition("=")
-        options[field] = value
+        options[field] = coerce_field(config, field, value)
     data = make_sparse_data(args.n_samples, args.d, args.n_atoms, args.k, seed=0)
     x, dictionary = data.x.to(device), data.dictionary.to(device)
     enc = sc.get_encoder(args.encoder, k=args.k, **options).fit(dictionary)

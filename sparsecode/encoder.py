@@ -433,6 +433,11 @@ class Encoder(abc.ABC):
         """The dtype `_encode` computes in: x's own when float32/float64, else float32."""
         return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
+    def skip_term(self, x) -> torch.Tensor | None:
+        """The part of the reconstruction of `x` that does not go through the codes (a skip-transcoder's
+        linear map of its input), to add to the dictionary's decode; None for most encoders."""
+        return None
+
     def _follow(self, device: torch.device) -> None:
         """Make ready to encode signals on `device`. Codes come back on the signals' device; solvers
         read the dictionary there through its per-device cache, so only encoders holding their own

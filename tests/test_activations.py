@@ -201,6 +201,12 @@ def test_splicing_exact_and_zero(tiny, loaded, site):
     assert res.ce_recovered == pytest.approx(1.0, abs=1e-3) and res.fvu < 1e-8
     zero = act.evaluate(loaded, _Zero(), identity, docs, **kw)
     assert zero.ce_spliced == pytest.approx(zero.ce_zero, abs=1e-6)
+    if site == "mlp":
+        # a skip-transcoder's direct term is spliced in too: here it alone is the whole MLP
+        class SkipOnly(_Zero):
+            skip_term = exact.encode
+        direct = act.evaluate(loaded, SkipOnly(), identity, docs, **kw)
+        assert abs(direct.ce_spliced - direct.ce_clean) < 1e-4 and direct.l0 == 0.0
     assert zero.ce_recovered == pytest.approx(0.0, abs=1e-6)
     assert zero.dead == 1.0 and zero.l0 == 0.0
 

@@ -69,7 +69,8 @@ def _ce(model, rows: torch.Tensor, batch_size: int, skip_first: bool) -> float:
 def evaluate(loaded: LoadedModel, encoder, dictionary, docs: list[str], *, layer: int, site: str = "resid",
              context_length: int = 128, n_tokens: int = 4096, batch_size: int = 8, scale: float = 1.0,
              skip_bos: bool = True, seed: int = 1) -> Evaluation:
-    """Cross-entropy of the model with the reconstruction spliced in at the hookpoint.
+    """Cross-entropy of the model with the reconstruction spliced in at the hookpoint: the dictionary's
+    decode of the codes, plus the encoder's `skip_term` of its input where it has one (a skip-transcoder).
 
     With `skip_bos` the BOS position keeps its own activation (the store, and so the dictionary,
     never saw it) and is not scored. `scale` is the store's normalisation: signals are multiplied
@@ -82,11 +83,18 @@ def evaluate(loaded: LoadedModel, encoder, dictionary, docs: list[str], *, layer
     codes_seen: list[torch.Tensor] = []
     err = {"se": 0.0, "var": 0.0}
 
+    direct = getattr(encoder, "skip_term", None)
+
     def reconstruct(x, y):
         target = y if site == "mlp" else x
-        codes = encoder.encode(x.float() * scale)
+        x_in = x.float() * scale
+        codes = encoder.encode(x_in)
         codes_seen.append((codes != 0).cpu())
-        x_hat = dictionary.decode(codes) / scale
+        x_hat = dictionary.decode(codes)
+        part = direct(x_in) if direct is not None else None
+        if part is not None:                       # a skip-transcoder's linear map of its input
+            x_hat = x_hat + part.to(x_hat)
+        x_hat = x_hat / scale
         err["se"] += float(((target.float() - x_hat) ** 2).sum())
         err["var"] += float(((target.float() - target.float().mean(0)) ** 2).sum())
         return x_hat

@@ -120,3 +120,39 @@ def test_k_limits():
         sc.get_encoder("mp", k=17).fit(torch.randn(16, 8))
     with pytest.raises(ValueError, match="k must be >= 1"):
         sc.get_encoder("omp", k=0)
+
+
+@pytest.mark.parametrize("n_atoms", [1024, 16384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_pick_is_the_first_atom_of_largest_magnitude(n_atoms, dtype):
+    # the CPU's blocked search (blocks of 64 atoms, 128 from 8,192) must equal a plain argmax of |alpha|,
+    # ties included: numpy's argmax returns the first index
+    from encoders.greedy import _pick, _selection_scale
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.randn(6, n_atoms, generator=g, dtype=dtype)
+    alpha[0, [700, 100]] = 9.0                  # a tie across blocks: the earlier block wins
+    alpha[1, [130, 129]] = -9.0                 # a tie within a block, negative
+    alpha[2, [5, n_atoms - 1]] = torch.tensor([8.0, -9.0], dtype=dtype)   # the last atom
+    alpha[3, :] = 1.0                           # all equal: the first
+    for scale_diag in (torch.ones(n_atoms, dtype=dtype), torch.rand(n_atoms, generator=g, dtype=dtype) + 0.5):
+        scale = _selection_scale(scale_diag)
+        got = _pick(alpha, scale, torch.empty_like(alpha))
+        score = alpha.abs() if scale is None else alpha.abs() * scale
+        assert got.tolist() == np.argmax(score.numpy(), axis=1).tolist()
+    assert _pick(alpha, None, torch.empty_like(alpha))[:4].tolist() == [100, 129, n_atoms - 1, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_omp_on_a_thousand_coherent_atoms_matches_sklearn_in_both_variants(dtype):
+    # 1,024 atoms in 48 dimensions: the sizes where the Gram variant's sparse row products and the
+    # blocked pick run, on a coherent dictionary where a wrong update changes later picks
+    data = sc.synthetic.make_sparse_data(n_samples=150, d=48, n_atoms=1024, k=6, seed=4, dtype=torch.float64,
+                                         noise=0.02)
+    D, x = data.dictionary.atoms.numpy(), data.x.numpy()
+    ref = orthogonal_mp_gram(D @ D.T, D @ x.T, n_nonzero_coefs=8).T
+    dictionary = data.dictionary.to(dtype=dtype)
+    for variant in ("gram", "gram-free"):
+        ours = sc.get_encoder("omp", k=8, variant=variant, precision="full").fit(dictionary).encode(data.x.to(dtype))
+        assert _support(ours.numpy()) == _support(ref), variant
+        np.testing.assert_allclose(ours.double().numpy(), ref, atol=2e-4 if dtype == torch.float32 else 1e-9,
+                                   err_msg=variant)

@@ -210,3 +210,33 @@ def test_other_solvers_certify_float32_input_at_small_lam(name):
     atoms = data.dictionary.atoms.double()
     obj = {t: metrics.lasso_objective(x, r.codes.double(), atoms, lam) for t, r in runs.items()}
     assert np.allclose(obj[torch.float32], obj[torch.float64], rtol=2e-4)
+
+
+def test_float32_signals_certified_below_float32_resolution_through_float64_working_sets():
+    # tol 1e-8 is below what float32 iterates resolve: stalled working sets go on in float64 and are
+    # certified with float64 correlations (one converted copy of the atoms per solve), giving the
+    # float64 solve's optimum and certificates
+    data = sc.synthetic.make_sparse_data(n_samples=40, d=64, n_atoms=512, k=6, seed=7, dtype=torch.float64,
+                                         noise=0.01)
+    lam = 0.02
+    enc = sc.get_encoder("fista", lam=lam, tol=1e-8, working_set=16)
+    single = enc.fit(data.dictionary.to(dtype=torch.float32)).encode_with_info(data.x.float())
+    double = enc.fit(data.dictionary).encode(data.x)
+    assert single.uncertified == 0
+    o32, o64 = _objective(data, single.codes.double(), lam), _objective(data, double, lam)
+    assert float(((o32 - o64) / o64).abs().max()) < 1e-6
+
+
+def test_float64_certifying_correlations_equal_with_or_without_a_whole_copy_of_the_atoms():
+    from sparsecode_encoders.iterative import _PreciseAtoms
+    g = torch.Generator().manual_seed(1)
+    atoms = torch.randn(300, 24, generator=g)
+    r = torch.randn(5, 24, generator=g, dtype=torch.float64)
+    expected = r @ atoms.double().T
+    whole = _PreciseAtoms(atoms)
+    torch.testing.assert_close(whole.correlations(r, block_bytes=10 ** 9), expected, rtol=1e-13, atol=1e-13)
+    assert whole._copy is not None                                    # converted once, kept
+    sliced = _PreciseAtoms(atoms)
+    # 2 KB of budget: slices of 5 atoms each, never a whole copy
+    torch.testing.assert_close(sliced.correlations(r, block_bytes=2 * 24 * 8 * 5), expected, rtol=1e-13, atol=1e-13)
+    assert sliced._copy is None

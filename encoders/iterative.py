@@ -35,6 +35,8 @@ CHECK_EVERY = 10
 #: float32 to reach the target (it subtracts terms of the size of ||x||^2), while the check on the
 #: dictionary, one product per signal, may already certify.
 ROUND_ITER = 200
+#: Widest per-signal Gram block that `_apply` multiplies as Q y rather than y Q (equal: Q is symmetric).
+SMALL_BLOCK = 16
 #: The dtype a working set moves to when the certificate needs more precision than the input's.
 #: With small lam the residual ``x - z D`` is a small difference of vectors of the size of x, and
 #: the gap subtracts terms of the size of lam ||z||_1: in float32 the iterations stall at a gap of
@@ -89,8 +91,9 @@ def _worst(corr: torch.Tensor, positive: bool) -> torch.Tensor:
     """Per row, the largest correlation the dual constraint bounds by lam (one-sided when positive)."""
     if positive:
         return corr.amax(dim=1)
-    low, high = torch.aminmax(corr, dim=1)           # one pass, no |corr| temporary
-    return torch.maximum(high, -low)
+    # no |corr| temporary; and torch's aminmax along a dimension is not vectorised on the CPU (20x slower
+    # than amax and amin here)
+    return torch.maximum(corr.amax(dim=1), corr.amin(dim=1).neg_())
 
 
 def _relative_gap(l1: torch.Tensor, zcorr: torch.Tensor, rr: torch.Tensor, worst: torch.Tensor,
@@ -133,6 +136,10 @@ def _apply(quad, y: torch.Tensor) -> torch.Tensor:
         return (y @ quad[0]) @ quad[0].T
     if quad.ndim == 2:
         return y @ quad
+    if quad.shape[1] <= SMALL_BLOCK and y.device.type == "cpu":
+        # Q is symmetric, so Q y: the CPU's batched product runs small blocks about 2.5x faster in this
+        # orientation (2,048 signals, 16 x 16: 0.22 ms against 0.57 ms) and larger ones 10x slower
+        return torch.bmm(quad, y.unsqueeze(2)).squeeze(2)
     return torch.bmm(y.unsqueeze(1), quad).squeeze(1)
 
 

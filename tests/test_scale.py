@@ -135,6 +135,14 @@ def test_run_blocks_covers_every_row_once_and_raises():
     run_blocks(103, 10, 3, work)
     assert torch.equal(seen, torch.ones(103, dtype=torch.long))
 
+    # blocks of equal size, as many as a multiple of the workers, never larger than asked
+    spans = []
+    run_blocks(4096, 1323, 2, lambda start, stop: spans.append((start, stop)))
+    assert sorted(spans) == [(0, 1024), (1024, 2048), (2048, 3072), (3072, 4096)]
+    spans.clear()
+    run_blocks(103, 10, 3, lambda start, stop: spans.append(stop - start))
+    assert max(spans) <= 10 and len(spans) % 3 == 0 and sum(spans) == 103
+
     def fail(start, stop):
         raise ValueError(f"block {start}")
 

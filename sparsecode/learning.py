@@ -179,10 +179,11 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
     for it in range(first, n_iter):
         codes = enc.fit(Dictionary(atoms)).encode(x_mine) if len(mine) else x.new_zeros(0, n_atoms)
         squares = (x_mine - codes @ atoms) ** 2
-        # one all-reduce of sums and counts (alone: the same values, untouched)
         parts = (codes.T @ codes, codes.T @ x_mine, (codes != 0).sum(0).to(x.dtype), squares.sum().reshape(1))
-        totals = group.sum(torch.cat([p.reshape(-1) for p in parts])).split([p.numel() for p in parts])
-        gram, moment, use, square_sum = (t.view_as(p) for t, p in zip(totals, parts))
+        if group.distributed:           # one all-reduce; alone, no copy of the n_atoms^2 Gram matrix
+            totals = group.sum(torch.cat([p.reshape(-1) for p in parts])).split([p.numel() for p in parts])
+            parts = tuple(t.view_as(p) for t, p in zip(totals, parts))
+        gram, moment, use, square_sum = parts
         losses.append(float(square_sum[0] / (n * d)))
         atoms_new = torch.linalg.solve(gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * eye, moment)
         used = use > 0

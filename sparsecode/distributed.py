@@ -82,6 +82,20 @@ class Group:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def worst(self, count: int, errors: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows of each of `rows` (indexed like `errors`, this rank's items) at the `count` largest
+        `errors` of all ranks, largest first, identical on every rank.
+
+        Each rank offers its own `count` worst, and every rank takes the worst of all offers: the
+        whole set's worst, ranked as one process ranks them. Alone, `errors.topk` picks them."""
+        offer = errors.topk(min(count, errors.shape[0])).indices
+        if not self.distributed:
+            return tuple(r[offer] for r in rows)
+        offers = self.gather(tuple(t[offer].cpu() for t in (errors, *rows)))
+        merged = [torch.cat([o[i] for o in offers]).to(errors.device) for i in range(len(rows) + 1)]
+        top = merged[0].topk(min(count, merged[0].shape[0])).indices
+        return tuple(m[top] for m in merged[1:])
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.distributed:

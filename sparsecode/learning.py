@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary
 from .encoder import Encoder, suggest, to_numpy64
@@ -134,7 +134,13 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
                  ridge=1e-6, checkpoint_every=0) -> LearnedDictionary:
     """Alternating minimisation: codes by `inference` on D, then D = argmin ||X - Z D||^2 (MOD).
     Within a `checkpoint.checkpoints` block it checkpoints every `checkpoint_every` iterations (0: every
-    10 minutes) and resumes from a checkpoint of the same settings."""
+    10 minutes) and resumes from a checkpoint of the same settings.
+
+    Under a launcher (`sparsecode.distributed`) it is data-parallel: every rank holds the whole x (and
+    so draws the same initial atoms) but encodes only its part (`Group.part`); the MOD system's sums
+    (Z^T Z, Z^T X), the squared residuals and the atoms' use counts are summed over the ranks, so
+    every rank solves the same system and N ranks follow one process's path up to float rounding.
+    Unused atoms restart from the worst-reconstructed signals of the whole x (`Group.worst`)."""
     allowed = inference_methods()
     if inference not in allowed:
         raise ValueError(f"inference must be an untrained encoder set by k or lam, got {inference!r}."
@@ -167,18 +173,25 @@ def _alternating(x, n_atoms, *, seed=0, inference="fista", k=None, lam=0.1, n_it
         atoms = saved["atoms"].to(atoms)
         checkpoint.set_rng_state(saved, gen)
         first, losses = int(saved["step"]), saved["losses"].tolist()
+    group = distributed.current()
+    mine = group.part(n)
+    x_mine = x[mine.start:mine.stop]
     for it in range(first, n_iter):
-        codes = enc.fit(Dictionary(atoms)).encode(x)
-        residual = x - codes @ atoms
-        losses.append(float((residual ** 2).mean()))
-        gram = codes.T @ codes
-        atoms_new = torch.linalg.solve(gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * eye, codes.T @ x)
-        used = codes.abs().sum(0) > 0
+        codes = enc.fit(Dictionary(atoms)).encode(x_mine) if len(mine) else x.new_zeros(0, n_atoms)
+        squares = (x_mine - codes @ atoms) ** 2
+        parts = (codes.T @ codes, codes.T @ x_mine, (codes != 0).sum(0).to(x.dtype), squares.sum().reshape(1))
+        if group.distributed:           # one all-reduce; alone, no copy of the n_atoms^2 Gram matrix
+            totals = group.sum(torch.cat([p.reshape(-1) for p in parts])).split([p.numel() for p in parts])
+            parts = tuple(t.view_as(p) for t, p in zip(totals, parts))
+        gram, moment, use, square_sum = parts
+        losses.append(float(square_sum[0] / (n * d)))
+        atoms_new = torch.linalg.solve(gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * eye, moment)
+        used = use > 0
         atoms = torch.where(used[:, None], atoms_new, atoms)
         if resample and not bool(used.all()):
             unused = (~used).nonzero().flatten()[:n]            # at most one atom per signal
-            worst = (residual ** 2).sum(1).topk(len(unused)).indices
-            atoms[unused] = x[worst] + 1e-3 * torch.randn(len(worst), d, generator=gen, dtype=x.dtype).to(x.device)
+            (worst,) = group.worst(len(unused), squares.sum(1), x_mine)
+            atoms[unused] = worst + 1e-3 * torch.randn(len(worst), d, generator=gen, dtype=x.dtype).to(x.device)
         atoms = unit_rows(atoms)
         if saver.due(it + 1, n_iter):
             saver.save(it + 1, {"atoms": atoms, "losses": torch.tensor(losses, dtype=torch.float64),

@@ -554,25 +554,19 @@ class TrainableEncoder(Encoder):
         n_dead = int(dead.sum())
         if not n_dead:
             return 0
-        xb, yb, y_hat = batch.x, batch.y, batch.y_hat
-        errors = ((yb - y_hat) ** 2).sum(1)
-        offer = errors.topk(min(n_dead, yb.shape[0])).indices
-        candidates = (errors[offer], yb[offer] - y_hat[offer], xb[offer])
+        xb, residuals = batch.x, batch.y - batch.y_hat
         group = distributed.current()
+        residuals, inputs = group.worst(n_dead, (residuals ** 2).sum(1), residuals, xb)
         if group.distributed:
-            offers = group.gather(tuple(t.cpu() for t in candidates))
-            candidates = tuple(torch.cat([o[i] for o in offers]).to(xb.device) for i in range(3))
             totals = group.sum(torch.cat([xb.sum(0), xb.new_tensor([xb.shape[0]])]))
             mean = totals[:-1] / totals[-1]
         else:
             mean = xb.mean(0)
-        errors, residuals, inputs = candidates
-        worst = errors.topk(min(n_dead, errors.shape[0])).indices
-        idx = dead.nonzero().flatten()[: len(worst)]
-        atoms[idx] = unit_rows(residuals[worst])
+        idx = dead.nonzero().flatten()[: len(residuals)]
+        atoms[idx] = unit_rows(residuals)
         rows = getattr(self.net, "encoder_rows", None)
         if callable(rows) and rows().shape[1] == xb.shape[1]:
-            rows()[idx] = 0.2 * unit_rows(inputs[worst] - mean)
+            rows()[idx] = 0.2 * unit_rows(inputs - mean)
         log.info("%s: resampled %d dead atoms", self.name, len(idx))
         return len(idx)
 

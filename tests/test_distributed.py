@@ -213,6 +213,7 @@ def _io_write(path, obj):
 def _both_cases(group, folder):
     _data_parallel_case(group, folder)
     _parallel_training_case(group, os.path.join(folder, "training"))
+    _parallel_alternating_case(group, os.path.join(folder, "sparse-coding"))
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +222,7 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two-ranks")
     _problem(folder)
     (folder / "training").mkdir()
+    (folder / "sparse-coding").mkdir()
     _launch(_both_cases, 2, str(folder))
     return folder
 
@@ -561,6 +563,99 @@ def test_two_ranks_train_binary_coders_and_resample_dead_atoms_like_one_process(
     import sparsecode as sc
     params = dict(PARALLEL[-1][1])
     assert sc.learn_dictionary(x, "topk", params.pop("n_atoms"), seed=2, **params).encoder.resampled > 10
+
+
+# --- alternating sparse coding on ranks: each encodes its part, the MOD sums are all-reduced ------
+
+def _clustered(n=97, d=6, centres=3, noise=1e-4, seed=0):
+    """Signals near 3 directions (scaled, plus noise below the 1e-3 that perturbs the initial atoms): the
+    atoms drawn from one cluster compete, and with one atom a signal most of them go unused."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(centres, d, generator=g, dtype=torch.float64)
+    scale = 1 + 0.5 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    return directions[torch.randint(centres, (n,), generator=g)] * scale + noise * torch.randn(
+        n, d, generator=g, dtype=torch.float64)
+
+
+#: (name, signals, n_atoms, options): each resamples unused atoms at some iterations, from worst signals
+#: whose errors are far from ties (a tie within rounding may be broken either way: a near-exact fit,
+#: as with more atoms than signals, makes every error a tie)
+ALTERNATING = [
+    ("fista", lambda: _signals(200, 8), 150, dict(inference="fista", lam=1.0, n_iter=7, checkpoint_every=2)),
+    ("omp", _clustered, 24, dict(inference="omp", k=1, n_iter=7, checkpoint_every=2)),
+]
+ALTERNATING_CLI = ["train", "--method", "sparse-coding", "--set", "sparse-coding.inference=omp", "--set",
+                   "sparse-coding.n_iter=4", "--n-atoms", "12", "--k", "2", "--d", "6", "--n-samples", "99"]
+
+
+def _parallel_alternating_case(group, folder):
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from sparsecode import checkpoint, training
+    from sparsecode.cli import app
+    folder = Path(folder)
+    out = {}
+    for name, signals, n_atoms, params in ALTERNATING:
+        x = signals()
+        dictionary, losses = _learn("sparse-coding", x, n_atoms, **params)
+        with checkpoint.checkpoints(folder / f"{name}-ckpt"):
+            try:
+                with training.progress(_stop_at(5)):
+                    _learn("sparse-coding", x, n_atoms, **params)
+                raise AssertionError("the training was not interrupted")
+            except _Stop:
+                pass
+            step = json.loads((folder / f"{name}-ckpt.json").read_text())["step"]
+            resumed, resumed_losses = _learn("sparse-coding", x, n_atoms, **params)
+        out[name] = {"atoms": dictionary.atoms.tolist(), "losses": losses, "checkpoint_step": step,
+                     "resumed": resumed.atoms.tolist(), "resumed_losses": resumed_losses}
+    _io_write(folder / f"rank{group.rank}.json", out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        app([*ALTERNATING_CLI, "--out", str(folder / "cli")], standalone_mode=False)
+    (folder / f"printed{group.rank}.txt").write_text(printed.getvalue())
+
+
+def test_two_ranks_learn_by_alternating_sparse_coding_like_one_process(two_ranks, tmp_path):
+    from typer.testing import CliRunner
+
+    from sparsecode.cli import app
+    folder = two_ranks / "sparse-coding"
+    for name, signals, n_atoms, params in ALTERNATING:
+        x = signals()
+        dictionary, losses = _learn("sparse-coding", x, n_atoms, **params)
+        unresampled, _ = _learn("sparse-coding", x, n_atoms, **{**params, "resample": False})
+        # unused atoms were resampled: the result is not the one without resampling
+        assert not torch.allclose(unresampled.atoms, dictionary.atoms, atol=1e-3), name
+        for rank in range(2):
+            got = json.loads((folder / f"rank{rank}.json").read_text())[name]
+            # MOD from the ranks' summed Z^T Z and Z^T X: one process's path, in float64
+            assert got["losses"] == pytest.approx(losses, rel=1e-9), name
+            torch.testing.assert_close(torch.tensor(got["atoms"], dtype=torch.float64), dictionary.atoms,
+                                       rtol=1e-9, atol=1e-12, msg=name)
+            # checkpointed by rank 0 after iteration 4, resumed on both ranks to the uninterrupted result
+            assert got["checkpoint_step"] == 4
+            assert got["resumed_losses"] == got["losses"], name
+            assert got["resumed"] == got["atoms"], name
+    assert not [p for p in folder.iterdir() if "ckpt" in p.name]
+    # the command: rank 0 alone prints and writes the dictionary, which is one process's
+    assert "saved dictionary" in (folder / "printed0.txt").read_text()
+    assert (folder / "printed1.txt").read_text() == ""
+    result = CliRunner().invoke(app, [*ALTERNATING_CLI, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    two, one = load_dictionary(str(folder / "cli.safetensors")), load_dictionary(str(tmp_path / "one.safetensors"))
+    torch.testing.assert_close(two.atoms, one.atoms, rtol=1e-5, atol=1e-6)
+
+
+def test_the_worst_rows_of_one_process_are_its_largest_errors():
+    errors = torch.tensor([0.5, 3.0, 1.0, 2.0])
+    rows = torch.arange(8.0).view(4, 2)
+    picked, labels = distributed.Group().worst(3, errors, rows, torch.tensor([10, 11, 12, 13]))
+    assert picked.tolist() == [[2.0, 3.0], [6.0, 7.0], [4.0, 5.0]] and labels.tolist() == [11, 13, 12]
+    (everything,) = distributed.Group().worst(9, errors, rows)
+    assert everything.shape == (4, 2)
 
 
 def test_batch_statistics_outside_a_parallel_step_are_the_batch_s_own():

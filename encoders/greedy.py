@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 VARIANTS = ("auto", "gram", "gram-free")
 PRECISIONS = ("auto", "bfloat16", "full")
 
-#: Bytes of per-block state a CPU worker aims for. Smaller blocks keep the Gram variant's state in
-#: cache, larger ones pay each operation's fixed cost over more signals; measured on a quiet 2-core
-#: EPYC (32 MB L3), 64 MB gave the most: 16,384 x 576, k=32: 388 signals/s (8 MB: 278/s);
-#: 1,024 x 256, k=16: 17,300/s (8 MB: 10,000/s).
+#: Bytes of per-block state a CPU worker aims for in the Gram variant. Smaller blocks keep its state in
+#: cache, larger ones pay each operation's fixed cost over more signals; measured on the 2-core EPYC
+#: (32 MB L3), omp at 1,024 x 256, k=16, interleaved against 16 MB: 4 MB 0.82x, 8 MB 0.90-1.03x,
+#: 32 MB 1.02-1.10x (equal blocks per worker); 16,384 x 576, k=32: 16 to 64 MB alike.
 CACHE_BLOCK_BYTES = 16 * 2 ** 20
 #: Signals per block on the CPU: one matrix product with all atoms per block runs at full speed from here.
 BLOCK = 256
@@ -310,9 +310,9 @@ def _pick(alpha: torch.Tensor, scale: torch.Tensor | None, score: torch.Tensor) 
     # each block's largest magnitude first (from its max and min, without writing |alpha|), then the
     # first block holding the row's largest, then the first index within that block.
     if scale is None:
-        blocks = alpha.view(n, n_atoms // width, width)
+        blocks = alpha.reshape(n, n_atoms // width, width)
     else:
-        blocks = torch.mul(alpha, scale, out=score).view(n, n_atoms // width, width)
+        blocks = torch.mul(alpha, scale, out=score).reshape(n, n_atoms // width, width)
     top = torch.maximum(blocks.amax(2), blocks.amin(2).neg_()).abs_()
     block = top.view(bits).max(dim=1).indices
     inside = blocks[torch.arange(n, device=alpha.device), block].abs_()    # (n, width); faster than gather here

@@ -15,9 +15,10 @@ N, D, K = COST_SIZE["n_atoms"], COST_SIZE["d"], COST_SIZE["k"]
 def test_planned_flops_are_the_published_counts_at_the_stated_size():
     # TopK SAE: x W^T (2 d n), bias, top-k and ReLU (3 n)
     assert planned_flops(encoder_class("topk"), N, D, K) == 2 * D * N + 3 * N
-    # OMP (Gram variant): x D^T, then per step j a rank-one update (2 j n) and 5 n, then a k x k solve
-    omp = 2 * D * N + sum(2 * j * N + 5 * N for j in range(K)) + K * K
-    assert planned_flops(encoder_class("omp"), N, D, K) == omp == 9_438_208
+    # OMP (Gram variant): x D^T; per step j before the last the support's j + 1 Gram rows into the
+    # correlations (2 (j + 1) n) and the pick (2 n); the last pick (2 n); then a k x k solve
+    omp = 2 * D * N + sum(2 * (j + 1) * N + 2 * N for j in range(K - 1)) + 2 * N + K * K
+    assert planned_flops(encoder_class("omp"), N, D, K) == omp == 9_044_992
     # an imported SAE has no count before its file is read
     assert math.isnan(planned_flops(encoder_class("sae-file"), N, D, K))
 
@@ -46,7 +47,7 @@ def test_list_groups_by_family_with_knob_and_cost_within_100_columns():
         assert family in titles, family
     rows = {line.split("│")[1].strip(): line for line in lines if line.startswith("│") and line.split("│")[1].strip()}
     assert "4.73M" in rows["topk"] and rows["topk"].split("│")[2].strip().startswith("k (16)")
-    assert "9.44M" in rows["omp"]
+    assert "9.04M" in rows["omp"]
     assert rows["jumprelu"].split("│")[2].strip().startswith("l0_coefficient (0.001)")
     assert rows["sae-file"].split("│")[3].strip() == "-"
     for name in ("admm", "cd", "lca", "gradient-pursuit", "jumprelu", "batch-topk", "matryoshka", "gated", "alista",

@@ -347,7 +347,7 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
     coarse = gap_mode and torch.finfo(x.dtype).bits < torch.finfo(PRECISE).bits
     if W is None:
         # on every atom: precisely where a copy of the atoms in PRECISE fits beside the iterates
-        fine = coarse and atoms.numel() * torch.finfo(PRECISE).bits // 8 <= block_bytes // 2
+        fine = coarse and precise.fits(block_bytes)
         dtype = PRECISE if fine else x.dtype
     else:
         dtype = zw.dtype
@@ -359,15 +359,14 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
     tol_live, xx_live = inner_tol[live].to(dtype), xx[live].to(dtype)
     # rounds at least double a signal's iterations so far: few momentum restarts on hard signals
     budget = torch.minimum(cfg.max_iter - used[live], torch.clamp_min(used[live], ROUND_ITER))
-    precise_atoms = None
     if W is None:
-        on = atoms if dtype == x.dtype else atoms.to(dtype)
+        # `fine` above: a precise copy fits, so it is the solve's shared one
+        on = atoms if dtype == x.dtype else precise.copy(block_bytes)
         zs, it, met = _full_round(xs, on, gram if gram is not None and gram.dtype == dtype else None, lipschitz,
                                   cfg, momentum, restart, codes[live].to(dtype), budget, tol_live, xx_live,
                                   block_bytes // 2 if on is not atoms else block_bytes)
         codes[live] = zs.to(codes.dtype)
         r = xs - zs @ on
-        precise_atoms = on if dtype != x.dtype else None
         del on
     else:
         # Each signal's Gram block (m, w, w): gathered from the Gram matrix (a flat index_select; advanced
@@ -392,12 +391,7 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
     used[live] += it
     # Certify on the full dictionary: one product with every atom, in the input's dtype, or in PRECISE
     # for signals that iterate in it (their gap may be below what the input's dtype can resolve).
-    if dtype == x.dtype:
-        corr = r @ atoms.T
-    elif precise_atoms is not None:
-        corr = r @ precise_atoms.T
-    else:
-        corr = precise.correlations(r, block_bytes)
+    corr = r @ atoms.T if dtype == x.dtype else precise.correlations(r, block_bytes)
     worst = _worst(corr, pos).to(dtype)
     within = worst <= lam * (1 + slack)
     if gap_mode:
@@ -480,14 +474,24 @@ class _PreciseAtoms:
     def __init__(self, atoms: torch.Tensor):
         self.atoms, self._copy, self._lock = atoms, None, threading.Lock()
 
+    def fits(self, block_bytes: int) -> bool:
+        """Whether a whole copy in PRECISE fits in half a chunk's budget."""
+        return self.atoms.numel() * (torch.finfo(PRECISE).bits // 8) <= block_bytes // 2
+
+    def copy(self, block_bytes: int) -> torch.Tensor | None:
+        """The shared copy in PRECISE, made on first use; None where it does not fit."""
+        if not self.fits(block_bytes):
+            return None
+        with self._lock:                      # chunks on worker threads share one copy
+            if self._copy is None:
+                self._copy = self.atoms.to(PRECISE)
+        return self._copy
+
     def correlations(self, r: torch.Tensor, block_bytes: int) -> torch.Tensor:
         """``r @ atoms.T`` in PRECISE."""
-        atoms, item = self.atoms, torch.finfo(PRECISE).bits // 8
-        if atoms.numel() * item <= block_bytes // 2:
-            with self._lock:                  # chunks on worker threads share one copy
-                if self._copy is None:
-                    self._copy = atoms.to(PRECISE)
-            return r @ self._copy.T
+        atoms, item, copy = self.atoms, torch.finfo(PRECISE).bits // 8, self.copy(block_bytes)
+        if copy is not None:
+            return r @ copy.T
         step = max(1, min(atoms.shape[0], block_bytes // (2 * atoms.shape[1] * item)))
         return torch.cat([r @ atoms[s:s + step].to(PRECISE).T for s in range(0, atoms.shape[0], step)], dim=1)
 

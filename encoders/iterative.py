@@ -37,6 +37,14 @@ CHECK_EVERY = 10
 ROUND_ITER = 200
 #: Widest per-signal Gram block that `_apply` multiplies as Q y rather than y Q (equal: Q is symmetric).
 SMALL_BLOCK = 16
+#: Fewest signals in a block of working-set iterations on a worker thread: each iteration is a few
+#: operations whatever the block's size, so tiny blocks cost their overhead.
+MIN_BLOCK = 8
+#: Largest dictionary (bytes) whose atoms a chunk reads again cheaply, from cache: see `solve_lasso`.
+SHARED_ATOMS_BYTES = 8 * 2 ** 20
+#: Most atoms per signal whose correlation a precise certificate recomputes in PRECISE (see
+#: `_PreciseAtoms.certify`); beyond it the signal's whole product is taken in PRECISE.
+MAX_RECHECKED = 256
 #: The dtype a working set moves to when the certificate needs more precision than the input's.
 #: With small lam the residual ``x - z D`` is a small difference of vectors of the size of x, and
 #: the gap subtracts terms of the size of lam ||z||_1: in float32 the iterations stall at a gap of
@@ -279,9 +287,11 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
     with ``criterion='gap'`` the duality gap on the whole dictionary, with ``'change'`` that no atom
     correlates with the residual beyond lam. A signal that fails goes on, warm started, on its
     support plus the atoms that violate the optimality condition most, the set at least doubling
-    the support (Celer's rule), so a few rounds suffice. Signals are solved `chunk` at a time, the
-    chunks spread over `workers` CPU threads (see `sparsecode.parallel`); each chunk may use
-    `chunk_bytes` of working memory (default: what `lasso_plan` counts per signal).
+    the support (Celer's rule), so a few rounds suffice. Signals are solved `chunk` at a time; within
+    a chunk the iterations on the working sets run in blocks of signals on `workers` CPU threads (see
+    `sparsecode.parallel`), and each round's check is one product for all of the chunk's signals
+    (with few rows per product, reading the atoms costs more than the multiply-adds). Each chunk
+    may use `chunk_bytes` of working memory (default: what `lasso_plan` counts per signal).
     """
     n, n_atoms = x.shape[0], atoms.shape[0]
     codes = x.new_zeros(n, n_atoms)
@@ -289,8 +299,16 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
     certified = torch.zeros(n, dtype=torch.bool, device=x.device)
     item = x.element_size()
     w0 = min(4 * max(cfg.working_set, 1), n_atoms)
-
     precise = _PreciseAtoms(atoms)
+    # Each round of a chunk reads every atom once, to check its signals. Atoms that stay in cache cost
+    # little to read again: then whole chunks run on the worker threads, a round's checks in parallel
+    # too. Atoms that do not (16,384 x 576 in float32: 38 MB) are read once per round for all the
+    # signals in memory, and only the iterations are spread over the workers (for 64 signals there,
+    # 0.27 s against 0.48 s with chunks on the workers).
+    spread = workers > 1 and atoms.numel() * item <= SHARED_ATOMS_BYTES
+    if spread:
+        chunk = max(1, min(chunk // workers, -(-n // (2 * workers))))
+        chunk_bytes = None if chunk_bytes is None else chunk_bytes // workers
 
     def work(start: int, stop: int) -> None:
         full_rows = (stop - start) * item * 2 * n_atoms
@@ -298,13 +316,14 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
         block_bytes = ((chunk_bytes - full_rows) if chunk_bytes is not None else
                        (stop - start) * item * w0 * (w0 + x.shape[1] + 12))
         _solve_chunk(x[start:stop], atoms, precise, gram, lipschitz, cfg, momentum, restart, block_bytes,
-                     codes[start:stop], iters[start:stop], certified[start:stop])
+                     codes[start:stop], iters[start:stop], certified[start:stop], 1 if spread else workers)
 
-    run_blocks(n, chunk, workers, work)
+    run_blocks(n, max(1, chunk), workers if spread else 1, work)
     return codes, iters, certified
 
 
-def _solve_chunk(x, atoms, precise, gram, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified):
+def _solve_chunk(x, atoms, precise, gram, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified,
+                 workers):
     """Solve a chunk of signals in rounds. Signals are kept in groups that share a working-set width
     (a power-of-two multiple of `working_set`, or all atoms), so a signal with a large support
     widens only its own group's blocks."""
@@ -328,7 +347,7 @@ def _solve_chunk(x, atoms, precise, gram, lipschitz, cfg, momentum, restart, blo
         by_width: dict = {}
         for live, W, zw in groups:
             for nxt in _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used,
-                              certified, xx, inner_tol, live, W, zw):
+                              certified, xx, inner_tol, live, W, zw, workers):
                 key = None if nxt[1] is None else (nxt[1].shape[1], nxt[2].dtype)
                 by_width.setdefault(key, []).append(nxt)
         # groups of one width and dtype from different groups of the last round iterate together
@@ -337,7 +356,7 @@ def _solve_chunk(x, atoms, precise, gram, lipschitz, cfg, momentum, restart, blo
 
 
 def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified, xx,
-           inner_tol, live, W, zw):
+           inner_tol, live, W, zw, workers):
     """One round for the signals `live` of a chunk on their working sets W (None: all atoms), warm
     started at zw: iterate, certify on the whole dictionary, write the finished signals' codes, and
     return the groups (rows, W, zw) that go on. With the Gram matrix, `b` is x D^T of the chunk.
@@ -369,33 +388,25 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
         r = xs - zs @ on
         del on
     else:
-        # Each signal's Gram block (m, w, w): gathered from the Gram matrix (a flat index_select; advanced
-        # indexing with (m, w) index tensors was several times slower here), or from its own atoms.
-        m, w = W.shape
-        aw = None
-        if gram is not None and gram.dtype == dtype:
-            flat = (W.unsqueeze(2) * n_atoms + W.unsqueeze(1)).reshape(-1)
-            quad = gram.reshape(-1).index_select(0, flat).view(m, w, w)
-            bw = b.reshape(-1).index_select(0, (live.unsqueeze(1) * n_atoms + W).reshape(-1)).view(m, w)
-        else:
-            aw = atoms.index_select(0, W.reshape(-1)).view(m, w, d).to(dtype)
-            quad = torch.bmm(aw, aw.transpose(1, 2))
-            bw = torch.bmm(aw, xs.unsqueeze(2)).squeeze(2)
-        zw, it, met = proximal_gradient(bw, quad, 1.0 / _block_lipschitz(quad, lipschitz), lam, pos, budget,
-                                        tol_live, momentum, restart, zw, criterion=cfg.criterion, xx=xx_live,
-                                        leave_unresolvable=can_promote)
-        del quad, bw
-        # a precise block's residual is precise too: from its own atoms, not a float32 product
-        r = xs - (sparse_rows_product(zw, W, atoms) if dtype == x.dtype else torch.bmm(zw.unsqueeze(1), aw).squeeze(1))
-        del aw
+        zw, it, met, r = _iterate_sets(xs, atoms, gram if gram is not None and gram.dtype == dtype else None, b,
+                                       live, W, zw, lipschitz, cfg, momentum, restart, budget, tol_live, xx_live,
+                                       can_promote, dtype == x.dtype, workers)
     used[live] += it
     # Certify on the full dictionary: one product with every atom, in the input's dtype, or in PRECISE
     # for signals that iterate in it (their gap may be below what the input's dtype can resolve).
-    corr = r @ atoms.T if dtype == x.dtype else precise.correlations(r, block_bytes)
-    worst = _worst(corr, pos).to(dtype)
+    if dtype == x.dtype:
+        corr = r @ atoms.T
+        worst = _worst(corr, pos)
+    else:
+        corr, worst = precise.certify(r, pos, block_bytes)
+    worst = worst.to(dtype)
     within = worst <= lam * (1 + slack)
     if gap_mode:
-        zcorr = (zs * corr).sum(1) if W is None else (zw * corr.gather(1, W).to(dtype)).sum(1)
+        if dtype == x.dtype:
+            zcorr = (zs * corr).sum(1) if W is None else (zw * corr.gather(1, W)).sum(1)
+        else:
+            # z . (D r) = (z D) . r, and z D = x - r exactly as r was formed: no correlation needed in PRECISE
+            zcorr = ((xs - r) * r).sum(1)
         l1 = (zs if W is None else zw).abs().sum(1)
         ok = _relative_gap(l1, zcorr, (r * r).sum(1), worst, lam) <= cfg.tol
     else:
@@ -462,17 +473,62 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
     return out
 
 
+def _iterate_sets(xs, atoms, gram, b, live, W, zw, lipschitz, cfg, momentum, restart, budget, tol, xx,
+                  can_promote, input_dtype, workers):
+    """Iterate each signal of a group on its working set W (m, w), warm started at zw, in blocks of
+    signals on `workers` threads (many small operations per iteration: see `sparsecode.parallel`).
+    Returns the codes on the sets, the iterations used, whether each met its target, and the residuals.
+    With `gram` (in the sets' dtype) each signal's Gram block and right-hand side are gathered from it
+    and from `b` (x D^T of the chunk's signals, `live` indexing its rows); otherwise they come from the
+    signal's own atoms."""
+    m, w = W.shape
+    n_atoms, d = atoms.shape
+    dtype = zw.dtype
+    out = torch.empty_like(zw)
+    its = torch.empty(m, dtype=torch.long, device=zw.device)
+    mets = torch.empty(m, dtype=torch.bool, device=zw.device)
+    r = torch.empty(m, d, dtype=dtype, device=zw.device)
+
+    def work(start: int, stop: int) -> None:
+        Ws, xb = W[start:stop], xs[start:stop]
+        mb = Ws.shape[0]
+        aw = None
+        # Each signal's Gram block (mb, w, w): gathered from the Gram matrix (a flat index_select; advanced
+        # indexing with (m, w) index tensors was several times slower here), or from its own atoms.
+        if gram is not None:
+            flat = (Ws.unsqueeze(2) * n_atoms + Ws.unsqueeze(1)).reshape(-1)
+            quad = gram.reshape(-1).index_select(0, flat).view(mb, w, w)
+            bw = b.reshape(-1).index_select(0, (live[start:stop].unsqueeze(1) * n_atoms + Ws).reshape(-1)).view(mb, w)
+        else:
+            aw = atoms.index_select(0, Ws.reshape(-1)).view(mb, w, d).to(dtype)
+            quad = torch.bmm(aw, aw.transpose(1, 2))
+            bw = torch.bmm(aw, xb.unsqueeze(2)).squeeze(2)
+        z, it, met = proximal_gradient(bw, quad, 1.0 / _block_lipschitz(quad, lipschitz), cfg.lam, cfg.positive,
+                                       budget[start:stop], tol[start:stop], momentum, restart, zw[start:stop],
+                                       criterion=cfg.criterion, xx=xx[start:stop], leave_unresolvable=can_promote)
+        del quad, bw
+        out[start:stop], its[start:stop], mets[start:stop] = z, it, met
+        # a precise block's residual is precise too: from its own atoms, not a float32 product
+        r[start:stop] = xb - (sparse_rows_product(z, Ws, atoms) if input_dtype or aw is None
+                              else torch.bmm(z.unsqueeze(1), aw).squeeze(1))
+
+    # two blocks per worker, so that a worker on a busy core leaves more of them to the other; not so
+    # small that the per-operation overhead of each iteration dominates
+    run_blocks(m, max(MIN_BLOCK, -(-m // (2 * workers))) if workers > 1 else m, workers, work)
+    return out, its, mets, r
+
+
 class _PreciseAtoms:
     """The atoms in PRECISE, for certifying the signals that iterate in it.
 
-    Converted once per solve and shared by its chunks and rounds where the copy fits in half a chunk's
-    budget (converting them every round cost more than the certifying product itself: 39 ms a round
-    at 16,384 x 576 on the 2-core EPYC); otherwise a slice at a time for each product, so the copy
-    never has to fit whole.
+    A whole copy (for the rounds that iterate on every atom in PRECISE) is converted once per solve and
+    shared by its rounds where it fits in half a chunk's budget (converting the atoms every round cost
+    more than the certifying product itself: 39 ms a round at 16,384 x 576 on the 2-core EPYC). The
+    certificate itself needs no copy: see `certify`.
     """
 
     def __init__(self, atoms: torch.Tensor):
-        self.atoms, self._copy, self._lock = atoms, None, threading.Lock()
+        self.atoms, self._copy, self._norm, self._lock = atoms, None, None, threading.Lock()
 
     def fits(self, block_bytes: int) -> bool:
         """Whether a whole copy in PRECISE fits in half a chunk's budget."""
@@ -494,6 +550,52 @@ class _PreciseAtoms:
             return r @ copy.T
         step = max(1, min(atoms.shape[0], block_bytes // (2 * atoms.shape[1] * item)))
         return torch.cat([r @ atoms[s:s + step].to(PRECISE).T for s in range(0, atoms.shape[0], step)], dim=1)
+
+    def certify(self, r: torch.Tensor, positive: bool, block_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For residuals r (m, d) in PRECISE: ``r @ atoms.T`` in the atoms' dtype (to rank atoms by), and
+        the largest correlation the dual constraint bounds (see `_worst`) to PRECISE's accuracy.
+
+        The product runs in the atoms' dtype, at half the memory traffic of a PRECISE one and without a
+        PRECISE copy of the atoms; its error is bounded (`_product_error`), so the largest correlation is
+        among the atoms whose rounded value lies within twice that bound of the rounded maximum, and only
+        they are recomputed in PRECISE. Rows with too many such atoms (a coarse product) get a PRECISE
+        product instead.
+        """
+        atoms = self.atoms
+        if atoms.dtype == PRECISE:
+            corr = r @ atoms.T
+            return corr, _worst(corr, positive)
+        corr = r.to(atoms.dtype) @ atoms.T
+        with self._lock:
+            if self._norm is None:
+                self._norm = float(atoms.norm(dim=1).max()) * (1 + 1e-3)     # margin for its own rounding
+        bound = _product_error(atoms.dtype, atoms.device, atoms.shape[1]) * self._norm * r.norm(dim=1)
+        cut = (_worst(corr, positive).to(PRECISE) - 2 * bound).to(corr.dtype).unsqueeze(1)
+        cut = torch.nextafter(cut, torch.full_like(cut, -float("inf")))      # a cut rounded up would miss atoms
+        near = corr >= cut if positive else (corr >= cut) | (corr <= -cut)
+        rows, cols = near.nonzero(as_tuple=True)
+        exact = (atoms.index_select(0, cols).to(PRECISE) * r.index_select(0, rows)).sum(1)
+        worst = r.new_full((r.shape[0],), -float("inf") if positive else 0.0)
+        worst.scatter_reduce_(0, rows, exact if positive else exact.abs(), "amax")
+        crowded = near.sum(1) > MAX_RECHECKED
+        if bool(crowded.any()):
+            worst[crowded] = _worst(self.correlations(r[crowded], block_bytes), positive)
+        return corr, worst
+
+
+def _product_error(dtype: torch.dtype, device: torch.device, d: int) -> float:
+    """A bound on |fl(a . r) - a . r| / (||a|| ||r||) for a matrix product of length-d rows in `dtype`
+    when r is rounded to `dtype` first: (d + 1) u / (1 - (d + 1) u) in the standard model (any order of
+    summation, fused multiply-adds included), u the unit roundoff of what the product really computes
+    in (TF32 or bfloat16 where torch's float32 matmul precision allows them)."""
+    u = torch.finfo(dtype).eps / 2
+    if dtype == torch.float32:
+        reduced = {"high": 2.0 ** -11, "medium": 2.0 ** -8}.get(torch.get_float32_matmul_precision(), u)
+        if torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            reduced = max(reduced, 2.0 ** -11)
+        u = max(u, reduced)
+    n = (d + 2) * u                     # d products and sums, and the rounding of r
+    return n / (1 - n) if n < 1 else float("inf")
 
 
 def _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, z0, budget, tol, xx, block_bytes):
@@ -554,13 +656,11 @@ class _ProximalGradientEncoder(Encoder):
         budget = self.memory_budget(x.device)
         use_gram, rows = lasso_plan(x.shape[0], d.n_atoms, d.d, x.dtype, budget, cfg.working_set)
         gram = d.gram(x.dtype, x.device) if use_gram else None
-        workers = cpu_workers(x.device)
-        # chunks in flight share the budget; two per worker balance a core that another process slows
-        chunk = max(1, min(rows // workers, -(-x.shape[0] // (2 * workers))))
-        chunk_bytes = (budget - (gram.numel() * gram.element_size() if use_gram else 0)) // workers
+        # one chunk at a time holds the whole budget; its blocks of iterations share the workers
+        chunk_bytes = budget - (gram.numel() * gram.element_size() if use_gram else 0)
         codes, n_iter, certified = solve_lasso(x, atoms, gram, d.lipschitz, cfg, momentum=self.momentum,
-                                               restart=getattr(cfg, "restart", False), chunk=chunk,
-                                               workers=workers, chunk_bytes=chunk_bytes)
+                                               restart=getattr(cfg, "restart", False), chunk=rows,
+                                               workers=cpu_workers(x.device), chunk_bytes=chunk_bytes)
         uncertified = int((~certified).sum())
         if uncertified:
             what = "duality gap over the objective" if cfg.criterion == "gap" else "relative step"

@@ -123,22 +123,17 @@ def scale_samples(n_samples: int, n_atoms: int, d: int) -> int:
 def amortised_floor(x: torch.Tensor, atoms: torch.Tensor, k: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The least any amortised encoder does on this dictionary: ``x @ atoms.T`` and a top-k.
 
-    Blocks of signals that fit `budget` run on worker threads like the pursuits' (`run_blocks`), so
-    a busy machine slows the floor and the solvers alike. Returns the top-k values and indices.
+    One product per chunk of signals that fits `budget`, on torch's own threads, as an amortised
+    encoder runs it (blocks on worker threads, as the pursuits run, took twice as long for 64 signals
+    at 16,384 x 576: each block reads all the atoms). Returns the top-k values and indices.
     """
     n = x.shape[0]
     values = x.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
-    on_cpu = x.device.type == "cpu"
-    per_row = 2 * atoms.shape[0] * x.element_size()
-    # a budget too small for a block per thread runs fewer threads rather than failing
-    workers = max(1, min(cpu_workers(x.device), budget // per_row))
-    rows = rows_within(budget, per_row * workers, what="signal (x @ atoms.T)", at_most=256 if on_cpu else 4096)
-
-    def work(start: int, stop: int) -> None:
+    rows = rows_within(budget, 2 * atoms.shape[0] * x.element_size(), what="signal (x @ atoms.T)", at_most=4096)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
         torch.topk(x[start:stop] @ atoms.T, k, dim=1, out=(values[start:stop], indices[start:stop]))
-
-    run_blocks(n, rows, workers, work)
     return values, indices
 
 
@@ -181,17 +176,26 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _timed(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(max(1, repeats)):
+def _timed(fn, repeats: int, device: torch.device, alongside=None) -> tuple[float, float]:
+    """Median seconds of `repeats` calls of fn and, with `alongside` (another function timed right
+    before each call), the median per-call ratio of fn's time to its: a machine whose speed drifts
+    between rounds (a shared one does, by 30% within a minute) moves both sides of each ratio alike."""
+    def once(f) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        fn()
+        f()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        return time.perf_counter() - start
+
+    times, ratios = [], []
+    for _ in range(max(1, repeats)):
+        base = once(alongside) if alongside is not None else None
+        times.append(once(fn))
+        if base is not None:
+            ratios.append(times[-1] / base)
+    return float(np.median(times)), (float(np.median(ratios)) if ratios else float("nan"))
 
 
 def _scale_encoder(name: str, dictionary, x: torch.Tensor, k: int, memory, budget: int, fields: set[str],
@@ -257,7 +261,10 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
             callback(done, total, f"floor, n_atoms={N} d={dd} k={kk}")
         with _PeakMemory(device) as peak:
             amortised_floor(x, atoms, kk, budget)
-        floor_s = _timed(lambda: amortised_floor(x, atoms, kk, budget), repeats, device)
+        def floor():
+            amortised_floor(x, atoms, kk, budget)
+
+        floor_s = _timed(floor, repeats, device)[0]
         rows.append({**cell, "encoder": "floor", "signals_per_s": n / floor_s, "ratio_to_floor": 1.0,
                      "peak_memory_mb": _mb(peak.bytes)})
         done += 1
@@ -287,8 +294,9 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
                         with _PeakMemory(device) as peak:
                             info = enc.encode_with_info(x)
                     codes = info.codes
-                    seconds = _timed(lambda: enc.encode(x), repeats, device)
-                    row.update(signals_per_s=n / seconds, ratio_to_floor=seconds / floor_s,
+                    # timed interleaved with the floor: the ratio is the median of per-round ratios
+                    seconds, ratio = _timed(lambda: enc.encode(x), repeats, device, alongside=floor)
+                    row.update(signals_per_s=n / seconds, ratio_to_floor=ratio,
                                peak_memory_mb=_mb(peak.bytes), f1=metrics.support_scores(data.codes, codes.cpu())["f1"],
                                l0=metrics.mean_l0(codes))
                     for field in ("variant", "precision", "working_bytes"):

@@ -240,3 +240,30 @@ def test_float64_certifying_correlations_equal_with_or_without_a_whole_copy_of_t
     # 2 KB of budget: slices of 5 atoms each, never a whole copy
     torch.testing.assert_close(sliced.correlations(r, block_bytes=2 * 24 * 8 * 5), expected, rtol=1e-13, atol=1e-13)
     assert sliced._copy is None
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_precise_certificate_from_a_float32_product_finds_the_float64_largest_correlation(positive):
+    from sparsecode_encoders.iterative import MAX_RECHECKED, _PreciseAtoms
+    g = torch.Generator().manual_seed(2)
+    atoms = torch.nn.functional.normalize(torch.randn(2000, 64, generator=g), dim=1)
+    r = torch.randn(6, 64, generator=g, dtype=torch.float64)
+    # row 0 nearly ties atoms 3 and 7 (their correlations differ by about 1e-10, below the float32
+    # product's resolution): only the float64 recomputation ranks them right
+    r[0] = 0.45 * (atoms[3] + atoms[7]).double() + 1e-10 * (atoms[3] - atoms[7]).double()
+    exact_atoms = atoms.double()
+    expected_corr = r @ exact_atoms.T
+    expected = expected_corr.amax(1) if positive else expected_corr.abs().amax(1)
+    corr, worst = _PreciseAtoms(atoms).certify(r, positive, block_bytes=10 ** 9)
+    assert corr.dtype == torch.float32
+    torch.testing.assert_close(corr.double(), expected_corr, rtol=0, atol=1e-5)
+    torch.testing.assert_close(worst, expected, rtol=1e-14, atol=0)
+    # a product too coarse to screen (bfloat16 matmuls allowed): every row falls back to float64
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        _, coarse = _PreciseAtoms(atoms).certify(r, positive, block_bytes=10 ** 9)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    torch.testing.assert_close(coarse, expected, rtol=1e-14, atol=0)
+    assert MAX_RECHECKED < atoms.shape[0]

@@ -131,6 +131,11 @@ def figure(summary: list[dict], encoders, title: str, name: str) -> None:
     plt.close(fig)
 
 
+def _per_cell(protocol: dict) -> dict:
+    """What a cell's result depends on: the protocol less its grid, seed count and timing."""
+    return {k: v for k, v in protocol.items() if k not in ("minutes", "n_atoms", "d", "k", "seeds")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small N grid, K=3, 1 seed, short training")
@@ -163,8 +168,10 @@ def main() -> None:
         print(table(summary, ENCODERS))
         return
     if path.exists():
+        # cells computed with the same per-cell settings are kept, whatever grid and seeds they came from:
+        # a rerun with more seeds or a wider grid adds only the missing cells
         previous = json.loads(path.read_text())
-        if {k: v for k, v in previous["protocol"].items() if k != "minutes"} == protocol:
+        if _per_cell(previous["protocol"]) == _per_cell(protocol):
             rows = previous["rows"]
             print(f"resuming from {path}: {len(rows)} rows")
     done = {(r["n_atoms"], r["d"], r["k"], r["seed"]) for r in rows}
@@ -181,7 +188,9 @@ def main() -> None:
             f"{r['encoder']} {r['code_mcc']:.3f}" if "code_mcc" in r else f"{r['encoder']} skipped" for r in new),
             flush=True)
         summary = summarise(rows)
-        save(name, {"protocol": {**protocol, "minutes": (time.time() - start) / 60}, "rows": rows,
+        grid = {key: sorted({r[key] for r in rows}) for key in ("n_atoms", "d", "k")}
+        save(name, {"protocol": {**protocol, **grid, "seeds": max(r["seed"] for r in rows) + 1,
+                                 "minutes": (time.time() - start) / 60}, "rows": rows,
                     "summary": summary}, table(summary, ENCODERS))
     summary = summarise(rows)
     figure(summary, ENCODERS, f"Code MCC against N at matched L0 (known D), {settings['seeds']} seed(s)", name)

@@ -9,7 +9,8 @@ trained ones are retrained at every trial value) is calibrated with `sparsecode.
 its mean L0 on the test signals is K: the rows compare inference at the same sparsity. A cell where
 a method cannot reach L0 = K (OMP or the lasso with K > M) is recorded as skipped, with the reason.
 
-    python experiments/scaling.py --quick      # N in {16, 64}, K=3, 1 seed, short training
+    python experiments/scaling.py --quick      # N in {16, 64, 128}, K=3, 2 seeds, short training
+    python experiments/scaling.py --quick --d 32 --n-atoms 256    # adds cells to the quick results
     python experiments/scaling.py              # the paper's grid, 3 seeds (hours on a CPU)
 
 Results: experiments/results/scaling[_quick].json (every cell; a rerun with the same settings resumes
@@ -31,7 +32,7 @@ from _common import RESULTS, at_least_one, save
 ENCODERS = ("relu", "mlp", "ito", "fista", "omp", "lista")
 FULL = {"n_atoms": [16, 32, 64, 128, 256], "d": [8, 16, 32], "k": [3, 9, 15], "seeds": 3, "steps": 5000,
         "rel_tol": 0.02, "max_steps": 20}
-QUICK = {"n_atoms": [16, 64], "d": [8, 16, 32], "k": [3], "seeds": 1, "steps": 600,
+QUICK = {"n_atoms": [16, 64, 128], "d": [8, 16, 32], "k": [3], "seeds": 2, "steps": 600,
          "rel_tol": 0.05, "max_steps": 8}
 N_TRAIN = N_TEST = 1024
 
@@ -138,8 +139,8 @@ def _per_cell(protocol: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small N grid, K=3, 1 seed, short training")
-    parser.add_argument("--seeds", type=at_least_one, default=None, help="seeds per cell (default 3, quick 1)")
+    parser.add_argument("--quick", action="store_true", help="N up to 128, K=3, 2 seeds, short training")
+    parser.add_argument("--seeds", type=at_least_one, default=None, help="seeds per cell (default 3, quick 2)")
     parser.add_argument("--steps", type=at_least_one, default=None,
                         help="training steps of relu, mlp and lista (default 5,000, quick 600)")
     parser.add_argument("--n-atoms", type=at_least_one, nargs="+", default=None, help="replace the N grid")

@@ -7,7 +7,8 @@
    and the temperature of the sigmoid straight-through gradient. Dead = never fires on the
    held-out tokens; ultra-frequent = fires on more than half of them.
 2. Transcoders on the MLP site of the same layer (input: MLP input, target: MLP output): TopK
-   transcoder, binary transcoder (BTC) and binary skip-transcoder, FVU of the MLP output.
+   transcoder, binary transcoder (BTC) and binary skip-transcoder, FVU of the MLP output, on the
+   normalised activations and on the raw ones.
 3. The firing-rate histograms of all of them in one figure.
 
 The stores are extracted once into --cache and reused (the extraction re-tokenises the corpus).
@@ -126,10 +127,14 @@ def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Pat
     return rows
 
 
-def run_transcoders(store_path: Path, n_atoms: int, steps: int, quick: bool, lr: float | None) -> list[dict]:
+def run_transcoders(store_path: Path, n_atoms: int, steps: int, quick: bool, lr: float | None,
+                    normalize: bool = True) -> list[dict]:
+    """The three transcoders, on activations normalised to unit mean squared norm or (``normalize=False``,
+    labels marked so) on the raw ones, where Signum's steps are small against the pre-activations."""
     store, n_train, n_test = _split(store_path)
-    tr, te = store.load(n_train, normalize=True, targets=True), store.load(n_test, start=n_train, normalize=True,
-                                                                            targets=True)
+    tr = store.load(n_train, normalize=normalize, targets=True)
+    te = store.load(n_test, start=n_train, normalize=normalize, targets=True)
+    mark = "" if normalize else ", raw activations"
     train = {"steps": steps, "batch_size": BATCH, "k": K}
     binary = {} if lr is None else {"lr": lr}
     rows = []
@@ -143,7 +148,7 @@ def run_transcoders(store_path: Path, n_atoms: int, steps: int, quick: bool, lr:
         skip = getattr(learned.encoder, "skip_term", None)
         if skip is not None and skip(te.x) is not None:
             y_hat = y_hat + skip(te.x)
-        rows.append(summary(label, "transcoder", codes, fvu(te.y, y_hat), time.perf_counter() - t0))
+        rows.append(summary(label + mark, "transcoder", codes, fvu(te.y, y_hat), time.perf_counter() - t0))
         print(_line(rows[-1]), flush=True)
     return rows
 
@@ -202,6 +207,8 @@ def main() -> None:
     parser.add_argument("--skip-ablation", action="store_true", help="transcoders only")
     parser.add_argument("--add-seed", type=int, default=0,
                         help="train the TopK SAE and the key binary rows at this seed and add them to the results")
+    parser.add_argument("--add-raw-transcoders", action="store_true",
+                        help="train the transcoders on the raw (not normalised) activations and add them to the results")
     parser.add_argument("--replot", action="store_true", help="redraw the table and figure from the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -211,9 +218,13 @@ def main() -> None:
         out = Path("runs/binary-sae-quick")
     out.mkdir(parents=True, exist_ok=True)
     t0, load = time.perf_counter(), os.getloadavg()[0]
-    if args.replot or args.add_seed:
+    if args.replot or args.add_seed or args.add_raw_transcoders:
         previous = json.loads((out / "results.json").read_text())
         protocol, rows = previous["protocol"], previous["rows"]
+        if args.add_raw_transcoders:
+            stores = ensure_stores(args.cache, args.tokens)
+            rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None, normalize=False)
+            protocol["raw_transcoders"] = {"seconds": round(time.perf_counter() - t0), "load_average_at_start": load}
         if args.add_seed:
             stores = ensure_stores(args.cache, args.tokens)
             rows += run_sae(stores["resid"], args.n_atoms, args.steps, args.quick, None, seed=args.add_seed)
@@ -224,6 +235,7 @@ def main() -> None:
         models = None if args.quick else args.cache / f"models-{args.tokens}-{args.n_atoms}"
         rows = [] if args.skip_ablation else run_sae(stores["resid"], args.n_atoms, args.steps, args.quick, models)
         rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None)
+        rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None, normalize=False)
         protocol = {"model": "SmolLM2-135M-Instruct (embedded GGUF)", "layer": 15, "tokens": args.tokens, "k": K,
                     "n_atoms": args.n_atoms, "steps": args.steps, "batch_size": BATCH,
                     "seconds": round(time.perf_counter() - t0), "load_average_at_start": load,

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import sparsecode as sc  # noqa: E402
 from sparsecode import activations as act  # noqa: E402
 from _common import RESULTS  # noqa: E402
-from _llm import ensure_stores  # noqa: E402
+from _llm import HELD_OUT_DOCS, LAYER, ensure_stores  # noqa: E402
 
 K = 32
 BATCH = 512
@@ -128,9 +128,11 @@ def run_sae(store_path: Path, n_atoms: int, steps: int, quick: bool, models: Pat
 
 
 def run_transcoders(store_path: Path, n_atoms: int, steps: int, quick: bool, lr: float | None,
-                    normalize: bool = True) -> list[dict]:
+                    normalize: bool = True, eval_tokens: int = 0) -> list[dict]:
     """The three transcoders, on activations normalised to unit mean squared norm or (``normalize=False``,
-    labels marked so) on the raw ones, where Signum's steps are small against the pre-activations."""
+    labels marked so) on the raw ones, where Signum's steps are small against the pre-activations.
+    With `eval_tokens`, each is also spliced into the model in place of the MLP over that many tokens of
+    the held-out documents (`act.evaluate`): the CE increase over the clean model."""
     store, n_train, n_test = _split(store_path)
     tr = store.load(n_train, normalize=normalize, targets=True)
     te = store.load(n_test, start=n_train, normalize=normalize, targets=True)
@@ -149,13 +151,31 @@ def run_transcoders(store_path: Path, n_atoms: int, steps: int, quick: bool, lr:
         if skip is not None and skip(te.x) is not None:
             y_hat = y_hat + skip(te.x)
         rows.append(summary(label + mark, "transcoder", codes, fvu(te.y, y_hat), time.perf_counter() - t0))
+        if eval_tokens:
+            loaded, held_out = _model_and_held_out()
+            ev = act.evaluate(loaded, learned.encoder, learned.dictionary, held_out, layer=LAYER, site="mlp",
+                              n_tokens=eval_tokens, scale=store.scale if normalize else 1.0)
+            rows[-1].update(ce_clean=ev.ce_clean, ce_spliced=ev.ce_spliced, ce_increase=ev.ce_increase,
+                            ce_recovered=ev.ce_recovered)
         print(_line(rows[-1]), flush=True)
     return rows
 
 
+_MODEL: list = []
+
+
+def _model_and_held_out():
+    """The embedded SmolLM2 and the documents no store saw (loaded once)."""
+    if not _MODEL:
+        _, docs = act.read_corpus(None)
+        _MODEL.append((act.load_model(None, device="cpu"), docs[-HELD_OUT_DOCS:]))
+    return _MODEL[0]
+
+
 def _line(row: dict) -> str:
+    ce = f" CE +{row['ce_increase']:.3f}" if "ce_increase" in row else ""
     return (f"{row['model']}: FVU {row['fvu']:.3f} L0 {row['l0']:.1f} dead {row['dead']:.3f} "
-            f">50% {row['dense_50']:.3f} >10% {row['dense_10']:.3f} ({row['seconds']:.0f}s)")
+            f">50% {row['dense_50']:.3f} >10% {row['dense_10']:.3f}{ce} ({row['seconds']:.0f}s)")
 
 
 def fewest_dead(rows: list[dict]) -> dict | None:
@@ -207,8 +227,11 @@ def main() -> None:
     parser.add_argument("--skip-ablation", action="store_true", help="transcoders only")
     parser.add_argument("--add-seed", type=int, default=0,
                         help="train the TopK SAE and the key binary rows at this seed and add them to the results")
-    parser.add_argument("--add-raw-transcoders", action="store_true",
-                        help="train the transcoders on the raw (not normalised) activations and add them to the results")
+    parser.add_argument("--redo-transcoders", action="store_true",
+                        help="train the transcoders again (normalised and raw activations, with their CE) in place of "
+                             "those in the saved results")
+    parser.add_argument("--eval-tokens", type=int, default=4096,
+                        help="held-out tokens over which each transcoder is spliced into the model (0: no CE)")
     parser.add_argument("--replot", action="store_true", help="redraw the table and figure from the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -218,13 +241,17 @@ def main() -> None:
         out = Path("runs/binary-sae-quick")
     out.mkdir(parents=True, exist_ok=True)
     t0, load = time.perf_counter(), os.getloadavg()[0]
-    if args.replot or args.add_seed or args.add_raw_transcoders:
+    if args.replot or args.add_seed or args.redo_transcoders:
         previous = json.loads((out / "results.json").read_text())
         protocol, rows = previous["protocol"], previous["rows"]
-        if args.add_raw_transcoders:
+        if args.redo_transcoders:
             stores = ensure_stores(args.cache, args.tokens)
-            rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None, normalize=False)
-            protocol["raw_transcoders"] = {"seconds": round(time.perf_counter() - t0), "load_average_at_start": load}
+            rows = [r for r in rows if r["kind"] != "transcoder"]
+            for normalize in (True, False):
+                rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None, normalize,
+                                        args.eval_tokens)
+            protocol["transcoders"] = {"seconds": round(time.perf_counter() - t0), "load_average_at_start": load,
+                                       "eval_tokens": args.eval_tokens}
         if args.add_seed:
             stores = ensure_stores(args.cache, args.tokens)
             rows += run_sae(stores["resid"], args.n_atoms, args.steps, args.quick, None, seed=args.add_seed)
@@ -234,22 +261,25 @@ def main() -> None:
         stores = ensure_stores(args.cache, args.tokens)
         models = None if args.quick else args.cache / f"models-{args.tokens}-{args.n_atoms}"
         rows = [] if args.skip_ablation else run_sae(stores["resid"], args.n_atoms, args.steps, args.quick, models)
-        rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None)
-        rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None, normalize=False)
+        for normalize in (True, False):
+            rows += run_transcoders(stores["mlp"], args.n_atoms, args.steps, args.quick, None, normalize,
+                                    args.eval_tokens)
         protocol = {"model": "SmolLM2-135M-Instruct (embedded GGUF)", "layer": 15, "tokens": args.tokens, "k": K,
                     "n_atoms": args.n_atoms, "steps": args.steps, "batch_size": BATCH,
                     "seconds": round(time.perf_counter() - t0), "load_average_at_start": load,
                     "cpus": os.cpu_count()}
     elapsed = time.perf_counter() - t0
 
-    lines = ["| model | seeds | FVU | L0 | dead | fires on >50% | fires on >10% | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | seeds | FVU | L0 | dead | fires on >50% | fires on >10% | CE increase | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         cell = lambda key, fmt: (f"{np.mean([r[key] for r in mine]):{fmt}}" + (
             f" ± {np.std([r[key] for r in mine]):{fmt}}" if len(mine) > 1 else ""))
         lines.append(f"| {model} | {len(mine)} | {cell('fvu', '.3f')} | {cell('l0', '.1f')} | {cell('dead', '.3f')} | "
-                     f"{cell('dense_50', '.3f')} | {cell('dense_10', '.3f')} | {np.mean([r['seconds'] for r in mine]):.0f} |")
+                     f"{cell('dense_50', '.3f')} | {cell('dense_10', '.3f')} | "
+                     f"{cell('ce_increase', '.3f') if all('ce_increase' in r for r in mine) else ''} | "
+                     f"{np.mean([r['seconds'] for r in mine]):.0f} |")
     table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=1))
     (out / "results.md").write_text(table + "\n")

@@ -15,6 +15,7 @@ The stores are extracted once into --cache and reused (the extraction re-tokenis
 
     python experiments/binary_sae.py                  # 1152 atoms, 200 steps, 20k tokens (about 30 min, 2 busy cores)
     python experiments/binary_sae.py --quick          # 576 atoms, 100 steps, results in runs/binary-sae-quick
+    python experiments/binary_sae.py --redo-transcoders   # only the transcoders again, with their CE
 """
 from __future__ import annotations
 

@@ -287,11 +287,12 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
     with ``criterion='gap'`` the duality gap on the whole dictionary, with ``'change'`` that no atom
     correlates with the residual beyond lam. A signal that fails goes on, warm started, on its
     support plus the atoms that violate the optimality condition most, the set at least doubling
-    the support (Celer's rule), so a few rounds suffice. Signals are solved `chunk` at a time; within
-    a chunk the iterations on the working sets run in blocks of signals on `workers` CPU threads (see
-    `sparsecode.parallel`), and each round's check is one product for all of the chunk's signals
-    (with few rows per product, reading the atoms costs more than the multiply-adds). Each chunk
-    may use `chunk_bytes` of working memory (default: what `lasso_plan` counts per signal).
+    the support (Celer's rule), so a few rounds suffice. Signals are solved `chunk` at a time. For
+    atoms larger than a cache, the iterations on the working sets run in blocks of signals on `workers`
+    CPU threads (see `sparsecode.parallel`) and each round's check is one product for all of the
+    chunk's signals (with few rows per product, reading the atoms costs more than the multiply-adds);
+    smaller dictionaries run whole chunks on the workers. Each chunk may use `chunk_bytes` of working
+    memory (default: what `lasso_plan` counts per signal).
     """
     n, n_atoms = x.shape[0], atoms.shape[0]
     codes = x.new_zeros(n, n_atoms)
@@ -362,7 +363,7 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
     return the groups (rows, W, zw) that go on. With the Gram matrix, `b` is x D^T of the chunk.
     A working set iterates in its codes' dtype: the input's, or `PRECISE` once it stalled."""
     n_atoms, d = atoms.shape[0], x.shape[1]
-    lam, pos, gap_mode, grow = cfg.lam, cfg.positive, cfg.criterion == "gap", cfg.working_set
+    lam, pos, gap_mode = cfg.lam, cfg.positive, cfg.criterion == "gap"
     coarse = gap_mode and torch.finfo(x.dtype).bits < torch.finfo(PRECISE).bits
     if W is None:
         # on every atom: precisely where a copy of the atoms in PRECISE fits beside the iterates
@@ -371,7 +372,6 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
     else:
         dtype = zw.dtype
     can_promote = coarse and W is not None and dtype != PRECISE
-    item = torch.finfo(dtype).bits // 8
     slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
     eps = torch.finfo(dtype).eps
     xs = x[live].to(dtype)

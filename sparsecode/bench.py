@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ from . import metrics
 from .compare import calibrate, timed_encode
 from ._validation import check_int_range, resolve_device
 from .memory import fits, format_bytes, memory_budget, rows_within
-from .parallel import cpu_workers, run_blocks
 from .registry import encoder_class, encoder_names, get_encoder
 from .synthetic import make_sparse_data
 
@@ -261,9 +261,7 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
             callback(done, total, f"floor, n_atoms={N} d={dd} k={kk}")
         with _PeakMemory(device) as peak:
             amortised_floor(x, atoms, kk, budget)
-        def floor():
-            amortised_floor(x, atoms, kk, budget)
-
+        floor = functools.partial(amortised_floor, x, atoms, kk, budget)
         floor_s = _timed(floor, repeats, device)[0]
         rows.append({**cell, "encoder": "floor", "signals_per_s": n / floor_s, "ratio_to_floor": 1.0,
                      "peak_memory_mb": _mb(peak.bytes)})
@@ -295,7 +293,7 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
                             info = enc.encode_with_info(x)
                     codes = info.codes
                     # timed interleaved with the floor: the ratio is the median of per-round ratios
-                    seconds, ratio = _timed(lambda: enc.encode(x), repeats, device, alongside=floor)
+                    seconds, ratio = _timed(functools.partial(enc.encode, x), repeats, device, alongside=floor)
                     row.update(signals_per_s=n / seconds, ratio_to_floor=ratio,
                                peak_memory_mb=_mb(peak.bytes), f1=metrics.support_scores(data.codes, codes.cpu())["f1"],
                                l0=metrics.mean_l0(codes))

@@ -26,6 +26,7 @@ MODULES = (
     ("sparsecode.data", "data in any form -> signals"),
     ("sparsecode.defaults", "k and lam derived from the data when the user gives none"),
     ("sparsecode.memory", "memory budgets"),
+    ("sparsecode.native", "compiled CPU kernels: whether they built here, and the loops they run"),
     ("sparsecode.distributed", "several processes under torchrun"),
     ("sparsecode.checkpoint", "resumable training: checkpoints and resuming from them"),
     ("sparsecode.activations", "LLM activations: model, corpus, hooks, store, extraction, evaluation"),

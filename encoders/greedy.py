@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecode.encoder import Encoded, Encoder, MemoryConfig
+from sparsecode import native
+from sparsecode.encoder import Encoded, Encoder, KernelConfig
 from sparsecode.memory import fits, format_bytes, rows_within
-from sparsecode.ops import sparse_rows_product
+from sparsecode.ops import PRECISIONS, low_precision, sparse_rows_product
 from sparsecode.parallel import cpu_workers, run_blocks
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("auto", "gram", "gram-free")
-PRECISIONS = ("auto", "bfloat16", "full")
 
 #: Bytes of per-block state a CPU worker aims for in the Gram variant. Smaller blocks keep its state in
 #: cache, larger ones pay each operation's fixed cost over more signals; measured on the 2-core EPYC
@@ -44,7 +44,7 @@ MIN_BLOCK = 8
 
 
 @dataclass(frozen=True)
-class PursuitConfig(MemoryConfig):
+class PursuitConfig(KernelConfig):
     k: int = 16
     """Atoms to select per signal: the target L0."""
     tol: float | None = None
@@ -335,18 +335,6 @@ CANDIDATES = 8
 BF16_ERROR = 5 * 2.0 ** -8
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 matrices natively (faster than float32, not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())   # AVX512-BF16 or AMX
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
 class Correlations:
     """The atom of largest |correlation| with each residual, for the gram-free pursuits: one product with
     all atoms per step, which is where their time goes.
@@ -399,6 +387,12 @@ class Correlations:
         return pick, alpha.gather(1, pick[:, None]).squeeze(1)
 
 
+def span_eps(dtype: torch.dtype) -> float:
+    """Relative squared distance to the span of the atoms already picked below which OMP's new pick does
+    not count (it adds no direction)."""
+    return torch.finfo(dtype).eps * 16
+
+
 class _Cholesky:
     """The growing Cholesky factor of the selected atoms' Gram matrix, shared by both OMP variants."""
 
@@ -408,7 +402,7 @@ class _Cholesky:
         self.u = torch.zeros(n, k, dtype=dtype, device=device)       # x in the orthonormal basis
         self.idx = torch.zeros(n, k, dtype=torch.long, device=device)
         self.remaining = unexplained
-        self.eps = torch.finfo(dtype).eps * 16
+        self.eps = span_eps(dtype)
 
     def add(self, j: int, pick, w, norm2, diag_p):
         """Row j of L from the new atom's coordinates `w` on the basis and its squared distance `norm2`
@@ -470,13 +464,15 @@ class _Pursuit(Encoder):
             return None
         return (1 - self.config.tol ** 2) * (x * x).sum(1)
 
-    def _plan(self, x: torch.Tensor) -> tuple[str, int, int, int, int]:
-        """The variant, signals per block, per pursuit sub-block, worker threads and planned working memory
-        (bytes, the Gram matrix included) for `x`, from the budget.
+    def _plan(self, x: torch.Tensor) -> tuple[str, bool, int, int, int, int]:
+        """The variant, whether its steps run in the compiled kernels, signals per block, per pursuit
+        sub-block, worker threads and planned working memory (bytes, the Gram matrix included) for `x`,
+        from the budget.
 
         A block's correlations with all atoms come from one matrix product (large enough to run at the
-        machine's arithmetic speed); the Gram variant then runs its pursuit on sub-blocks whose state
+        machine's arithmetic speed); the Gram variant's torch operations then run on sub-blocks whose state
         (k x n_atoms per signal) stays in cache between steps, since that variant is bound by memory traffic.
+        The compiled kernels take one signal at a time, so their blocks need no sub-blocks.
         """
         n, n_atoms, itemsize = x.shape[0], self.dictionary.n_atoms, x.element_size()
         budget = self.memory_budget(x.device)
@@ -497,9 +493,12 @@ class _Pursuit(Encoder):
                              f"matrix of {n_atoms} atoms needs {format_bytes(gram_bytes)}; raise memory or use "
                              "variant='gram-free'")
         rows = rows_within(budget, row_bytes, fixed, what=f"signal ({variant} {self.name}, {n_atoms} atoms)")
+        compiled = variant == "gram" and native.resolve(self.config.kernel, x.device)
         if x.device.type == "cpu":
             workers, preferred = cpu_workers(x.device, self.config.threads), BLOCK
-            if variant == "gram":
+            if compiled:
+                inner = preferred
+            elif variant == "gram":
                 # the pursuit's operations run over a whole block, so its block is the cache-sized one
                 preferred = inner = max(MIN_BLOCK, CACHE_BLOCK_BYTES // row_bytes)
             else:
@@ -513,16 +512,16 @@ class _Pursuit(Encoder):
         block = max(1, min(rows // workers, preferred, -(-n // workers), self.config.chunk or n))
         inner = min(inner, block)
         working_bytes = int(fixed + row_bytes * block * workers)
-        log.debug("%s: variant %s, %d signals per block (%d per pursuit), %d workers, %s working memory "
-                  "(budget %s)", self.name, variant, block, inner, workers, format_bytes(working_bytes),
-                  format_bytes(budget))
-        return variant, block, inner, workers, working_bytes
+        log.debug("%s: variant %s (%s kernel), %d signals per block (%d per pursuit), %d workers, %s working "
+                  "memory (budget %s)", self.name, variant, "native" if compiled else "torch", block, inner, workers,
+                  format_bytes(working_bytes), format_bytes(budget))
+        return variant, compiled, block, inner, workers, working_bytes
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._encode_with_info(x).codes
 
     def _encode_with_info(self, x: torch.Tensor) -> Encoded:
-        variant, block, inner, workers, working_bytes = self._plan(x)
+        variant, compiled, block, inner, workers, working_bytes = self._plan(x)
         atoms = self.dictionary.atoms_as(x.dtype, x.device)
         low = None
         if variant == "gram":
@@ -547,7 +546,7 @@ class _Pursuit(Encoder):
             for s in range(0, stop - start, inner):
                 part = slice(s, s + inner)
                 self._encode_block(xs[part], None if alpha is None else alpha[part], codes[start:stop][part],
-                                   mine, gram, diag, workspace)
+                                   mine, gram, diag, workspace, compiled)
             recomputed.append(mine.recomputed)
 
         run_blocks(x.shape[0], block, workers, work)
@@ -555,14 +554,11 @@ class _Pursuit(Encoder):
             log.debug("%s: %d of %d x %d picks recomputed in full precision", self.name, sum(recomputed),
                       x.shape[0], self.config.k)
         return Encoded(codes, n_iter=float(self.config.k), variant=variant, working_bytes=working_bytes,
-                       precision=str(low or x.dtype).removeprefix("torch."))
+                       precision=str(low or x.dtype).removeprefix("torch."), kernel="native" if compiled else "torch")
 
     def _low_precision(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype of the gram-free products with all atoms (None: x's own)."""
-        wanted = self.config.precision
-        if wanted == "bfloat16" or (wanted == "auto" and x.dtype == torch.float32 and bf16_is_native(x.device)):
-            return torch.bfloat16
-        return None
+        return low_precision(self.config.precision, x.dtype, x.device)
 
     def _variant(self, encoded) -> str:
         """The variant a call ran (given its `Encoded`), else the one `variant` names ('gram' for auto:
@@ -572,9 +568,10 @@ class _Pursuit(Encoder):
         return "gram" if self.config.variant == "auto" else self.config.variant
 
     @abc.abstractmethod
-    def _encode_block(self, x, alpha, codes, corr: Correlations, gram, diag, workspace: dict) -> None:
+    def _encode_block(self, x, alpha, codes, corr: Correlations, gram, diag, workspace: dict, compiled: bool) -> None:
         """Write the codes of signals `x` into `codes` (zeros). With `gram`, `alpha` holds ``x @ atoms.T``
-        (overwritten); the gram-free variant (`gram` and `alpha` None) finds its picks through `corr`."""
+        (overwritten) and `compiled` says whether the steps run in the compiled kernels (`sparsecode.native`);
+        the gram-free variant (`gram` and `alpha` None) finds its picks through `corr`."""
 
 
 class OMP(_Pursuit):
@@ -593,10 +590,13 @@ class OMP(_Pursuit):
         # step j reads the support's j + 1 Gram rows into alpha, then the pick
         return 0.5 * self.config.k + 6
 
-    def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict) -> None:
+    def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict, compiled: bool) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
             idx, coef = omp_gram_free(x, corr, diag, self.config.k, energy)
+        elif compiled:
+            idx, coef = native.omp_gram(alpha, gram, diag, _selection_scale(diag), self.config.k, energy,
+                                        span_eps(x.dtype))
         else:
             idx, coef = omp_chunk(alpha, gram, diag, self.config.k, energy, workspace)
         codes.scatter_add_(1, idx, coef)
@@ -625,10 +625,12 @@ class MP(_Pursuit):
     def _gram_passes(self) -> float:
         return 5.0                        # one Gram row into alpha, then the pick
 
-    def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict) -> None:
+    def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict, compiled: bool) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
             mp_gram_free(x, codes, corr, diag, self.config.k, energy)
+        elif compiled:
+            native.mp_gram(alpha, codes, gram, diag, _selection_scale(diag), self.config.k, energy)
         else:
             mp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)
 
@@ -658,10 +660,12 @@ class GradientPursuit(_Pursuit):
     def _low_precision(self, x: torch.Tensor) -> torch.dtype | None:
         return None                       # its steps use the support's correlations as values
 
-    def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict) -> None:
+    def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict, compiled: bool) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
             gp_gram_free(x, codes, corr.atoms, diag, self.config.k, energy)
+        elif compiled:
+            native.gp_gram(alpha, codes, gram, diag, _selection_scale(diag), self.config.k, energy)
         else:
             gp_chunk(alpha, codes, gram, diag, self.config.k, energy, workspace)
 

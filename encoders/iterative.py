@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecode.encoder import Encoded, Encoder, MemoryConfig
+from sparsecode import native
+from sparsecode.encoder import Encoded, Encoder, KernelConfig
 from sparsecode.memory import fits, rows_within
-from sparsecode.ops import sparse_rows_product
+from sparsecode.ops import PRECISIONS, low_precision, sparse_rows_product
 from sparsecode.parallel import cpu_workers, run_blocks
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ SMALL_BLOCK = 16
 MIN_BLOCK = 8
 #: Largest dictionary (bytes) whose atoms a chunk reads again cheaply, from cache: see `solve_lasso`.
 SHARED_ATOMS_BYTES = 8 * 2 ** 20
-#: Most atoms per signal whose correlation a precise certificate recomputes in PRECISE (see
-#: `_PreciseAtoms.certify`); beyond it the signal's whole product is taken in PRECISE.
+#: Most atoms per signal whose correlation a round's check recomputes exactly (see `_Checker`); beyond it
+#: the signal's whole product is taken in its own dtype.
 MAX_RECHECKED = 256
 #: The dtype a working set moves to when the certificate needs more precision than the input's.
 #: With small lam the residual ``x - z D`` is a small difference of vectors of the size of x, and
@@ -56,7 +57,7 @@ PRECISE = torch.float64
 
 
 @dataclass(frozen=True)
-class LassoConfig(MemoryConfig):
+class LassoConfig(KernelConfig):
     lam: float = 0.1
     """Lasso penalty: each signal minimises 0.5*||x - z D||^2 + lam*||z||_1 (no 1/n or 1/d scaling)."""
     positive: bool = False
@@ -73,11 +74,18 @@ class LassoConfig(MemoryConfig):
     working_set: int = 8
     """Atoms per signal to iterate on at first (grown while the full problem is not certified); 0
     iterates on all atoms."""
+    precision: str = "auto"
+    """Of each round's check of its answers against all atoms: 'bfloat16' (the largest correlation then
+    recomputed in the iterate's precision, so the certificates are those of 'full'), 'full' (the input's
+    dtype) or 'auto' (bfloat16 for float32 input where the device multiplies bfloat16 natively: a CUDA GPU,
+    or a CPU with AVX512-BF16 or AMX)."""
 
     def validate(self) -> None:
         super().validate()
         if self.criterion not in ("change", "gap"):
             raise ValueError(f"criterion must be 'change' or 'gap', got {self.criterion!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.working_set, int) or isinstance(self.working_set, bool) or self.working_set < 0:
             raise ValueError(f"working_set must be an integer >= 0, got {self.working_set!r}")
 
@@ -278,12 +286,15 @@ def lasso_plan(n: int, n_atoms: int, d: int, dtype: torch.dtype, budget: int, wo
 
 def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, lipschitz: float,
                 cfg: LassoConfig, momentum: bool, restart: bool = False, chunk: int = 2048,
-                workers: int = 1, chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                workers: int = 1, chunk_bytes: int | None = None, compiled: bool = False,
+                low_atoms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lasso codes (n, n_atoms) for signals x (n, d), the iterations each signal used, and whether
     each signal was certified (its stopping criterion held before `max_iter`).
 
     With ``cfg.working_set = w > 0`` each signal iterates on the w atoms most correlated with it.
-    After each round the full problem is checked once, with one product ``r @ D^T`` per signal:
+    After each round the full problem is checked once, with one product ``r @ D^T`` per signal (in
+    the dtype of `low_atoms`, the atoms in low precision, where given; the largest correlation is then
+    recomputed exactly, see `_Checker`):
     with ``criterion='gap'`` the duality gap on the whole dictionary, with ``'change'`` that no atom
     correlates with the residual beyond lam. A signal that fails goes on, warm started, on its
     support plus the atoms that violate the optimality condition most, the set at least doubling
@@ -292,7 +303,8 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
     CPU threads (see `sparsecode.parallel`) and each round's check is one product for all of the
     chunk's signals (with few rows per product, reading the atoms costs more than the multiply-adds);
     smaller dictionaries run whole chunks on the workers. Each chunk may use `chunk_bytes` of working
-    memory (default: what `lasso_plan` counts per signal).
+    memory (default: what `lasso_plan` counts per signal). With `compiled` the working sets iterate in the
+    compiled kernels (`sparsecode.native`, on the CPU).
     """
     n, n_atoms = x.shape[0], atoms.shape[0]
     codes = x.new_zeros(n, n_atoms)
@@ -300,7 +312,7 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
     certified = torch.zeros(n, dtype=torch.bool, device=x.device)
     item = x.element_size()
     w0 = min(4 * max(cfg.working_set, 1), n_atoms)
-    precise = _PreciseAtoms(atoms)
+    checker = _Checker(atoms, low_atoms)
     # Each round of a chunk reads every atom once, to check its signals. Atoms that stay in cache cost
     # little to read again: then whole chunks run on the worker threads, a round's checks in parallel
     # too. Atoms that do not (16,384 x 576 in float32: 38 MB) are read once per round for all the
@@ -316,18 +328,20 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
         # what the chunk's budget leaves beside its full-width rows, for the working-set blocks
         block_bytes = ((chunk_bytes - full_rows) if chunk_bytes is not None else
                        (stop - start) * item * w0 * (w0 + x.shape[1] + 12))
-        _solve_chunk(x[start:stop], atoms, precise, gram, lipschitz, cfg, momentum, restart, block_bytes,
-                     codes[start:stop], iters[start:stop], certified[start:stop], 1 if spread else workers)
+        _solve_chunk(x[start:stop], atoms, checker, gram, lipschitz, cfg, momentum, restart, block_bytes,
+                     codes[start:stop], iters[start:stop], certified[start:stop], 1 if spread else workers, compiled)
 
     run_blocks(n, max(1, chunk), workers if spread else 1, work)
     return codes, iters, certified
 
 
-def _solve_chunk(x, atoms, precise, gram, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified,
-                 workers):
+def _solve_chunk(x, atoms, checker, gram, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified,
+                 workers, compiled):
     """Solve a chunk of signals in rounds. Signals are kept in groups that share a working-set width
     (a power-of-two multiple of `working_set`, or all atoms), so a signal with a large support
-    widens only its own group's blocks."""
+    widens only its own group's blocks. Each round iterates every group, then checks all of them on
+    the whole dictionary with one product (`_Checker.check`): for few signals, reading the atoms costs
+    more than the multiply-adds, so one product per group would cost about as much as one for all."""
     n, n_atoms = x.shape[0], atoms.shape[0]
     pos, grow = cfg.positive, cfg.working_set
     # kept precise: each group reads them in its own dtype
@@ -338,91 +352,104 @@ def _solve_chunk(x, atoms, precise, gram, lipschitz, cfg, momentum, restart, blo
     rows = torch.arange(n, device=x.device)
     b = None
     if 0 < grow < n_atoms // 2:
-        b = x @ atoms.T
-        groups = [(rows, (b if pos else b.abs()).topk(grow, dim=1).indices, x.new_zeros(n, grow))]
         if gram is None:
-            b = None                 # blocks come from the gathered atoms, which give D_W x as well
+            # only ranks the atoms for the first sets (their blocks come from the gathered atoms)
+            scores = checker.check([x], pos, block_bytes, exact=False)[0][0]
+        else:
+            b = scores = x @ atoms.T       # the sets' right-hand sides are gathered from it
+        groups = [(rows, (scores if pos else scores.abs()).topk(grow, dim=1).indices, x.new_zeros(n, grow))]
+        del scores
     else:
         groups = [(rows, None, None)]
     while groups:
+        rounds = [_iterate(x, atoms, checker, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used,
+                           inner_tol, xx, live, W, zw, workers, compiled) for live, W, zw in groups]
+        checks = checker.check([r.residual for r in rounds], pos, block_bytes)
         by_width: dict = {}
-        for live, W, zw in groups:
-            for nxt in _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used,
-                              certified, xx, inner_tol, live, W, zw, workers):
+        for r, (corr, worst) in zip(rounds, checks):
+            for nxt in _settle(r, corr, worst, x, cfg, block_bytes, codes, used, certified, inner_tol):
                 key = None if nxt[1] is None else (nxt[1].shape[1], nxt[2].dtype)
                 by_width.setdefault(key, []).append(nxt)
+        del rounds, checks
         # groups of one width and dtype from different groups of the last round iterate together
         groups = [tuple(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(3))
                   for parts in by_width.values()]
 
 
-def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used, certified, xx,
-           inner_tol, live, W, zw, workers):
-    """One round for the signals `live` of a chunk on their working sets W (None: all atoms), warm
-    started at zw: iterate, certify on the whole dictionary, write the finished signals' codes, and
-    return the groups (rows, W, zw) that go on. With the Gram matrix, `b` is x D^T of the chunk.
-    A working set iterates in its codes' dtype: the input's, or `PRECISE` once it stalled."""
-    n_atoms, d = atoms.shape[0], x.shape[1]
-    lam, pos, gap_mode = cfg.lam, cfg.positive, cfg.criterion == "gap"
-    coarse = gap_mode and torch.finfo(x.dtype).bits < torch.finfo(PRECISE).bits
+@dataclass
+class _Round:
+    """What one round of iterations left for a group of a chunk's signals, to be checked and settled."""
+    live: torch.Tensor          # the group's rows of the chunk
+    W: torch.Tensor | None      # their working sets (None: all atoms)
+    z: torch.Tensor             # their codes on the sets (or on all atoms), in the round's dtype
+    met: torch.Tensor           # whether each met the round's own target
+    residual: torch.Tensor      # x - z D, in the round's dtype
+    xs: torch.Tensor            # the signals, in the round's dtype
+    can_promote: bool           # whether a stalled set may move on to PRECISE
+
+
+def _iterate(x, atoms, checker, gram, b, lipschitz, cfg, momentum, restart, block_bytes, codes, used, inner_tol, xx,
+             live, W, zw, workers, compiled) -> _Round:
+    """One round of iterations for the signals `live` of a chunk on their working sets W (None: all
+    atoms), warm started at zw (or, on all atoms, at their codes so far). With the Gram matrix, `b` is
+    x D^T of the chunk. A working set iterates in its codes' dtype: the input's, or `PRECISE` once it
+    stalled."""
+    coarse = cfg.criterion == "gap" and torch.finfo(x.dtype).bits < torch.finfo(PRECISE).bits
     if W is None:
         # on every atom: precisely where a copy of the atoms in PRECISE fits beside the iterates
-        fine = coarse and precise.fits(block_bytes)
-        dtype = PRECISE if fine else x.dtype
+        dtype = PRECISE if coarse and checker.fits(block_bytes) else x.dtype
     else:
         dtype = zw.dtype
     can_promote = coarse and W is not None and dtype != PRECISE
-    slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
-    eps = torch.finfo(dtype).eps
     xs = x[live].to(dtype)
     tol_live, xx_live = inner_tol[live].to(dtype), xx[live].to(dtype)
     # rounds at least double a signal's iterations so far: few momentum restarts on hard signals
     budget = torch.minimum(cfg.max_iter - used[live], torch.clamp_min(used[live], ROUND_ITER))
+    gram = gram if gram is not None and gram.dtype == dtype else None
     if W is None:
-        # `fine` above: a precise copy fits, so it is the solve's shared one
-        on = atoms if dtype == x.dtype else precise.copy(block_bytes)
-        zs, it, met = _full_round(xs, on, gram if gram is not None and gram.dtype == dtype else None, lipschitz,
-                                  cfg, momentum, restart, codes[live].to(dtype), budget, tol_live, xx_live,
-                                  block_bytes // 2 if on is not atoms else block_bytes)
-        codes[live] = zs.to(codes.dtype)
-        r = xs - zs @ on
-        del on
+        # a PRECISE round: a precise copy fits (see above), so it is the solve's shared one
+        on = atoms if dtype == x.dtype else checker.copy(block_bytes)
+        z, it, met = _full_round(xs, on, gram, lipschitz, cfg, momentum, restart, codes[live].to(dtype), budget,
+                                 tol_live, xx_live, block_bytes // 2 if on is not atoms else block_bytes)
+        codes[live] = z.to(codes.dtype)
+        residual = xs - z @ on
     else:
-        zw, it, met, r = _iterate_sets(xs, atoms, gram if gram is not None and gram.dtype == dtype else None, b,
-                                       live, W, zw, lipschitz, cfg, momentum, restart, budget, tol_live, xx_live,
-                                       can_promote, dtype == x.dtype, workers)
+        z, it, met, residual = _iterate_sets(xs, atoms, gram, b, live, W, zw, lipschitz, cfg, momentum, restart,
+                                             budget, tol_live, xx_live, can_promote, dtype == x.dtype, workers, compiled)
     used[live] += it
-    # Certify on the full dictionary: one product with every atom, in the input's dtype, or in PRECISE
-    # for signals that iterate in it (their gap may be below what the input's dtype can resolve).
-    if dtype == x.dtype:
-        corr = r @ atoms.T
-        worst = _worst(corr, pos)
-    else:
-        corr, worst = precise.certify(r, pos, block_bytes)
-    worst = worst.to(dtype)
+    return _Round(live, W, z, met, residual, xs, can_promote)
+
+
+def _settle(rnd: _Round, corr, worst, x, cfg, block_bytes, codes, used, certified, inner_tol) -> list:
+    """Decide, from a round's check on the whole dictionary (`corr`: its residuals' correlations with
+    every atom, in the product's precision, to rank atoms by; `worst`: the largest one the dual
+    constraint bounds, exact), which of its signals are done (their codes written) and on which working
+    sets the others go on: the groups (rows, W, zw) of the next round."""
+    n_atoms, d = codes.shape[1], x.shape[1]
+    lam, pos, gap_mode = cfg.lam, cfg.positive, cfg.criterion == "gap"
+    live, W, z, r, up_ok = rnd.live, rnd.W, rnd.z, rnd.residual, rnd.can_promote
+    dtype = z.dtype
+    slack = max(cfg.tol ** 0.5, 1e-4)        # violations this small change the objective negligibly
+    eps = torch.finfo(dtype).eps
     within = worst <= lam * (1 + slack)
     if gap_mode:
-        if dtype == x.dtype:
-            zcorr = (zs * corr).sum(1) if W is None else (zw * corr.gather(1, W)).sum(1)
-        else:
-            # z . (D r) = (z D) . r, and z D = x - r exactly as r was formed: no correlation needed in PRECISE
-            zcorr = ((xs - r) * r).sum(1)
-        l1 = (zs if W is None else zw).abs().sum(1)
-        ok = _relative_gap(l1, zcorr, (r * r).sum(1), worst, lam) <= cfg.tol
+        # z . (D r) = (z D) . r, and z D = x - r exactly as r was formed: no correlation needed in z's dtype
+        zcorr = ((rnd.xs - r) * r).sum(1)
+        ok = _relative_gap(z.abs().sum(1), zcorr, (r * r).sum(1), worst, lam) <= cfg.tol
     else:
         ok = within
     certified[live] = ok
     done = ok | (used[live] >= cfg.max_iter)
     # the set was solved to its target, no violator is left, and yet the gap is too large
-    stalled = within & met & ~ok
+    stalled = within & rnd.met & ~ok
     # a set that missed its own target, or stalled, in a dtype that may be too coarse for it goes on
     # in PRECISE rather than iterating on rounding
-    promote = ~done & ~ok & (stalled | ~met) if can_promote else torch.zeros_like(ok)
-    if gap_mode and not can_promote:
+    promote = ~done & ~ok & (stalled | ~rnd.met) if up_ok else torch.zeros_like(ok)
+    if gap_mode and not up_ok:
         # ... although the set was solved as tightly as the dtype allows: give up
         done |= stalled & (inner_tol[live] <= 10 * eps)
     if W is not None and bool(done.any()):
-        codes[live[done].unsqueeze(1), W[done]] = zw[done].to(codes.dtype)
+        codes[live[done].unsqueeze(1), W[done]] = z[done].to(codes.dtype)
     keep = ~done
     if not bool(keep.any()):
         return []
@@ -433,8 +460,7 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
         inner_tol[tighten] = torch.clamp_min(inner_tol[tighten] / 10, 10 * eps)
     if W is None:
         return [(live, None, None)]
-    zk, wk, scores, up = zw[keep], W[keep], corr[keep], promote[keep]
-    del corr
+    zk, wk, scores, up = z[keep], W[keep], corr[keep], promote[keep]
     if not pos:
         scores.abs_()
     width = wk.shape[1]
@@ -474,9 +500,10 @@ def _round(x, atoms, precise, gram, b, lipschitz, cfg, momentum, restart, block_
 
 
 def _iterate_sets(xs, atoms, gram, b, live, W, zw, lipschitz, cfg, momentum, restart, budget, tol, xx,
-                  can_promote, input_dtype, workers):
+                  can_promote, input_dtype, workers, compiled):
     """Iterate each signal of a group on its working set W (m, w), warm started at zw, in blocks of
-    signals on `workers` threads (many small operations per iteration: see `sparsecode.parallel`).
+    signals on `workers` threads (many small operations per iteration: see `sparsecode.parallel`), in the
+    compiled kernels where `compiled`, else with torch operations.
     Returns the codes on the sets, the iterations used, whether each met its target, and the residuals.
     With `gram` (in the sets' dtype) each signal's Gram block and right-hand side are gathered from it
     and from `b` (x D^T of the chunk's signals, `live` indexing its rows); otherwise they come from the
@@ -491,6 +518,15 @@ def _iterate_sets(xs, atoms, gram, b, live, W, zw, lipschitz, cfg, momentum, res
 
     def work(start: int, stop: int) -> None:
         Ws, xb = W[start:stop], xs[start:stop]
+        if compiled:
+            z = zw[start:stop].contiguous().clone()
+            its[start:stop], mets[start:stop], r[start:stop] = native.lasso_sets(
+                xb.contiguous(), atoms, Ws.contiguous(), z, budget[start:stop].contiguous(),
+                tol[start:stop].contiguous(), xx[start:stop].contiguous(), lipschitz, cfg.lam, cfg.positive, momentum,
+                restart, cfg.criterion == "gap", CHECK_EVERY, can_promote, gram=gram, b=None if gram is None else b,
+                b_rows=None if gram is None else live[start:stop].contiguous())
+            out[start:stop] = z
+            return
         mb = Ws.shape[0]
         aw = None
         # Each signal's Gram block (mb, w, w): gathered from the Gram matrix (a flat index_select; advanced
@@ -518,17 +554,26 @@ def _iterate_sets(xs, atoms, gram, b, live, W, zw, lipschitz, cfg, momentum, res
     return out, its, mets, r
 
 
-class _PreciseAtoms:
-    """The atoms in PRECISE, for certifying the signals that iterate in it.
+class _Checker:
+    """Each round's check of its signals on the whole dictionary: the correlations of their residuals with
+    every atom, and the largest one the dual constraint bounds, exactly.
 
-    A whole copy (for the rounds that iterate on every atom in PRECISE) is converted once per solve and
-    shared by its rounds where it fits in half a chunk's budget (converting the atoms every round cost
-    more than the certifying product itself: 39 ms a round at 16,384 x 576 on the 2-core EPYC). The
-    certificate itself needs no copy: see `certify`.
+    One product with all atoms serves every group of a round, in low precision where the device
+    multiplies it natively (bfloat16, `low_atoms`; about 3x faster than float32 on a CPU with
+    AVX512-BF16), else in the atoms' dtype. Its error is bounded (`_product_error`), so the largest
+    correlation is among the atoms whose product lies within twice that bound of the product's
+    maximum, and only they are recomputed in the residual's dtype (`_recheck`): the certificates are
+    those of a product in that dtype. Rows with too many such atoms get a product in their dtype.
+
+    It also keeps the atoms in PRECISE for rounds that iterate on every atom in it: a whole copy,
+    converted once per solve and shared by its rounds where it fits in half a chunk's budget
+    (converting the atoms every round cost more than the check itself: 39 ms a round at 16,384 x 576
+    on the 2-core EPYC).
     """
 
-    def __init__(self, atoms: torch.Tensor):
-        self.atoms, self._copy, self._norm, self._lock = atoms, None, None, threading.Lock()
+    def __init__(self, atoms: torch.Tensor, low_atoms: torch.Tensor | None = None):
+        self.atoms, self.low_atoms = atoms, low_atoms
+        self._copy, self._norm, self._lock = None, None, threading.Lock()
 
     def fits(self, block_bytes: int) -> bool:
         """Whether a whole copy in PRECISE fits in half a chunk's budget."""
@@ -544,50 +589,77 @@ class _PreciseAtoms:
         return self._copy
 
     def correlations(self, r: torch.Tensor, block_bytes: int) -> torch.Tensor:
-        """``r @ atoms.T`` in PRECISE."""
-        atoms, item, copy = self.atoms, torch.finfo(PRECISE).bits // 8, self.copy(block_bytes)
+        """``r @ atoms.T`` in r's dtype."""
+        atoms = self.atoms
+        if r.dtype == atoms.dtype:
+            return r @ atoms.T
+        copy = self.copy(block_bytes) if r.dtype == PRECISE else None
         if copy is not None:
             return r @ copy.T
-        step = max(1, min(atoms.shape[0], block_bytes // (2 * atoms.shape[1] * item)))
-        return torch.cat([r @ atoms[s:s + step].to(PRECISE).T for s in range(0, atoms.shape[0], step)], dim=1)
+        step = max(1, min(atoms.shape[0], block_bytes // (2 * atoms.shape[1] * r.element_size())))
+        return torch.cat([r @ atoms[s:s + step].to(r.dtype).T for s in range(0, atoms.shape[0], step)], dim=1)
 
-    def certify(self, r: torch.Tensor, positive: bool, block_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For residuals r (m, d) in PRECISE: ``r @ atoms.T`` in the atoms' dtype (to rank atoms by), and
-        the largest correlation the dual constraint bounds (see `_worst`) to PRECISE's accuracy.
+    def check(self, residuals: list[torch.Tensor], positive: bool, block_bytes: int, exact: bool = True
+              ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """For each of `residuals` (m_i, d): ``r @ atoms.T`` in the product's precision (to rank atoms by)
+        and the largest correlation the dual constraint bounds (see `_worst`) to r's accuracy (None
+        without `exact`)."""
+        on = self.low_atoms if self.low_atoms is not None else self.atoms
+        corr = torch.cat([r.to(on.dtype) for r in residuals]) @ on.T
+        out, start = [], 0
+        for r in residuals:
+            part = corr[start:start + r.shape[0]]
+            start += r.shape[0]
+            if not exact:
+                worst = None
+            elif on.dtype == r.dtype:
+                worst = _worst(part, positive)
+            else:
+                worst = self._recheck(r, part, positive, block_bytes)
+            out.append((part, worst))
+        return out
 
-        The product runs in the atoms' dtype, at half the memory traffic of a PRECISE one and without a
-        PRECISE copy of the atoms; its error is bounded (`_product_error`), so the largest correlation is
-        among the atoms whose rounded value lies within twice that bound of the rounded maximum, and only
-        they are recomputed in PRECISE. Rows with too many such atoms (a coarse product) get a PRECISE
-        product instead.
-        """
+    def _recheck(self, r: torch.Tensor, corr: torch.Tensor, positive: bool, block_bytes: int) -> torch.Tensor:
+        """The largest correlation the dual constraint bounds, in r's dtype, from `corr`, r's product with
+        all atoms in a coarser dtype: the atoms that may hold it are recomputed exactly."""
         atoms = self.atoms
-        if atoms.dtype == PRECISE:
-            corr = r @ atoms.T
-            return corr, _worst(corr, positive)
-        corr = r.to(atoms.dtype) @ atoms.T
         with self._lock:
             if self._norm is None:
                 self._norm = float(atoms.norm(dim=1).max()) * (1 + 1e-3)     # margin for its own rounding
-        bound = _product_error(atoms.dtype, atoms.device, atoms.shape[1]) * self._norm * r.norm(dim=1)
-        cut = (_worst(corr, positive).to(PRECISE) - 2 * bound).to(corr.dtype).unsqueeze(1)
-        cut = torch.nextafter(cut, torch.full_like(cut, -float("inf")))      # a cut rounded up would miss atoms
+        bound = _product_error(corr.dtype, corr.device, atoms.shape[1]) * self._norm * r.norm(dim=1)
+        top = _worst(corr, positive).to(r.dtype)
+        # one step of corr's own rounding below, so that rounding the cut to corr's dtype cannot lift it
+        # above an atom that may hold the maximum
+        cut = (top - 2 * bound - top.abs() * torch.finfo(corr.dtype).eps).to(corr.dtype).unsqueeze(1)
         near = corr >= cut if positive else (corr >= cut) | (corr <= -cut)
         rows, cols = near.nonzero(as_tuple=True)
-        exact = (atoms.index_select(0, cols).to(PRECISE) * r.index_select(0, rows)).sum(1)
+        exact = (atoms.index_select(0, cols).to(r.dtype) * r.index_select(0, rows)).sum(1)
         worst = r.new_full((r.shape[0],), -float("inf") if positive else 0.0)
         worst.scatter_reduce_(0, rows, exact if positive else exact.abs(), "amax")
         crowded = near.sum(1) > MAX_RECHECKED
         if bool(crowded.any()):
             worst[crowded] = _worst(self.correlations(r[crowded], block_bytes), positive)
-        return corr, worst
+        return worst
 
 
 def _product_error(dtype: torch.dtype, device: torch.device, d: int) -> float:
     """A bound on |fl(a . r) - a . r| / (||a|| ||r||) for a matrix product of length-d rows in `dtype`
-    when r is rounded to `dtype` first: (d + 1) u / (1 - (d + 1) u) in the standard model (any order of
-    summation, fused multiply-adds included), u the unit roundoff of what the product really computes
-    in (TF32 or bfloat16 where torch's float32 matmul precision allows them)."""
+    when a and r are rounded to `dtype` first.
+
+    float32 and float64: (d + 2) u / (1 - (d + 2) u) in the standard model (any order of summation,
+    fused multiply-adds included), u the unit roundoff of what the product really computes in (TF32 or
+    bfloat16 where torch's float32 matmul precision allows them). bfloat16, whose products accumulate
+    in float32: the rounding of both factors (2u + u^2), the float32 sums, and the result's rounding
+    to bfloat16 (u); on CUDA, where cuBLAS may also add split sums in bfloat16
+    (`allow_bf16_reduced_precision_reduction`), 6u more for up to 32 splits added pairwise.
+    """
+    if dtype == torch.bfloat16:
+        u = 2.0 ** -8
+        inputs = 2 * u + u * u
+        splits = 6 * u if (torch.device(device).type == "cuda"
+                           and torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction) else 0.0
+        total = inputs + (1 + inputs) * (_product_error(torch.float32, device, d) + splits)
+        return total + u * (1 + total)
     u = torch.finfo(dtype).eps / 2
     if dtype == torch.float32:
         reduced = {"high": 2.0 ** -11, "medium": 2.0 ** -8}.get(torch.get_float32_matmul_precision(), u)
@@ -658,16 +730,21 @@ class _ProximalGradientEncoder(Encoder):
         gram = d.gram(x.dtype, x.device) if use_gram else None
         # one chunk at a time holds the whole budget; its blocks of iterations share the workers
         chunk_bytes = budget - (gram.numel() * gram.element_size() if use_gram else 0)
+        compiled = native.resolve(cfg.kernel, x.device)
+        low = low_precision(cfg.precision, x.dtype, x.device)
         codes, n_iter, certified = solve_lasso(x, atoms, gram, d.lipschitz, cfg, momentum=self.momentum,
                                                restart=getattr(cfg, "restart", False), chunk=rows,
-                                               workers=cpu_workers(x.device), chunk_bytes=chunk_bytes)
+                                               workers=cpu_workers(x.device), chunk_bytes=chunk_bytes,
+                                               compiled=compiled,
+                                               low_atoms=None if low is None else d.atoms_as(low, x.device))
         uncertified = int((~certified).sum())
         if uncertified:
             what = "duality gap over the objective" if cfg.criterion == "gap" else "relative step"
             log.warning("%s: %d of %d signals reached max_iter=%d before their %s fell below tol=%g; "
                         "raise max_iter (or tol)", self.name, uncertified, x.shape[0], cfg.max_iter, what, cfg.tol)
         mean_iter = float(n_iter.float().mean()) if x.shape[0] else 0.0
-        return Encoded(codes, n_iter=mean_iter, uncertified=uncertified, variant="gram" if use_gram else "gram-free")
+        return Encoded(codes, n_iter=mean_iter, uncertified=uncertified, variant="gram" if use_gram else "gram-free",
+                       precision=str(low or x.dtype).removeprefix("torch."), kernel="native" if compiled else "torch")
 
     def flops_per_signal(self, encoded=None) -> float:
         n_atoms, d = self.dictionary.n_atoms, self.dictionary.d

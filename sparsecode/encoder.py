@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from . import native
 from ._validation import as_tensor, check_int_range, check_positive
 from .dictionary import Dictionary, as_dictionary
 from .memory import memory_budget, parse_memory
@@ -71,6 +72,21 @@ class MemoryConfig(EncoderConfig):
 
     memory: str | int | None = None
     """Working-memory budget for encoding, e.g. '4GB' or '512MiB' [default: half the device's free memory]."""
+
+
+@dataclass(frozen=True)
+class KernelConfig(MemoryConfig):
+    """Config of an encoder whose per-signal loops also exist as compiled CPU kernels (`sparsecode.native`)."""
+
+    kernel: str = "auto"
+    """How the per-signal loops run on the CPU: 'native' (compiled, one signal at a time; built on first use
+    with the system's C compiler), 'torch' (batched torch operations, as on a GPU) or 'auto' (native on the
+    CPU where it builds)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kernel not in native.KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(native.KERNELS)}, got {self.kernel!r}")
 
 
 @lru_cache(maxsize=None)
@@ -149,6 +165,9 @@ class Encoded:
     """The working memory this call planned (bytes), where the method plans it from a budget."""
     precision: str | None = None
     """The dtype of the call's products with all atoms, where the method chooses it (e.g. 'bfloat16')."""
+    kernel: str | None = None
+    """'native' where the call's per-signal loops ran in the compiled kernels (`sparsecode.native`), 'torch'
+    where they ran as torch operations (None: the method has no such choice)."""
 
 
 def field_docs(config_cls: type) -> dict[str, str]:

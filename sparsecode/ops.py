@@ -35,3 +35,28 @@ def sparse_rows_product(values: torch.Tensor, columns: torch.Tensor, matrix: tor
         if out is None:
             return sparse @ matrix
         return out.addmm_(sparse, matrix)
+
+
+PRECISIONS = ("auto", "bfloat16", "full")
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively (faster than float32, not emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())   # AVX512-BF16 or AMX
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def low_precision(wanted: str, dtype: torch.dtype, device) -> torch.dtype | None:
+    """The dtype of an encoder's products with all atoms when its `precision` option is `wanted`:
+    bfloat16 for 'bfloat16', and for 'auto' with float32 input where the device multiplies bfloat16
+    natively; None (the input's own dtype) otherwise."""
+    if wanted == "bfloat16" or (wanted == "auto" and dtype == torch.float32 and bf16_is_native(device)):
+        return torch.bfloat16
+    return None

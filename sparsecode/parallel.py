@@ -42,13 +42,29 @@ def one_thread_per_op():
                 torch.set_num_threads(_threads_users[1])
 
 
+#: Worker threads kept for the process, by pool size: starting threads for every call cost more than
+#: the blocks of a small call (FISTA's working sets at 16,384 atoms run blocks of 0.2 ms, and a fresh
+#: pool's first thread took them all before the second had started).
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(size)
+        if pool is None:
+            pool = _pools[size] = ThreadPoolExecutor(size, "sparsecode-worker")
+        return pool
+
+
 def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None]) -> None:
     """Call ``work(start, stop)`` for consecutive blocks of range(n), on `workers` threads when > 1.
 
-    The threads pull blocks as they finish the previous one, and run torch operations single-threaded
-    meanwhile (see `one_thread_per_op`); blocks are shrunk to equal sizes, their number a multiple of
-    the workers, so that every worker gets the same share. Exceptions
-    propagate. With one worker the blocks run here, with torch's own threads.
+    The calling thread and `workers` - 1 threads of a pool kept for the process take blocks as they
+    finish the previous one, and run torch operations single-threaded meanwhile (see
+    `one_thread_per_op`); blocks are shrunk to equal sizes, their number a multiple of the workers, so
+    that every worker gets the same share. The first exception stops the handing out of blocks and
+    propagates. With one worker the blocks run here, with torch's own threads.
     """
     if workers > 1 and n > 0:
         # as many blocks as a multiple of the workers, of equal size (never larger than asked): with
@@ -61,9 +77,30 @@ def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None
         for span in spans:
             work(*span)
         return
-    with one_thread_per_op(), ThreadPoolExecutor(min(workers, len(spans)), "sparsecode-worker") as pool:
-        for future in [pool.submit(work, *span) for span in spans]:
+    queue = iter(spans)
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        # the caller drains the queue too, so a nested call never waits for a pool thread
+        while not failed:
+            with lock:
+                span = next(queue, None)
+            if span is None:
+                return
+            try:
+                work(*span)
+            except BaseException as err:       # noqa: BLE001 - re-raised in the caller below
+                failed.append(err)
+
+    helpers = min(workers, len(spans)) - 1
+    with one_thread_per_op():
+        futures = [_pool(helpers).submit(drain) for _ in range(helpers)]
+        drain()
+        for future in futures:
             future.result()
+    if failed:
+        raise failed[0]
 
 
 def cpu_workers(device, requested: int = 0) -> int:

@@ -228,33 +228,37 @@ def test_float32_signals_certified_below_float32_resolution_through_float64_work
 
 
 def test_float64_certifying_correlations_equal_with_or_without_a_whole_copy_of_the_atoms():
-    from sparsecode_encoders.iterative import _PreciseAtoms
+    from sparsecode_encoders.iterative import _Checker
     g = torch.Generator().manual_seed(1)
     atoms = torch.randn(300, 24, generator=g)
     r = torch.randn(5, 24, generator=g, dtype=torch.float64)
     expected = r @ atoms.double().T
-    whole = _PreciseAtoms(atoms)
+    whole = _Checker(atoms)
     torch.testing.assert_close(whole.correlations(r, block_bytes=10 ** 9), expected, rtol=1e-13, atol=1e-13)
     assert whole._copy is not None                                    # converted once, kept
-    sliced = _PreciseAtoms(atoms)
+    sliced = _Checker(atoms)
     # 2 KB of budget: slices of 5 atoms each, never a whole copy
     torch.testing.assert_close(sliced.correlations(r, block_bytes=2 * 24 * 8 * 5), expected, rtol=1e-13, atol=1e-13)
     assert sliced._copy is None
 
 
+def _near_tie_residuals(atoms, g):
+    r = torch.randn(6, atoms.shape[1], generator=g, dtype=torch.float64)
+    # row 0 nearly ties atoms 3 and 7 (their correlations differ by about 1e-10, below the resolution of
+    # a float32 product, let alone a bfloat16 one): only the exact recomputation ranks them right
+    r[0] = 0.45 * (atoms[3] + atoms[7]).double() + 1e-10 * (atoms[3] - atoms[7]).double()
+    return r
+
+
 @pytest.mark.parametrize("positive", [False, True])
 def test_precise_certificate_from_a_float32_product_finds_the_float64_largest_correlation(positive):
-    from sparsecode_encoders.iterative import MAX_RECHECKED, _PreciseAtoms
+    from sparsecode_encoders.iterative import MAX_RECHECKED, _Checker
     g = torch.Generator().manual_seed(2)
     atoms = torch.nn.functional.normalize(torch.randn(2000, 64, generator=g), dim=1)
-    r = torch.randn(6, 64, generator=g, dtype=torch.float64)
-    # row 0 nearly ties atoms 3 and 7 (their correlations differ by about 1e-10, below the float32
-    # product's resolution): only the float64 recomputation ranks them right
-    r[0] = 0.45 * (atoms[3] + atoms[7]).double() + 1e-10 * (atoms[3] - atoms[7]).double()
-    exact_atoms = atoms.double()
-    expected_corr = r @ exact_atoms.T
+    r = _near_tie_residuals(atoms, g)
+    expected_corr = r @ atoms.double().T
     expected = expected_corr.amax(1) if positive else expected_corr.abs().amax(1)
-    corr, worst = _PreciseAtoms(atoms).certify(r, positive, block_bytes=10 ** 9)
+    [(corr, worst)] = _Checker(atoms).check([r], positive, block_bytes=10 ** 9)
     assert corr.dtype == torch.float32
     torch.testing.assert_close(corr.double(), expected_corr, rtol=0, atol=1e-5)
     torch.testing.assert_close(worst, expected, rtol=1e-14, atol=0)
@@ -262,8 +266,28 @@ def test_precise_certificate_from_a_float32_product_finds_the_float64_largest_co
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")
-        _, coarse = _PreciseAtoms(atoms).certify(r, positive, block_bytes=10 ** 9)
+        [(_, coarse)] = _Checker(atoms).check([r], positive, block_bytes=10 ** 9)
     finally:
         torch.set_float32_matmul_precision(previous)
     torch.testing.assert_close(coarse, expected, rtol=1e-14, atol=0)
     assert MAX_RECHECKED < atoms.shape[0]
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_one_bfloat16_check_gives_each_group_its_own_exact_largest_correlation(positive):
+    """A round's groups iterate in float32 or float64; one bfloat16 product checks them all, and each
+    gets the largest correlation its own dtype computes."""
+    from sparsecode_encoders.iterative import _Checker, _product_error
+    g = torch.Generator().manual_seed(3)
+    atoms = torch.nn.functional.normalize(torch.randn(2000, 64, generator=g), dim=1)
+    r64 = _near_tie_residuals(atoms, g)
+    r32 = torch.randn(4, 64, generator=g)
+    checks = _Checker(atoms, atoms.bfloat16()).check([r32, r64], positive, block_bytes=10 ** 9)
+    for r, (corr, worst) in zip((r32, r64), checks):
+        assert corr.dtype == torch.bfloat16 and worst.dtype == r.dtype
+        exact = r @ atoms.to(r.dtype).T
+        expected = exact.amax(1) if positive else exact.abs().amax(1)
+        torch.testing.assert_close(worst, expected, rtol=1e-6 if r.dtype == torch.float32 else 1e-14, atol=0)
+        # the bound holds the product's error, with room to spare on random data
+        error = (corr.double() - r.double() @ atoms.double().T).abs() / r.double().norm(dim=1, keepdim=True)
+        assert float(error.max()) <= _product_error(torch.bfloat16, torch.device("cpu"), 64)

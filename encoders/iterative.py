@@ -312,7 +312,7 @@ def solve_lasso(x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None,
     certified = torch.zeros(n, dtype=torch.bool, device=x.device)
     item = x.element_size()
     w0 = min(4 * max(cfg.working_set, 1), n_atoms)
-    checker = _Checker(atoms, low_atoms)
+    checker = _Checker(atoms, low_atoms, compiled)
     # Each round of a chunk reads every atom once, to check its signals. Atoms that stay in cache cost
     # little to read again: then whole chunks run on the worker threads, a round's checks in parallel
     # too. Atoms that do not (16,384 x 576 in float32: 38 MB) are read once per round for all the
@@ -571,8 +571,8 @@ class _Checker:
     on the 2-core EPYC).
     """
 
-    def __init__(self, atoms: torch.Tensor, low_atoms: torch.Tensor | None = None):
-        self.atoms, self.low_atoms = atoms, low_atoms
+    def __init__(self, atoms: torch.Tensor, low_atoms: torch.Tensor | None = None, compiled: bool = False):
+        self.atoms, self.low_atoms, self.compiled = atoms, low_atoms, compiled
         self._copy, self._norm, self._lock = None, None, threading.Lock()
 
     def fits(self, block_bytes: int) -> bool:
@@ -630,13 +630,19 @@ class _Checker:
         top = _worst(corr, positive).to(r.dtype)
         # one step of corr's own rounding below, so that rounding the cut to corr's dtype cannot lift it
         # above an atom that may hold the maximum
-        cut = (top - 2 * bound - top.abs() * torch.finfo(corr.dtype).eps).to(corr.dtype).unsqueeze(1)
-        near = corr >= cut if positive else (corr >= cut) | (corr <= -cut)
-        rows, cols = near.nonzero(as_tuple=True)
-        exact = (atoms.index_select(0, cols).to(r.dtype) * r.index_select(0, rows)).sum(1)
-        worst = r.new_full((r.shape[0],), -float("inf") if positive else 0.0)
-        worst.scatter_reduce_(0, rows, exact if positive else exact.abs(), "amax")
-        crowded = near.sum(1) > MAX_RECHECKED
+        cut = top - 2 * bound - top.abs() * torch.finfo(corr.dtype).eps
+        if self.compiled and corr.dtype in (torch.bfloat16, torch.float32):
+            # one pass over corr, each near atom's product computed as it is met: no (pairs, d) gather
+            worst, crowded = native.recheck(corr.contiguous(), atoms, r.contiguous(), cut.contiguous(), positive,
+                                            MAX_RECHECKED)
+        else:
+            cut = cut.to(corr.dtype).unsqueeze(1)
+            near = corr >= cut if positive else (corr >= cut) | (corr <= -cut)
+            rows, cols = near.nonzero(as_tuple=True)
+            exact = (atoms.index_select(0, cols).to(r.dtype) * r.index_select(0, rows)).sum(1)
+            worst = r.new_full((r.shape[0],), -float("inf") if positive else 0.0)
+            worst.scatter_reduce_(0, rows, exact if positive else exact.abs(), "amax")
+            crowded = near.sum(1) > MAX_RECHECKED
         if bool(crowded.any()):
             worst[crowded] = _worst(self.correlations(r[crowded], block_bytes), positive)
         return worst

@@ -256,9 +256,9 @@ static ACC FN(dot_signal)(const ATOM* a, const REAL* x, int64_t d) {
     return s;
 }
 
-/* Q = A A^T for the w atoms of a working set (rows set[] of atoms, d wide), Q symmetric w x w. Tiles of
+/* Q = A A^T for the w atoms of a working set (rows set[] of atoms, d wide; Q's rows ld apart). Tiles of
  * 4 x 4 dot products share their loads: each pass over t reads 8 rows for 16 products. */
-static void FN(set_gram)(const ATOM* atoms, const int64_t* set, int64_t w, int64_t d, REAL* Q) {
+static void FN(set_gram)(const ATOM* atoms, const int64_t* set, int64_t w, int64_t d, REAL* Q, int64_t ld) {
     int64_t full = w - w % 4;
     for (int64_t p = 0; p < full; p += 4) {
         const ATOM *a0 = atoms + set[p] * d, *a1 = atoms + set[p + 1] * d;
@@ -279,7 +279,7 @@ static void FN(set_gram)(const ATOM* atoms, const int64_t* set, int64_t w, int64
             }
             ACC tile[16] = {s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33};
             for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) Q[(p + i) * w + q + j] = Q[(q + j) * w + p + i] = (REAL)tile[4 * i + j];
+                for (int j = 0; j < 4; j++) Q[(p + i) * ld + q + j] = Q[(q + j) * ld + p + i] = (REAL)tile[4 * i + j];
         }
     }
     /* the last w % 4 rows against every row */
@@ -290,19 +290,42 @@ static void FN(set_gram)(const ATOM* atoms, const int64_t* set, int64_t w, int64
             ACC s = 0;
             #pragma omp simd reduction(+:s)
             for (int64_t t = 0; t < d; t++) s += (ACC)ap[t] * (ACC)bq[t];
-            Q[p * w + q] = Q[q * w + p] = (REAL)s;
+            Q[p * ld + q] = Q[q * ld + p] = (REAL)s;
         }
     }
 }
 
-/* out = Q y for a symmetric w x w block Q (encoders/iterative.py: _apply). */
-static void FN(apply)(const REAL* Q, const REAL* y, REAL* out, int64_t w) {
-    for (int64_t a = 0; a < w; a++) {
-        const REAL* q = Q + a * w;
-        REAL s = 0;
-        #pragma omp simd reduction(+:s)
-        for (int64_t b = 0; b < w; b++) s += q[b] * y[b];
-        out[a] = s;
+/* Entries of REAL in a 64-byte vector: a working set's rows are padded to a multiple of it. */
+#undef VB
+#define VB ((int64_t)(64 / sizeof(REAL)))
+
+/* out[a0 .. a0 + n) of Q y, summed in n registers' worth of locals across Q's rows (a sum kept in out
+ * itself would wait on its own store every row). */
+#define APPLY_SPAN(n)                                                                              \
+    do {                                                                                           \
+        REAL acc[n];                                                                               \
+        for (int64_t j = 0; j < (n); j++) acc[j] = 0;                                              \
+        for (int64_t b = 0; b < w; b++) {                                                          \
+            REAL yb = y[b];                                                                        \
+            if (yb == 0) continue;                                                                 \
+            const REAL* q = Q + b * ld + a0;                                                       \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t j = 0; j < (n); j++) acc[j] += yb * q[j];                                 \
+        }                                                                                          \
+        for (int64_t j = 0; j < (n); j++) out[a0 + j] = acc[j];                                    \
+    } while (0)
+
+/* out = Q y for a symmetric w x w block Q whose rows are ld apart (ld a multiple of VB, the padding
+ * zero; encoders/iterative.py: _apply), as a sum of Q's rows scaled by y's entries: no reduction across
+ * a vector, and the iterate's zeros (most of it, after the soft threshold) are skipped. */
+static void FN(apply)(const REAL* Q, const REAL* y, REAL* restrict out, int64_t w, int64_t ld) {
+    for (int64_t a0 = 0; a0 < ld; a0 += 4 * VB) {
+        switch ((ld - a0 < 4 * VB ? ld - a0 : 4 * VB) / VB) {
+            case 1: APPLY_SPAN(VB); break;
+            case 2: APPLY_SPAN(2 * VB); break;
+            case 3: APPLY_SPAN(3 * VB); break;
+            default: APPLY_SPAN(4 * VB); break;
+        }
     }
 }
 
@@ -322,10 +345,12 @@ int FN(lasso_sets)(int64_t m, int64_t d, int64_t N, int64_t w, const REAL* x, co
                    const int64_t* budget, const REAL* tol, const REAL* xx, REAL bound, REAL lam,
                    int positive, int momentum, int restart, int gap_criterion, int64_t check_every,
                    int leave_unresolvable, int64_t* iters, uint8_t* met, REAL* r) {
-    REAL* work = malloc(sizeof(REAL) * (w * w + 7 * w));
+    const int64_t ld = (w + VB - 1) / VB * VB;     /* Q's rows and the vectors, padded with zeros */
+    REAL* work = calloc((size_t)(ld * ld + 7 * ld), sizeof(REAL));
     double* acc = malloc(sizeof(double) * d);
     if (!work || !acc) { free(work); free(acc); return -1; }
-    REAL *Q = work, *b = Q + w * w, *y = b + w, *zn = y + w, *g = zn + w, *v = g + w, *qv = v + w, *delta = qv + w;
+    REAL *Q = work, *b = Q + ld * ld, *y = b + ld, *zn = y + ld, *g = zn + ld, *v = g + ld, *qv = v + ld;
+    REAL *delta = qv + ld;
     const REAL tiny = sizeof(REAL) == 4 ? FLT_MIN : DBL_MIN;
     const REAL eps = sizeof(REAL) == 4 ? FLT_EPSILON : DBL_EPSILON;
     for (int64_t i = 0; i < m; i++) {
@@ -335,24 +360,25 @@ int FN(lasso_sets)(int64_t m, int64_t d, int64_t N, int64_t w, const REAL* x, co
         /* the set's Gram block and right-hand side */
         if (gram) {
             for (int64_t p = 0; p < w; p++) {
-                for (int64_t q = 0; q < w; q++) Q[p * w + q] = gram[set[p] * N + set[q]];
+                const REAL* row = gram + set[p] * N;
+                for (int64_t q = p; q < w; q++) Q[p * ld + q] = Q[q * ld + p] = row[set[q]];
                 b[p] = bmat[brow[i] * N + set[p]];
             }
         } else {
-            FN(set_gram)(atoms, set, w, d, Q);
+            FN(set_gram)(atoms, set, w, d, Q, ld);
             for (int64_t p = 0; p < w; p++) b[p] = (REAL)FN(dot_signal)(atoms + set[p] * d, xi, d);
         }
         /* the step 1/L (encoders/iterative.py: _block_lipschitz) */
         for (int64_t p = 0; p < w; p++) v[p] = 1;
         for (int s = 0; s < 20; s++) {
-            FN(apply)(Q, v, qv, w);
+            FN(apply)(Q, v, qv, w, ld);
             REAL nrm = 0;
             for (int64_t p = 0; p < w; p++) nrm += qv[p] * qv[p];
             nrm = sqrt(nrm);
             nrm = nrm > tiny ? nrm : tiny;
             for (int64_t p = 0; p < w; p++) v[p] = qv[p] / nrm;
         }
-        FN(apply)(Q, v, qv, w);
+        FN(apply)(Q, v, qv, w, ld);
         REAL rayleigh = 0;
         for (int64_t p = 0; p < w; p++) rayleigh += qv[p] * v[p];
         REAL lip = 1.1 * rayleigh < bound ? (REAL)(1.1 * rayleigh) : bound;
@@ -367,7 +393,7 @@ int FN(lasso_sets)(int64_t m, int64_t d, int64_t N, int64_t w, const REAL* x, co
             int64_t next_check = check_every < limit ? check_every : limit;
             for (;;) {
                 it++;
-                FN(apply)(Q, y, g, w);
+                FN(apply)(Q, y, g, w, ld);
                 for (int64_t p = 0; p < w; p++) {
                     REAL u = y[p] - step * (g[p] - b[p]);
                     REAL s = positive ? (u - threshold > 0 ? u - threshold : 0)
@@ -393,7 +419,7 @@ int FN(lasso_sets)(int64_t m, int64_t d, int64_t N, int64_t w, const REAL* x, co
                 int stop;
                 if (gap_criterion) {
                     /* encoders/iterative.py: _subproblem_gap and _relative_gap */
-                    FN(apply)(Q, zi, qv, w);
+                    FN(apply)(Q, zi, qv, w, ld);
                     REAL l1 = 0, zb = 0, zqz = 0, worst = positive ? -INFINITY : 0, zcorr = 0;
                     for (int64_t p = 0; p < w; p++) {
                         REAL corr = b[p] - qv[p];
@@ -441,6 +467,37 @@ int FN(lasso_sets)(int64_t m, int64_t d, int64_t N, int64_t w, const REAL* x, co
     }
     free(work);
     free(acc);
+    return 0;
+}
+
+/* A round's check (encoders/iterative.py: _Checker._recheck): for each row i of corr (m, N), the
+ * product of residual r_i with every atom in a coarser type (corr_bf16: bfloat16 bit patterns, else
+ * float32), the largest correlation the dual constraint bounds (one-sided with positive), computed
+ * exactly in REAL from the atoms whose coarse value reaches cut[i]. A row with more than max_near such
+ * atoms is marked crowded (its caller takes a whole product instead) and its worst left undefined. */
+int FN(recheck)(int64_t m, int64_t N, int64_t d, const void* corr, int corr_bf16, const ATOM* atoms,
+                const REAL* r, const REAL* cut, int positive, int64_t max_near, REAL* worst, uint8_t* crowded) {
+    for (int64_t i = 0; i < m; i++) {
+        const REAL* ri = r + i * d;
+        REAL best = positive ? -INFINITY : 0;
+        int64_t near = 0;
+        crowded[i] = 0;
+        for (int64_t t = 0; t < N; t++) {
+            float c;
+            if (corr_bf16) {
+                uint32_t bits = (uint32_t)((const uint16_t*)corr)[i * N + t] << 16;
+                memcpy(&c, &bits, sizeof c);
+            } else {
+                c = ((const float*)corr)[i * N + t];
+            }
+            if (!(positive ? c >= cut[i] : fabs(c) >= cut[i])) continue;
+            if (++near > max_near) { crowded[i] = 1; break; }
+            REAL e = FN(dot_signal)(atoms + t * d, ri, d);
+            e = positive ? e : fabs(e);
+            best = e > best ? e : best;
+        }
+        worst[i] = best;
+    }
     return 0;
 }
 

@@ -187,6 +187,7 @@ def _declare(lib) -> None:
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double), ("f32f64", ctypes.c_double)):
         getattr(lib, f"lasso_sets_{suffix}").argtypes = [I, I, I, I, P, P, P, P, P, P, P, P, P, P, real, real,
                                                           U, U, U, U, I, U, P, P, P]
+        getattr(lib, f"recheck_{suffix}").argtypes = [I, I, I, P, U, P, P, P, U, I, P, P]
 
 
 # --- the kernels ----------------------------------------------------------------------------------
@@ -264,3 +265,23 @@ def lasso_sets(x: torch.Tensor, atoms: torch.Tensor, W: torch.Tensor, z: torch.T
           _ptr(budget, torch.long), _ptr(tol, dtype), _ptr(xx, dtype), bound, lam, int(positive), int(momentum),
           int(restart), int(gap_criterion), check_every, int(leave_unresolvable), _ptr(iters), _ptr(met), _ptr(r))
     return iters, met.bool(), r
+
+
+def recheck(corr: torch.Tensor, atoms: torch.Tensor, r: torch.Tensor, cut: torch.Tensor, positive: bool,
+            max_near: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of `corr` (m, n_atoms), the product of residual r (m, d) with every atom in bfloat16
+    or float32, the largest correlation the dual constraint bounds (one-sided when `positive`) computed
+    exactly in r's dtype from the atoms whose `corr` reaches `cut` (m,) (encoders/iterative.py:
+    `_Checker` does the same with torch operations). Returns it, and whether each row had more than
+    `max_near` such atoms (its value then undefined)."""
+    m, N = corr.shape
+    dtype = r.dtype
+    suffix = "f32f64" if (atoms.dtype, dtype) == (torch.float32, torch.float64) else _SUFFIX[dtype]
+    bf16 = corr.dtype == torch.bfloat16
+    worst = torch.empty(m, dtype=dtype)
+    crowded = torch.empty(m, dtype=torch.uint8)
+    _call(getattr(_library(), f"recheck_{suffix}"), m, N, r.shape[1],
+          _ptr(corr.view(torch.int16) if bf16 else corr, torch.int16 if bf16 else torch.float32), int(bf16),
+          _ptr(atoms, torch.float64 if suffix == "f64" else torch.float32), _ptr(r, dtype), _ptr(cut, dtype),
+          int(positive), max_near, _ptr(worst), _ptr(crowded))
+    return worst, crowded.bool()

@@ -134,3 +134,79 @@ def test_build_is_cached_and_a_broken_compiler_is_reported(tmp_path, monkeypatch
     assert "could not compile kernels.c (cc: fatal error: no input)" in native.why_unavailable()
     assert "compiled kernels unavailable" in caplog.text
     assert not any(p.suffix == ".so" for p in (tmp_path / "other").rglob("*"))
+
+
+def _objective(data, codes, lam):
+    from sparsecode import metrics
+    return metrics.lasso_objective(data.x.double(), codes.double(), data.dictionary.atoms.double(), lam)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["fista", "ista"])
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("criterion", ["gap", "change"])
+@pytest.mark.parametrize("gram", [True, False])
+def test_lasso_working_sets_equal_their_torch_iterations(name, positive, criterion, gram):
+    """The compiled working-set iterations reach the torch iterations' objective, with the same
+    certificates, whether blocks come from the Gram matrix or from the atoms."""
+    # 120 signals pay for the Gram matrix of 128 atoms, not of 512 (see lasso_plan)
+    data = sc.synthetic.make_sparse_data(n_samples=120, d=64, n_atoms=128 if gram else 512, k=5, noise=0.02,
+                                         seed=7, dtype=torch.float64, positive=positive)
+    lam, tol = 0.05, 1e-8 if name == "fista" else 1e-6        # ISTA converges slowly: a looser target
+    infos = [sc.get_encoder(name, lam=lam, positive=positive, criterion=criterion, tol=tol, kernel=kernel)
+             .fit(data.dictionary).encode_with_info(data.x) for kernel in ("torch", "native")]
+    assert [i.kernel for i in infos] == ["torch", "native"]
+    assert [i.variant for i in infos] == ["gram" if gram else "gram-free"] * 2
+    assert [i.uncertified for i in infos] == [0, 0]
+    a, b = (_objective(data, i.codes, lam) for i in infos)
+    assert float(((b - a) / a).abs().max()) < 10 * tol
+    if criterion == "gap":
+        from sparsecode_encoders.iterative import duality_gap
+        assert float(duality_gap(data.x, infos[1].codes, data.dictionary.atoms, lam, positive).max()) <= tol
+
+
+@needs_native
+def test_float32_sets_that_stall_move_to_float64_in_the_kernels_too(monkeypatch):
+    """At a small lam float32 cannot resolve the gap asked for: the sets move to float64 (float32
+    atoms, float64 state) and reach the float64 optimum, as the torch iterations do."""
+    calls = []
+    lasso_sets = native.lasso_sets
+
+    def spy(x, atoms, *args, **kwargs):
+        calls.append((atoms.dtype, x.dtype))
+        return lasso_sets(x, atoms, *args, **kwargs)
+
+    monkeypatch.setattr(native, "lasso_sets", spy)
+    data = sc.synthetic.make_sparse_data(n_samples=40, d=64, n_atoms=512, k=6, seed=7, dtype=torch.float64,
+                                         noise=0.01)
+    lam = 0.02
+    single = data.dictionary.to(dtype=torch.float32)
+    infos = [sc.get_encoder("fista", lam=lam, tol=1e-8, working_set=16, kernel=kernel).fit(single)
+             .encode_with_info(data.x.float()) for kernel in ("torch", "native")]
+    exact = sc.get_encoder("fista", lam=lam, tol=1e-10).fit(data.dictionary).encode(data.x)
+    best = _objective(data, exact, lam)
+    for info in infos:
+        assert info.uncertified == 0
+        assert float(((_objective(data, info.codes, lam) - best) / best).abs().max()) < 1e-6
+    assert {(torch.float32, torch.float32), (torch.float32, torch.float64)} <= set(calls)
+
+
+@needs_native
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float32])
+def test_compiled_recheck_equals_the_torch_recheck(positive, low):
+    from sparsecode_encoders.iterative import _Checker
+    g = torch.Generator().manual_seed(4)
+    atoms = torch.nn.functional.normalize(torch.randn(3000, 40, generator=g), dim=1)
+    r = torch.randn(9, 40, generator=g, dtype=torch.float64) * torch.logspace(-3, 0, 9, dtype=torch.float64)[:, None]
+    r[0] = 0.3 * (atoms[5] + atoms[11]).double() + 1e-11 * (atoms[5] - atoms[11]).double()     # a near-tie
+    low_atoms = atoms.to(low) if low == torch.bfloat16 else None
+    results = [_Checker(atoms, low_atoms, compiled).check([r, r.float()], positive, block_bytes=10 ** 9)
+               for compiled in (False, True)]
+    for (corr_t, worst_t), (corr_n, worst_n), rr in zip(*results, (r, r.float())):
+        torch.testing.assert_close(corr_n, corr_t, rtol=0, atol=0)             # the same product
+        exact = rr @ atoms.to(rr.dtype).T
+        expected = exact.amax(1) if positive else exact.abs().amax(1)
+        tol = 1e-6 if rr.dtype == torch.float32 else 1e-14
+        torch.testing.assert_close(worst_n, expected, rtol=tol, atol=0)
+        torch.testing.assert_close(worst_t, expected, rtol=tol, atol=0)

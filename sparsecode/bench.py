@@ -297,7 +297,7 @@ def scale(n_atoms: tuple[int, ...] = (4096, 16384, 65536), d: tuple[int, ...] = 
                     row.update(signals_per_s=n / seconds, ratio_to_floor=ratio,
                                peak_memory_mb=_mb(peak.bytes), f1=metrics.support_scores(data.codes, codes.cpu())["f1"],
                                l0=metrics.mean_l0(codes))
-                    for field in ("variant", "precision", "working_bytes"):
+                    for field in ("variant", "kernel", "precision", "working_bytes"):
                         if getattr(info, field) is not None:
                             row[field] = getattr(info, field)
                     if "lam" in fields:

@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import _io, distributed, encoder_file, training
+from . import _io, distributed, encoder_file, native, training
 from .activations import (ActivationStore, ExtractConfig, Hookpoint, compute_normalization, evaluate, extract,
                           load_model, read_corpus)
 from .bench import ranks as bench_ranks_run, scale, speed
@@ -292,6 +292,12 @@ def list_encoders() -> None:
         console.print(table, width=min(console.width, 100))
     console.print(f"training options (every trained encoder and learning method): {', '.join(TRAINING)}. Set any "
                   "option with `compare --set ENCODER.OPTION=VALUE`.", width=min(console.width, 100))
+    compiled = [info.name for info in infos if "kernel" in info.knobs]
+    if compiled:
+        state = ("built here" if native.available() else
+                 f"[yellow]not available here[/] ({native.why_unavailable()}): they run as torch operations")
+        console.print(f"compiled CPU kernels (the kernel option of {', '.join(compiled)}): {state}.",
+                      width=min(console.width, 100))
     methods = Table(title="dictionary learning methods", header_style="bold")
     methods.add_column("method")
     methods.add_column("learns")
@@ -700,8 +706,8 @@ def bench_scale(
                      callback=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
     label = describe_device(device)
     print_table([r for r in rows if "skipped" not in r],
-                ["n_atoms", "d", "k", "encoder", "variant", "precision", "signals_per_s", "ratio_to_floor", "peak_memory_mb", "f1",
-                 "l0"], title=f"scale: {label}, float32 (ratio: time / amortised floor's time)")
+                ["n_atoms", "d", "k", "encoder", "variant", "kernel", "precision", "signals_per_s", "ratio_to_floor",
+                 "peak_memory_mb", "f1", "l0"], title=f"scale: {label}, float32 (ratio: time / amortised floor's time)")
     for row in rows:
         if "skipped" in row:
             console.print(f"[yellow]skipped[/] {row['encoder']} at n_atoms={row['n_atoms']}, d={row['d']}, "

@@ -41,25 +41,41 @@ def firing_histogram(rates, path, title: str = "") -> Path:
 
 
 def scale_figure(rows: list[dict], path, title: str = "") -> Path:
-    """Throughput against n_atoms (rows of `bench.scale`), one line per encoder and (d, k), on log axes."""
-    fig, ax = _figure((7, 4.5))
-    groups: dict = {}
-    for row in rows:
-        if "signals_per_s" in row:
-            groups.setdefault((row["encoder"], row["d"], row["k"]), []).append((row["n_atoms"], row["signals_per_s"]))
-    for (name, d, k), points in sorted(groups.items()):
-        points.sort()
-        style = "--" if name == "floor" else "-"
-        label = "amortised floor (x W^T + top-k)" if name == "floor" else name
-        ax.plot(*zip(*points), style, marker="o", label=f"{label}, d={d}, k={k}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("atoms in the dictionary (n_atoms)")
-    ax.set_ylabel("throughput (signals/s)")
-    ax.set_title(title or "Inference throughput against dictionary size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    """Throughput against n_atoms (rows of `bench.scale`) on log axes: one panel per (d, k), one line per
+    encoder in the same colour in every panel, the amortised floor dashed."""
+    cells = sorted({(row["d"], row["k"]) for row in rows if "signals_per_s" in row})
+    ds, ks = sorted({d for d, _ in cells}), sorted({k for _, k in cells})
+    fig = _new_figure(figsize=(3.4 * len(ks) + 2.2, 2.9 * len(ds) + 0.6))
+    axes = fig.subplots(len(ds), len(ks), squeeze=False, sharex=True)
+    names = sorted({row["encoder"] for row in rows if "signals_per_s" in row} - {"floor"})
+    palette = colors(names)
+    for (d, k) in cells:
+        ax = axes[ds.index(d)][ks.index(k)]
+        lines: dict = {}
+        for row in rows:
+            if "signals_per_s" in row and (row["d"], row["k"]) == (d, k):
+                lines.setdefault(row["encoder"], []).append((row["n_atoms"], row["signals_per_s"]))
+        for name, points in sorted(lines.items()):
+            points.sort()
+            if name == "floor":
+                ax.plot(*zip(*points), "--", color="black", marker=".", label="amortised floor (x W^T + top-k)")
+            else:
+                ax.plot(*zip(*points), color=palette[name], marker=_marker(palette, name)["marker"], label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"d={d}, k={k}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("atoms in the dictionary (n_atoms)")
+    for row_axes in axes:
+        row_axes[0].set_ylabel("throughput (signals/s)")
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(title or "Inference throughput against dictionary size", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (3.4 * len(ks) + 2.2), 1))
     return _io.write_figure(fig, path, dpi=120)
 
 

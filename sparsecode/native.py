@@ -120,8 +120,8 @@ def _build(folder: Path, cc: str) -> tuple[Path | None, str]:
         if target.exists():
             return target, ""
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
+        # a name of this process and thread, created by the compiler itself, so it gets the user's umask
+        tmp = str(folder / f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"],
                                   capture_output=True, text=True, timeout=300)

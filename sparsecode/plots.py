@@ -69,7 +69,7 @@ def scale_figure(rows: list[dict], path, title: str = "") -> Path:
         ax.set_xlabel("atoms in the dictionary (n_atoms)")
     for row_axes in axes:
         row_axes[0].set_ylabel("throughput (signals/s)")
-    handles, labels = {}, {}
+    handles: dict = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)

@@ -22,6 +22,13 @@ def incoherent():
     return sc.synthetic.make_sparse_data(n_samples=128, d=128, n_atoms=64, k=5, seed=2, dtype=torch.float64)
 
 
+@pytest.fixture
+def coherent():
+    """Overcomplete and noisy, so later picks are close calls: 96 atoms in 24 dimensions."""
+    return sc.synthetic.make_sparse_data(n_samples=150, d=24, n_atoms=96, k=4, seed=5, dtype=torch.float64,
+                                         noise=0.05)
+
+
 @pytest.fixture(scope="module")
 def lasso_problem():
     """A small signed lasso problem (float64) on which every lasso solver is checked against cvxpy."""

@@ -1,6 +1,7 @@
 """The compiled CPU kernels: the same answers as the torch operations they replace, a build that is cached
 and can fail safely, and a `kernel` option that says what it does."""
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -11,13 +12,6 @@ import sparsecode as sc
 from sparsecode import native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler builds the kernels here")
-
-
-@pytest.fixture
-def coherent():
-    """Overcomplete and noisy, so later picks are close calls: 96 atoms in 24 dimensions."""
-    return sc.synthetic.make_sparse_data(n_samples=150, d=24, n_atoms=96, k=4, seed=5, dtype=torch.float64,
-                                         noise=0.05)
 
 
 def _support(codes):
@@ -111,6 +105,12 @@ def test_native_kernel_is_refused_off_the_cpu():
     assert native.resolve("torch", torch.device("cpu")) is False
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_build_is_cached_and_a_broken_compiler_is_reported(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     if native._compiler() is not None and native.available():
@@ -118,6 +118,7 @@ def test_build_is_cached_and_a_broken_compiler_is_reported(tmp_path, monkeypatch
         assert native.available()
         built = sorted((tmp_path / "cache" / "sparsecode").iterdir())
         assert len(built) == 1 and built[0].suffix == ".so"          # no temporary file is left behind
+        assert built[0].stat().st_mode & 0o777 == 0o777 & ~_umask()   # the user's umask, as the compiler left it
         stamp = built[0].stat().st_mtime_ns
         monkeypatch.setattr(native, "_state", {})
         assert native.available()                                      # loaded again, not rebuilt

@@ -14,13 +14,6 @@ from sparsecode.cli import app
 from sparsecode.parallel import run_blocks
 
 
-@pytest.fixture
-def coherent():
-    """Overcomplete and noisy, so later picks are close calls: 96 atoms in 24 dimensions."""
-    return sc.synthetic.make_sparse_data(n_samples=150, d=24, n_atoms=96, k=4, seed=5, dtype=torch.float64,
-                                         noise=0.05)
-
-
 def _support(codes):
     return [set(np.flatnonzero(row)) for row in np.asarray(codes)]
 

@@ -694,14 +694,24 @@ def _full_round(xs, atoms, gram, lipschitz, cfg, momentum, restart, z0, budget, 
     return torch.cat(zs), torch.cat(its), torch.cat(mets)
 
 
+def _power_start(w: int, dtype, device) -> torch.Tensor:
+    """The start of the blocks' power iterations: 1 + frac(p / golden ratio) at position p, a vector with
+    no symmetry to be orthogonal to (kernels.c starts from the same)."""
+    p = torch.arange(w, dtype=torch.float64, device=device)
+    return (1 + torch.frac(p * 0.6180339887498949)).to(dtype)
+
+
 def _block_lipschitz(quad: torch.Tensor, bound: float, steps: int = 20) -> torch.Tensor:
     """Largest eigenvalue of each Gram block (n, w, w), by power iteration, as a step size bound.
 
     A block's constant is often several times smaller than the whole dictionary's, and the step
     1/L sets the convergence rate. Power iteration approaches from below, so the estimate gets a
     10% margin and is capped by `bound`, the full dictionary's constant, which is always safe.
+    It starts from `_power_start`, not from ones: ones can be orthogonal to the top eigenvector (a
+    block [[1, -c], [-c, 1]] has ones as its eigenvector of 1 - c), and an estimate of the smaller
+    eigenvalue gives a step too long to converge.
     """
-    v = torch.ones(quad.shape[0], quad.shape[1], dtype=quad.dtype, device=quad.device)
+    v = _power_start(quad.shape[1], quad.dtype, quad.device).expand(quad.shape[0], -1)
     for _ in range(steps):
         v = _apply(quad, v)
         v = v / torch.clamp_min(v.norm(dim=1, keepdim=True), torch.finfo(v.dtype).tiny)

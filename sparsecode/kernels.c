@@ -368,8 +368,13 @@ int FN(lasso_sets)(int64_t m, int64_t d, int64_t N, int64_t w, const REAL* x, co
             FN(set_gram)(atoms, set, w, d, Q, ld);
             for (int64_t p = 0; p < w; p++) b[p] = (REAL)FN(dot_signal)(atoms + set[p] * d, xi, d);
         }
-        /* the step 1/L (encoders/iterative.py: _block_lipschitz) */
-        for (int64_t p = 0; p < w; p++) v[p] = 1;
+        /* the step 1/L (encoders/iterative.py: _block_lipschitz), by power iteration started from
+         * 1 + frac(p / golden ratio), as _power_start there: ones can be orthogonal to the top
+         * eigenvector */
+        for (int64_t p = 0; p < w; p++) {
+            double f = (double)p * 0.6180339887498949;
+            v[p] = (REAL)(1 + (f - floor(f)));
+        }
         for (int s = 0; s < 20; s++) {
             FN(apply)(Q, v, qv, w, ld);
             REAL nrm = 0;

@@ -291,3 +291,24 @@ def test_one_bfloat16_check_gives_each_group_its_own_exact_largest_correlation(p
         # the bound holds the product's error, with room to spare on random data
         error = (corr.double() - r.double() @ atoms.double().T).abs() / r.double().norm(dim=1, keepdim=True)
         assert float(error.max()) <= _product_error(torch.bfloat16, torch.device("cpu"), 64)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_block_step_holds_when_ones_are_orthogonal_to_the_top_eigenvector(kernel):
+    """Two atoms at 120 degrees: their Gram block [[1, -1/2], [-1/2, 1]] has ones as the eigenvector of
+    1/2, its largest eigenvalue is 3/2. A power iteration started from ones estimated 1/2, and FISTA
+    with the step 2 diverged to NaN."""
+    from sparsecode import native
+    from sparsecode_encoders.iterative import _block_lipschitz
+    if kernel == "native" and not native.available():
+        pytest.skip("no C compiler builds the kernels here")
+    block = torch.tensor([[[1.0, -0.5], [-0.5, 1.0]]], dtype=torch.float64)
+    assert float(_block_lipschitz(block, 10.0)) >= 1.5
+    # 50 atoms in 3 dimensions: sets of two such atoms came up, and the codes were NaN
+    data = sc.synthetic.make_sparse_data(n_samples=7, d=3, n_atoms=50, k=3, seed=1, noise=0.1)
+    lam = 0.3
+    info = sc.get_encoder("fista", lam=lam, working_set=1, kernel=kernel).fit(data.dictionary).encode_with_info(data.x)
+    assert bool(torch.isfinite(info.codes).all()) and info.uncertified == 0
+    ref = sc.get_encoder("cvxpy-lasso", lam=lam).fit(data.dictionary).encode(data.x)
+    ours, best = (_objective(data, c.double(), lam) for c in (info.codes, ref))
+    assert float(((ours - best) / best).max()) < 1e-4        # within the certified gap

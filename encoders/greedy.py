@@ -224,26 +224,35 @@ def gp_chunk(alpha: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, diag:
             remaining = remaining - step * (g * g).sum(1)
 
 
-def gp_gram_free(x: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor, diag: torch.Tensor, k: int,
-                 unexplained: torch.Tensor | None = None, alpha: torch.Tensor | None = None) -> None:
+def gp_gram_free(x: torch.Tensor, codes: torch.Tensor, corr: "Correlations", diag: torch.Tensor, k: int,
+                 unexplained: torch.Tensor | None = None) -> None:
     """Gradient pursuit from the atoms (correlations recomputed each step): the same steps as `gp_chunk`.
 
-    `alpha` (n, n_atoms), when given, holds ``x @ atoms.T`` and is the buffer later correlations go in."""
+    With a low-precision `corr` each pick is certified (`Correlations.pick`, the atoms already selected
+    left out) and the support's correlations, the step's values, are computed exactly from its atoms."""
     n = x.shape[0]
+    atoms = corr.atoms
     scale = _selection_scale(diag)
     r = x.clone()
-    if alpha is None:
+    alpha = score = None
+    if corr.low is None:
         alpha = x @ atoms.T
-    score = torch.empty_like(alpha)
+        score = torch.empty_like(alpha)
     idx = torch.zeros(n, k, dtype=torch.long, device=x.device)
     remaining = unexplained
     for j in range(k):
-        if j:
-            torch.mm(r, atoms.T, out=alpha)
-        live = _gp_select(alpha, scale, score, idx, j, remaining)
+        if alpha is not None:
+            if j:
+                torch.mm(r, atoms.T, out=alpha)
+            live = _gp_select(alpha, scale, score, idx, j, remaining)
+        else:
+            idx[:, j] = corr.pick(r, exclude=idx[:, :j])[0]
+            live = torch.ones(n, dtype=torch.bool, device=x.device) if remaining is None else remaining > 0
         support = idx[:, :j + 1]
-        g = alpha.gather(1, support) * live[:, None]
-        u = torch.bmm(g.unsqueeze(1), atoms[support]).squeeze(1)     # the gradient's image g D
+        chosen = atoms[support]                                          # (n, j + 1, d)
+        g = alpha.gather(1, support) if alpha is not None else torch.bmm(chosen, r.unsqueeze(2)).squeeze(2)
+        g = g * live[:, None]
+        u = torch.bmm(g.unsqueeze(1), chosen).squeeze(1)                # the gradient's image g D
         step = _gp_step(g, (u * u).sum(1))
         codes.scatter_add_(1, support, step[:, None] * g)
         r.addcmul_(step[:, None], u, value=-1)
@@ -354,20 +363,27 @@ class Correlations:
         self.scale = _selection_scale(diag)
         self.recomputed = 0                  # rows that needed the full-precision product
 
-    def pick(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index of the best atom for each row of `r`, and its correlation (in r's precision)."""
+    def pick(self, r: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index of the best atom for each row of `r`, and its correlation (in r's precision); with
+        `exclude` (n, m), the best of the atoms not listed in its row."""
+        if exclude is not None and exclude.shape[1] == 0:
+            exclude = None
         if self.low is None or r.shape[0] == 0:
-            return self._full(r)
+            return self._full(r, exclude)
         # scores stay in low precision: their rounding is part of the bound
         score = (r.to(self.low) @ self.low_atoms.T).abs_()
         if self.scale is not None:
             score.mul_(self.scale.to(self.low))
+        if exclude is not None:
+            score.scatter_(1, exclude, -1.0)             # below every score: never a candidate that wins
         m = min(CANDIDATES, score.shape[1] - 1)
         if m < 1:
-            return self._full(r)
+            return self._full(r, exclude)
         top, cand = score.topk(m + 1, dim=1)
         exact = torch.bmm(self.atoms[cand[:, :m]], r.unsqueeze(2)).squeeze(2)          # (n, m), r's dtype
         exact_score = exact.abs() if self.scale is None else exact.abs() * self.scale[cand[:, :m]]
+        if exclude is not None:
+            exact_score = torch.where(top[:, :m] < 0, -1.0, exact_score)
         best_score, best = exact_score.max(dim=1)
         pick = cand.gather(1, best[:, None]).squeeze(1)
         value = exact.gather(1, best[:, None]).squeeze(1)
@@ -377,13 +393,17 @@ class Correlations:
         unsure = (best_score < top[:, m].to(best_score.dtype) + bound).nonzero().squeeze(1)
         if unsure.numel():
             self.recomputed += unsure.numel()
-            again, again_value = self._full(r[unsure])
+            again, again_value = self._full(r[unsure], None if exclude is None else exclude[unsure])
             pick[unsure], value[unsure] = again, again_value
         return pick, value
 
-    def _full(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _full(self, r: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = r @ self.atoms.T
-        pick = _pick(alpha, self.scale, torch.empty_like(alpha))
+        if exclude is None:
+            pick = _pick(alpha, self.scale, torch.empty_like(alpha))
+        else:                                            # as _gp_select scores them
+            score = alpha.abs() if self.scale is None else alpha.abs() * self.scale
+            pick = score.scatter_(1, exclude, -1.0).argmax(dim=1)
         return pick, alpha.gather(1, pick[:, None]).squeeze(1)
 
 
@@ -657,13 +677,10 @@ class GradientPursuit(_Pursuit):
     def _gram_passes(self) -> float:
         return 0.5 * self.config.k + 6    # step j reads the support's j + 1 Gram rows, then the pick
 
-    def _low_precision(self, x: torch.Tensor) -> torch.dtype | None:
-        return None                       # its steps use the support's correlations as values
-
     def _encode_block(self, x, alpha, codes, corr, gram, diag, workspace: dict, compiled: bool) -> None:
         energy = self._energy_to_explain(x)
         if gram is None:
-            gp_gram_free(x, codes, corr.atoms, diag, self.config.k, energy)
+            gp_gram_free(x, codes, corr, diag, self.config.k, energy)
         elif compiled:
             native.gp_gram(alpha, codes, gram, diag, _selection_scale(diag), self.config.k, energy)
         else:

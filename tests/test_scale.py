@@ -20,7 +20,8 @@ def _support(codes):
 
 @pytest.mark.parametrize("precision", ["full", "bfloat16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name,k,tol", [("omp", 8, None), ("omp", 12, 0.3), ("mp", 8, None), ("mp", 12, 0.3)])
+@pytest.mark.parametrize("name,k,tol", [("omp", 8, None), ("omp", 12, 0.3), ("mp", 8, None), ("mp", 12, 0.3),
+                                        ("gradient-pursuit", 8, None), ("gradient-pursuit", 12, 0.3)])
 def test_gram_free_equals_gram(coherent, dtype, name, k, tol, precision):
     D, x = coherent.dictionary.to(dtype=dtype), coherent.x.to(dtype)
     gram = sc.get_encoder(name, k=k, tol=tol, variant="gram").fit(D)
@@ -81,6 +82,24 @@ def test_low_precision_picks_are_certified_or_recomputed():
     assert torch.equal(pick, torch.full((6,), 5)) and torch.equal(full.abs().argmax(1), pick)
     assert corr.recomputed == 3                      # the three near-ties, and only they
     torch.testing.assert_close(value, full[:, 5], rtol=0, atol=0)
+
+
+def test_low_precision_picks_leave_out_the_atoms_asked():
+    """Gradient pursuit picks among the atoms not yet selected: the certified pick with atoms left out
+    is the full-precision argmax over the rest, whether it is certified or recomputed."""
+    from sparsecode_encoders.greedy import Correlations
+    g = torch.Generator().manual_seed(3)
+    atoms = torch.nn.functional.normalize(torch.randn(200, 24, generator=g), dim=1)
+    r = torch.randn(40, 24, generator=g)
+    full = (r @ atoms.T).abs()
+    order = full.argsort(dim=1, descending=True)
+    for left_out in (1, 3, 12):                   # 12: more than the candidates re-scored
+        exclude = order[:, :left_out]
+        expected = full.scatter(1, exclude, -1.0).argmax(dim=1)
+        for low in (torch.bfloat16, None):
+            pick, value = Correlations(atoms, torch.ones(200), low).pick(r, exclude=exclude)
+            assert torch.equal(pick, expected)
+            torch.testing.assert_close(value, (r @ atoms.T).gather(1, pick[:, None]).squeeze(1))
 
 
 @pytest.mark.parametrize("name", ["omp", "mp"])

@@ -628,9 +628,10 @@ class _Checker:
                 self._norm = float(atoms.norm(dim=1).max()) * (1 + 1e-3)     # margin for its own rounding
         bound = _product_error(corr.dtype, corr.device, atoms.shape[1]) * self._norm * r.norm(dim=1)
         top = _worst(corr, positive).to(r.dtype)
-        # one step of corr's own rounding below, so that rounding the cut to corr's dtype cannot lift it
-        # above an atom that may hold the maximum
-        cut = top - 2 * bound - top.abs() * torch.finfo(corr.dtype).eps
+        cut = top - 2 * bound
+        # one step of corr's own rounding below (of the cut's size or the maximum's, whichever is larger),
+        # so that rounding the cut to corr's dtype cannot lift it above an atom that may hold the maximum
+        cut = cut - torch.maximum(cut.abs(), top.abs()) * torch.finfo(corr.dtype).eps
         if self.compiled and corr.dtype in (torch.bfloat16, torch.float32):
             # one pass over corr, each near atom's product computed as it is met: no (pairs, d) gather
             worst, crowded = native.recheck(corr.contiguous(), atoms, r.contiguous(), cut.contiguous(), positive,
@@ -645,7 +646,8 @@ class _Checker:
             crowded = near.sum(1) > MAX_RECHECKED
         if bool(crowded.any()):
             worst[crowded] = _worst(self.correlations(r[crowded], block_bytes), positive)
-        return worst
+        # a residual that is not finite reaches no cut: its NaN must come through, never certify
+        return torch.where(torch.isfinite(top), worst, top)
 
 
 def _product_error(dtype: torch.dtype, device: torch.device, d: int) -> float:

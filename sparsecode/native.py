@@ -17,12 +17,15 @@ operations, which are also what runs on a GPU. Encoders choose through their `ke
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
 import os
 import platform
+import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -118,10 +121,13 @@ def _build(folder: Path, cc: str) -> tuple[Path | None, str]:
         digest = hashlib.sha256(b"\0".join([source, " ".join([cc, *flags]).encode(), _cpu_key().encode()]))
         target = folder / f"kernels-{digest.hexdigest()[:16]}.so"
         if target.exists():
+            if not _trusted(target):
+                raise OSError(f"{target} belongs to another user or others may write it")
             return target, ""
         folder.mkdir(parents=True, exist_ok=True)
-        # a name of this process and thread, created by the compiler itself, so it gets the user's umask
-        tmp = str(folder / f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        # a name of its own (machines may share the folder), created by the compiler itself, so it gets
+        # the user's umask
+        tmp = str(folder / f"{target.stem}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, str(SOURCE), "-lm"],
                                   capture_output=True, text=True, timeout=300)
@@ -135,6 +141,13 @@ def _build(folder: Path, cc: str) -> tuple[Path | None, str]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return None, f"{cc} could not compile {SOURCE.name} ({complaint})"
+
+
+def _trusted(path: Path) -> bool:
+    """Whether a library found in the cache may be loaded: ours, and writable by no one else (loading
+    a library runs its code)."""
+    info = path.stat()
+    return (not hasattr(os, "getuid") or info.st_uid == os.getuid()) and not info.st_mode & 0o022
 
 
 def _library():
@@ -154,25 +167,28 @@ def _load():
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC)"
-    path, why = None, ""
+    why = ""
+    # the cache, else (it cannot be written, or what it holds does not load) a folder of this process
     for folder in (_cache_dir(), None):
         try:
-            if folder is None:                   # the cache cannot be written: a folder of this process
+            if folder is None:
                 folder = Path(tempfile.mkdtemp(prefix="sparsecode-kernels-"))
+                atexit.register(shutil.rmtree, folder, ignore_errors=True)
             path, why = _build(folder, cc)
         except OSError as err:
-            why = f"cannot write {folder}: {err}"
+            why = f"cannot use {folder}: {err}"
             continue
-        if path is not None:
-            break
-    if path is None:
+        if path is None:
+            return None, why
+        try:
+            lib = ctypes.CDLL(str(path))
+            if lib.sparsecode_kernels_version() == VERSION:
+                break
+            why = f"{path} reports version {lib.sparsecode_kernels_version()}, not {VERSION}"
+        except (OSError, AttributeError) as err:
+            why = f"cannot load {path}: {err}"
+    else:
         return None, why
-    try:
-        lib = ctypes.CDLL(str(path))
-        if lib.sparsecode_kernels_version() != VERSION:
-            return None, f"{path} reports version {lib.sparsecode_kernels_version()}, not {VERSION}"
-    except (OSError, AttributeError) as err:
-        return None, f"cannot load {path}: {err}"
     _declare(lib)
     log.debug("compiled kernels loaded from %s", path)
     return lib, None
@@ -202,6 +218,19 @@ def _ptr(t: torch.Tensor | None, dtype: torch.dtype | None = None):
     return t.data_ptr()
 
 
+def _shapes(**given) -> None:
+    """Check the shapes handed to a kernel (name=(tensor or None, expected shape)): C would read or
+    write out of bounds where Python raises."""
+    for name, (t, shape) in given.items():
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"compiled kernels: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _indices(name: str, t: torch.Tensor | None, high: int) -> None:
+    if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+        raise ValueError(f"compiled kernels: {name} holds indices outside [0, {high})")
+
+
 def _call(fn, *args) -> None:
     if fn(*args) != 0:
         raise MemoryError(f"{fn.__name__}: out of memory for its per-signal workspace")
@@ -214,6 +243,9 @@ def omp_gram(alpha: torch.Tensor, gram: torch.Tensor, diag: torch.Tensor, scale:
     their coefficients (n, k)."""
     n, N = alpha.shape
     dtype = alpha.dtype
+    if not 1 <= k <= N:
+        raise ValueError(f"compiled kernels: k={k} must be between 1 and n_atoms={N}")
+    _shapes(gram=(gram, (N, N)), diag=(diag, (N,)), scale=(scale, (N,)), unexplained=(unexplained, (n,)))
     idx = torch.empty(n, k, dtype=torch.long)
     coef = torch.empty(n, k, dtype=dtype)
     _call(getattr(_library(), f"omp_gram_{_SUFFIX[dtype]}"), n, N, k, _ptr(alpha, dtype), _ptr(gram, dtype),
@@ -238,6 +270,10 @@ def gp_gram(alpha: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, diag: 
 def _pursuit(name, alpha, codes, gram, diag, scale, k, unexplained) -> None:
     n, N = alpha.shape
     dtype = alpha.dtype
+    if not 1 <= k <= N:
+        raise ValueError(f"compiled kernels: k={k} must be between 1 and n_atoms={N}")
+    _shapes(codes=(codes, (n, N)), gram=(gram, (N, N)), diag=(diag, (N,)), scale=(scale, (N,)),
+            unexplained=(unexplained, (n,)))
     _call(getattr(_library(), f"{name}_{_SUFFIX[dtype]}"), n, N, k, _ptr(alpha, dtype), _ptr(gram, dtype),
           _ptr(diag, dtype), _ptr(scale, dtype), _ptr(unexplained, dtype), _ptr(codes, dtype))
 
@@ -249,13 +285,21 @@ def lasso_sets(x: torch.Tensor, atoms: torch.Tensor, W: torch.Tensor, z: torch.T
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The lasso on each signal's working set W (m, w) by (accelerated) proximal gradient, one signal at a
     time (encoders/iterative.py: `_iterate_sets` does it batched): each set's Gram block and right-hand
-    side from its atoms (summed in float64), or gathered from `gram` and rows `b_rows` of `b` (x D^T).
+    side from its atoms (summed in x's dtype, from exact products where float32 atoms meet float64
+    state), or gathered from `gram` and rows `b_rows` of `b` (x D^T).
     `z` (m, w), in x's dtype, is the warm start and is overwritten with the answer. Returns the
     iterations used, whether each signal met its `tol`, and the residuals x - z A (m, d)."""
     m, d = x.shape
     w = W.shape[1]
     dtype = x.dtype
+    N = atoms.shape[0]
     suffix = "f32f64" if (atoms.dtype, dtype) == (torch.float32, torch.float64) else _SUFFIX[dtype]
+    if (gram is None) != (b is None) or (gram is None) != (b_rows is None):
+        raise ValueError("compiled kernels: gram, b and b_rows go together")
+    _shapes(atoms=(atoms, (N, d)), W=(W, (m, w)), z=(z, (m, w)), budget=(budget, (m,)), tol=(tol, (m,)),
+            xx=(xx, (m,)), gram=(gram, (N, N)), b=(b, (None if b is None else b.shape[0], N)), b_rows=(b_rows, (m,)))
+    _indices("W", W, N)
+    _indices("b_rows", b_rows, 0 if b is None else b.shape[0])
     iters = torch.empty(m, dtype=torch.long)
     met = torch.empty(m, dtype=torch.uint8)
     r = torch.empty(m, d, dtype=dtype)
@@ -277,6 +321,7 @@ def recheck(corr: torch.Tensor, atoms: torch.Tensor, r: torch.Tensor, cut: torch
     m, N = corr.shape
     dtype = r.dtype
     suffix = "f32f64" if (atoms.dtype, dtype) == (torch.float32, torch.float64) else _SUFFIX[dtype]
+    _shapes(atoms=(atoms, (N, r.shape[1])), r=(r, (m, atoms.shape[1])), cut=(cut, (m,)))
     bf16 = corr.dtype == torch.bfloat16
     worst = torch.empty(m, dtype=dtype)
     crowded = torch.empty(m, dtype=torch.uint8)

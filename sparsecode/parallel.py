@@ -6,6 +6,7 @@ working sets) scale with cores through `run_blocks`, not through torch's intra-o
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -57,6 +58,19 @@ def _pool(size: int) -> ThreadPoolExecutor:
         return pool
 
 
+def _after_fork() -> None:
+    # A forked child has none of the parent's threads: pools that count them would never start a new
+    # one, and a lock held by another thread at the fork would never be released.
+    global _pools_lock, _threads_lock
+    _pools.clear()
+    _pools_lock, _threads_lock = threading.Lock(), threading.Lock()
+    _threads_users[0] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None]) -> None:
     """Call ``work(start, stop)`` for consecutive blocks of range(n), on `workers` threads when > 1.
 
@@ -82,7 +96,7 @@ def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None
     failed: list[BaseException] = []
 
     def drain() -> None:
-        # the caller drains the queue too, so a nested call never waits for a pool thread
+        # the caller drains the queue too, so a call never needs a pool thread to finish
         while not failed:
             with lock:
                 span = next(queue, None)
@@ -97,8 +111,11 @@ def run_blocks(n: int, block: int, workers: int, work: Callable[[int, int], None
     with one_thread_per_op():
         futures = [_pool(helpers).submit(drain) for _ in range(helpers)]
         drain()
+        # the queue is empty now: a helper still waiting for a thread (all of them busy with another
+        # call, or with the call around this one) has nothing left to do, so it is cancelled
         for future in futures:
-            future.result()
+            if not future.cancel():
+                future.result()
     if failed:
         raise failed[0]
 

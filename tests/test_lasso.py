@@ -312,3 +312,18 @@ def test_block_step_holds_when_ones_are_orthogonal_to_the_top_eigenvector(kernel
     ref = sc.get_encoder("cvxpy-lasso", lam=lam).fit(data.dictionary).encode(data.x)
     ours, best = (_objective(data, c.double(), lam) for c in (info.codes, ref))
     assert float(((ours - best) / best).max()) < 1e-4        # within the certified gap
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("positive", [False, True])
+def test_a_residual_that_is_not_finite_is_never_within_the_dual_constraint(compiled, positive):
+    from sparsecode import native
+    from sparsecode_encoders.iterative import _Checker
+    if compiled and not native.available():
+        pytest.skip("no C compiler builds the kernels here")
+    g = torch.Generator().manual_seed(5)
+    atoms = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    r = torch.randn(3, 16, generator=g)
+    r[1, 4] = float("nan")
+    [(_, worst)] = _Checker(atoms, atoms.bfloat16(), compiled).check([r], positive, block_bytes=10 ** 9)
+    assert bool(torch.isnan(worst[1])) and bool(torch.isfinite(worst[[0, 2]]).all())

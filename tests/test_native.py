@@ -124,6 +124,11 @@ def test_build_is_cached_and_a_broken_compiler_is_reported(tmp_path, monkeypatch
         assert native.available()                                      # loaded again, not rebuilt
         assert sorted((tmp_path / "cache" / "sparsecode").iterdir()) == built
         assert built[0].stat().st_mtime_ns == stamp
+        # a cached library others may write is not loaded (loading runs its code): one of this process's own
+        built[0].chmod(0o777)
+        monkeypatch.setattr(native, "_state", {})
+        assert native.available()
+        assert not native._state["lib"]._name.startswith(str(tmp_path / "cache"))
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\necho 'cc: fatal error: no input' >&2\nexit 1\n")
     fake.chmod(0o755)
@@ -211,3 +216,23 @@ def test_compiled_recheck_equals_the_torch_recheck(positive, low):
         tol = 1e-6 if rr.dtype == torch.float32 else 1e-14
         torch.testing.assert_close(worst_n, expected, rtol=tol, atol=0)
         torch.testing.assert_close(worst_t, expected, rtol=tol, atol=0)
+
+
+@needs_native
+def test_kernel_wrappers_refuse_what_would_run_out_of_bounds():
+    atoms = torch.nn.functional.normalize(torch.randn(20, 6), dim=1)
+    x = torch.randn(3, 6)
+    ok = dict(budget=torch.full((3,), 5), tol=torch.full((3,), 1e-4), xx=(x * x).sum(1), bound=4.0, lam=0.1,
+              positive=False, momentum=True, restart=True, gap_criterion=True, check_every=10,
+              leave_unresolvable=False)
+    with pytest.raises(ValueError, match=r"W holds indices outside \[0, 20\)"):
+        native.lasso_sets(x, atoms, torch.tensor([[0, 20]] * 3), torch.zeros(3, 2), **ok)
+    with pytest.raises(ValueError, match=r"z has shape \(3, 3\), expected \(3, 2\)"):
+        native.lasso_sets(x, atoms, torch.tensor([[0, 1]] * 3), torch.zeros(3, 3), **ok)
+    with pytest.raises(ValueError, match="gram, b and b_rows go together"):
+        native.lasso_sets(x, atoms, torch.tensor([[0, 1]] * 3), torch.zeros(3, 2), gram=atoms @ atoms.T, **ok)
+    gram = atoms @ atoms.T
+    with pytest.raises(ValueError, match="k=21 must be between 1 and n_atoms=20"):
+        native.omp_gram(x @ atoms.T, gram, gram.diagonal().contiguous(), None, 21, None, 1e-6)
+    with pytest.raises(ValueError, match=r"diag has shape \(19,\)"):
+        native.mp_gram(x @ atoms.T, torch.zeros(3, 20), gram, torch.ones(19), None, 2, None)

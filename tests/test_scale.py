@@ -212,3 +212,39 @@ def test_bench_scale_cli_rejects_bad_lists():
     result = CliRunner().invoke(app, ["bench", "scale", "--n-atoms", "4k"])
     assert result.exit_code == 2
     assert "--n-atoms takes whole numbers separated by commas, got '4k'" in result.output
+
+
+def test_run_blocks_nested_and_after_fork():
+    """A call inside a block of another call finishes (it drains its own blocks), and a forked child
+    gets worker threads of its own."""
+    import os
+    import sys
+    seen = torch.zeros(16, dtype=torch.long)
+
+    def outer(start, stop):
+        for i in range(start, stop):
+            run_blocks(4, 1, 2, lambda a, b, i=i: seen.__setitem__(slice(4 * i + a, 4 * i + b), 1))
+
+    run_blocks(4, 1, 2, outer)
+    assert bool((seen == 1).all())
+    if sys.platform.startswith("linux"):
+        pid = os.fork()
+        if pid == 0:                                   # the child: exit 0 only if run_blocks finishes
+            try:
+                got = []
+                run_blocks(8, 1, 2, lambda a, b: got.append(a))
+                os._exit(0 if sorted(got) == list(range(8)) else 1)
+            except BaseException:
+                os._exit(1)
+        import signal
+        import time
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("run_blocks hung in a forked child")
+        assert os.waitstatus_to_exitcode(status) == 0

@@ -211,7 +211,8 @@ def gp_chunk(alpha: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, diag:
     idx = torch.zeros(n, k, dtype=torch.long, device=alpha.device)
     remaining = unexplained
     for j in range(k):
-        live = _gp_select(alpha, scale, score, idx, j, remaining)
+        idx[:, j] = _pick_unselected(alpha, scale, score, idx[:, :j])
+        live = _live(remaining, n, alpha.device)
         support = idx[:, :j + 1]
         g = alpha.gather(1, support) * live[:, None]
         gG.zero_()
@@ -244,10 +245,10 @@ def gp_gram_free(x: torch.Tensor, codes: torch.Tensor, corr: "Correlations", dia
         if alpha is not None:
             if j:
                 torch.mm(r, atoms.T, out=alpha)
-            live = _gp_select(alpha, scale, score, idx, j, remaining)
+            idx[:, j] = _pick_unselected(alpha, scale, score, idx[:, :j])
         else:
             idx[:, j] = corr.pick(r, exclude=idx[:, :j])[0]
-            live = torch.ones(n, dtype=torch.bool, device=x.device) if remaining is None else remaining > 0
+        live = _live(remaining, n, x.device)
         support = idx[:, :j + 1]
         chosen = atoms[support]                                          # (n, j + 1, d)
         g = alpha.gather(1, support) if alpha is not None else torch.bmm(chosen, r.unsqueeze(2)).squeeze(2)
@@ -260,16 +261,20 @@ def gp_gram_free(x: torch.Tensor, codes: torch.Tensor, corr: "Correlations", dia
             remaining = remaining - step * (g * g).sum(1)
 
 
-def _gp_select(alpha, scale, score, idx, j: int, remaining) -> torch.Tensor:
-    """Write into idx[:, j] the unselected atom of largest |correlation| of each row; returns which rows
-    still have energy to explain (the others take no more steps)."""
+def _pick_unselected(alpha, scale, score, selected: torch.Tensor) -> torch.Tensor:
+    """Index of the largest |correlation| of each row among the atoms not listed in its row of `selected`
+    (n, m) (`score` is scratch space of alpha's shape)."""
     torch.abs(alpha, out=score)
     if scale is not None:
         score.mul_(scale)
-    if j:
-        score.scatter_(1, idx[:, :j], -1.0)            # an atom is selected once
-    idx[:, j] = score.argmax(dim=1)
-    return torch.ones(alpha.shape[0], dtype=torch.bool, device=alpha.device) if remaining is None else remaining > 0
+    if selected.shape[1]:
+        score.scatter_(1, selected, -1.0)              # below every score: an atom is selected once
+    return score.argmax(dim=1)
+
+
+def _live(remaining: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """Which rows still have energy to explain (the others take no more steps)."""
+    return torch.ones(n, dtype=torch.bool, device=device) if remaining is None else remaining > 0
 
 
 def _gp_step(g: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
@@ -401,9 +406,8 @@ class Correlations:
         alpha = r @ self.atoms.T
         if exclude is None:
             pick = _pick(alpha, self.scale, torch.empty_like(alpha))
-        else:                                            # as _gp_select scores them
-            score = alpha.abs() if self.scale is None else alpha.abs() * self.scale
-            pick = score.scatter_(1, exclude, -1.0).argmax(dim=1)
+        else:
+            pick = _pick_unselected(alpha, self.scale, torch.empty_like(alpha), exclude)
         return pick, alpha.gather(1, pick[:, None]).squeeze(1)
 
 
